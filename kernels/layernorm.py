@@ -1,0 +1,305 @@
+"""LayerNorm over the last dimension, alone and with the residual add fused in: Triton kernels and eager twins.
+
+`add_layer_norm(x, residual, ...)` returns (LayerNorm(x + residual), x + residual) from one read of x and residual,
+so a transformer block's residual stream and its next LayerNorm share one pass over the activations.
+`layer_norm` is the same kernels with the residual switched off (a constexpr flag).
+
+Layout: any leading shape is viewed as (rows, N) with `reshape`, which copies only when the rows cannot be
+described by one stride (a transposed input, say); the kernels take a row stride, so a row view such as
+`x[..., :N]` of a wider tensor is read in place. Outputs are contiguous.
+
+Statistics are fp32, and mean and rstd are saved in fp32 for the backward. dweight and dbias are summed in fp32:
+each backward program owns one row of a (programs, N) buffer of partial sums, and torch.sum reduces the buffer
+afterwards, so with a fixed configuration the gradients are bitwise identical from run to run.
+"""
+import functools
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from kernels._checks import check_tensors
+
+
+def layer_norm_eager(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                     eps: float = 1e-5) -> torch.Tensor:
+    return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
+
+
+def add_layer_norm_eager(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                         bias: torch.Tensor | None = None, eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
+    """(LayerNorm(x + residual), x + residual)."""
+    summed = x + residual
+    return F.layer_norm(summed, summed.shape[-1:], weight, bias, eps), summed
+
+
+@triton.jit
+def _load_input(X, R, rows, cols, stride_x, stride_r, mask, HAS_RESIDUAL: tl.constexpr):
+    """A tile of the LayerNorm's input in fp32: x, or x + residual rounded to the input dtype, which is the value
+    add_layer_norm returns as `summed`, so that normed == LayerNorm(summed) as the eager twin computes it."""
+    s = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        r = tl.load(R + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        s = (s + r).to(X.dtype.element_ty).to(tl.float32)
+    return s
+
+
+@triton.jit
+def _normalize_store(Y, W, B, s, mean, rstd, rows, cols, N, mask, HAS_BIAS: tl.constexpr):
+    w = tl.load(W + cols, mask=cols < N, other=0.0).to(tl.float32)
+    y = (s - mean[:, None]) * rstd[:, None] * w[None, :]
+    if HAS_BIAS:
+        y += tl.load(B + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(Y + rows[:, None] * N + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+
+
+# Forward, per row, s = x (+ residual):
+#   mean = sum(s) / N,  rstd = 1 / sqrt(sum((s - mean)^2) / N + eps),  y = (s - mean) * rstd * w + b
+# Each program normalises BLOCK_M rows. A row that fits one block is loaded once and the variance is taken
+# about the mean (two-pass, in registers). A wider row is read twice: once for the statistics, merging each
+# chunk's own (mean, M2) into the running ones by Chan et al.'s pairwise formula, which stays accurate where
+# E[s^2] - E[s]^2 would cancel; and once to normalise.
+@triton.jit
+def _layer_norm_fwd_kernel(X, R, W, B, Y, S, Mean, Rstd,
+                           stride_x, stride_r, n_rows, N, eps,
+                           HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_BLOCK: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < n_rows
+    rows = rows.to(tl.int64)  # rows * stride can pass 2**31 elements
+    cols = tl.arange(0, BLOCK_N)
+    if SINGLE_BLOCK:
+        mask = row_mask[:, None] & (cols < N)[None, :]
+        s = _load_input(X, R, rows, cols, stride_x, stride_r, mask, HAS_RESIDUAL)
+        if HAS_RESIDUAL:
+            tl.store(S + rows[:, None] * N + cols[None, :], s.to(S.dtype.element_ty), mask=mask)
+        mean = tl.sum(s, axis=1) / N
+        centred = tl.where(mask, s - mean[:, None], 0.0)
+        rstd = tl.rsqrt(tl.sum(centred * centred, axis=1) / N + eps)
+        _normalize_store(Y, W, B, s, mean, rstd, rows, cols, N, mask, HAS_BIAS)
+    else:
+        mean = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        m2 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for start in range(0, N, BLOCK_N):
+            mask = row_mask[:, None] & (start + cols < N)[None, :]
+            s = _load_input(X, R, rows, start + cols, stride_x, stride_r, mask, HAS_RESIDUAL)
+            if HAS_RESIDUAL:
+                tl.store(S + rows[:, None] * N + start + cols[None, :], s.to(S.dtype.element_ty), mask=mask)
+            seen = tl.cast(start, tl.float32)
+            count = tl.minimum(N - start, BLOCK_N).to(tl.float32)
+            chunk_mean = tl.sum(s, axis=1) / count
+            centred = tl.where(mask, s - chunk_mean[:, None], 0.0)
+            delta = chunk_mean - mean
+            mean += delta * (count / (seen + count))
+            m2 += tl.sum(centred * centred, axis=1) + delta * delta * (seen * count / (seen + count))
+        rstd = tl.rsqrt(m2 / N + eps)
+        for start in range(0, N, BLOCK_N):
+            mask = row_mask[:, None] & (start + cols < N)[None, :]
+            s = _load_input(X, R, rows, start + cols, stride_x, stride_r, mask, HAS_RESIDUAL)
+            _normalize_store(Y, W, B, s, mean, rstd, rows, start + cols, N, mask, HAS_BIAS)
+    tl.store(Mean + rows, mean, mask=row_mask)
+    tl.store(Rstd + rows, rstd, mask=row_mask)
+
+
+@triton.jit
+def _grad_terms(S, DY, w, rows, cols, stride_s, stride_dy, mean, rstd, mask):
+    """xhat = (s - mean) * rstd, dy and g = w * dy for one tile, in fp32 (zero outside the mask)."""
+    s = tl.load(S + rows[:, None] * stride_s + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    xhat = tl.where(mask, (s - mean[:, None]) * rstd[:, None], 0.0)
+    return xhat, dy, w[None, :] * dy
+
+
+@triton.jit
+def _store_dx(DX, DS, xhat, g, c1, c2, rstd, rows, cols, stride_ds, N, mask, HAS_DSUMMED: tl.constexpr):
+    dx = (g - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
+    if HAS_DSUMMED:  # add_layer_norm: `summed` is both an output and the norm's input; its gradients add
+        dx += tl.load(DS + rows[:, None] * stride_ds + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.store(DX + rows[:, None] * N + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+
+
+# Backward, per row, with xhat = (s - mean) * rstd and g = w * dy:
+#   dx = rstd * (g - mean(g) - xhat * mean(g * xhat))        (+ the gradient arriving at `summed`)
+#   dw = sum over rows of dy * xhat,  db = sum over rows of dy
+# Program p takes row blocks p, p + P, p + 2P, ... and sums its dw and db in fp32 into row p of DWp and DBp;
+# no two programs touch one address, so no locks or atomics and a fixed summation order. A row that fits one
+# block is read once and the partial sums stay in registers. A wider row is read twice (once for mean(g) and
+# mean(g * xhat), once for dx), and the partial sums are added chunk by chunk into the program's own
+# zero-initialised row of DWp/DBp: each thread reads back only addresses it wrote itself.
+@triton.jit
+def _layer_norm_bwd_kernel(S, W, Mean, Rstd, DY, DS, DX, DWp, DBp,
+                           stride_s, stride_dy, stride_ds, n_rows, N,
+                           HAS_DSUMMED: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_N)
+    partial = pid.to(tl.int64) * N + cols
+    if SINGLE_BLOCK:
+        w = tl.load(W + cols, mask=cols < N, other=0.0).to(tl.float32)
+        dw = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        db = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for first_row in range(pid * BLOCK_M, n_rows, tl.num_programs(0) * BLOCK_M):
+        rows = first_row + tl.arange(0, BLOCK_M)
+        row_mask = rows < n_rows
+        rows = rows.to(tl.int64)
+        mean = tl.load(Mean + rows, mask=row_mask, other=0.0)
+        rstd = tl.load(Rstd + rows, mask=row_mask, other=0.0)
+        if SINGLE_BLOCK:
+            mask = row_mask[:, None] & (cols < N)[None, :]
+            xhat, dy, g = _grad_terms(S, DY, w, rows, cols, stride_s, stride_dy, mean, rstd, mask)
+            c1 = tl.sum(xhat * g, axis=1) / N
+            c2 = tl.sum(g, axis=1) / N
+            _store_dx(DX, DS, xhat, g, c1, c2, rstd, rows, cols, stride_ds, N, mask, HAS_DSUMMED)
+            dw += tl.sum(dy * xhat, axis=0)
+            db += tl.sum(dy, axis=0)
+        else:
+            c1 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+            c2 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+            for start in range(0, N, BLOCK_N):
+                col_mask = start + cols < N
+                mask = row_mask[:, None] & col_mask[None, :]
+                w = tl.load(W + start + cols, mask=col_mask, other=0.0).to(tl.float32)
+                xhat, dy, g = _grad_terms(S, DY, w, rows, start + cols, stride_s, stride_dy, mean, rstd, mask)
+                c1 += tl.sum(xhat * g, axis=1)
+                c2 += tl.sum(g, axis=1)
+            c1 /= N
+            c2 /= N
+            for start in range(0, N, BLOCK_N):
+                col_mask = start + cols < N
+                mask = row_mask[:, None] & col_mask[None, :]
+                w = tl.load(W + start + cols, mask=col_mask, other=0.0).to(tl.float32)
+                xhat, dy, g = _grad_terms(S, DY, w, rows, start + cols, stride_s, stride_dy, mean, rstd, mask)
+                _store_dx(DX, DS, xhat, g, c1, c2, rstd, rows, start + cols, stride_ds, N, mask, HAS_DSUMMED)
+                dwp = tl.load(DWp + partial + start, mask=col_mask)
+                tl.store(DWp + partial + start, dwp + tl.sum(dy * xhat, axis=0), mask=col_mask)
+                dbp = tl.load(DBp + partial + start, mask=col_mask)
+                tl.store(DBp + partial + start, dbp + tl.sum(dy, axis=0), mask=col_mask)
+    if SINGLE_BLOCK:
+        tl.store(DWp + partial, dw, mask=cols < N)
+        tl.store(DBp + partial, db, mask=cols < N)
+
+
+@functools.lru_cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+@functools.lru_cache
+def _launch_config(N: int, n_rows: int, on_gpu: bool) -> dict:
+    """Block shape and warps. A row up to max_block wide is held whole in registers; wider rows go in chunks.
+    A tile holds about `tile` elements: several rows per program when rows are narrow, so that each program
+    moves enough bytes. Under the interpreter, whose cost is per operation (and per call of a jitted helper)
+    rather than per element, tiles are large and whole rows stop at 1024, so the tests' 4097-wide rows take
+    the chunked path."""
+    max_block, chunk, tile = (8192, 2048, 4096) if on_gpu else (1024, 1024, 16384)
+    block_n = triton.next_power_of_2(N) if N <= max_block else chunk
+    block_m = max(1, min(tile // block_n, 16, triton.next_power_of_2(n_rows)))
+    elements = block_m * block_n
+    num_warps = 16 if elements >= 8192 else 8 if elements >= 2048 else 4
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, SINGLE_BLOCK=N <= max_block, num_warps=num_warps)
+
+
+def _backward_programs(device: torch.device, row_blocks: int) -> int:
+    """Programs of the backward: a few per SM on a GPU so that each loops over many row blocks and the
+    (programs, N) partial sums stay small; two under the interpreter, so that the tests see a program take
+    several row blocks and the partial sums of several programs reduced."""
+    return max(1, min(row_blocks, 2 * _sm_count(device.index) if device.type == "cuda" else 2))
+
+
+def _as_rows(t: torch.Tensor, N: int) -> torch.Tensor:
+    """t as (rows, N) with unit column stride: a view when one row stride describes it, else a copy."""
+    t = t.reshape(-1, N)
+    return t if t.stride(-1) == 1 or N == 1 else t.contiguous()
+
+
+class _LayerNormFn(torch.autograd.Function):
+    """LayerNorm(x), or with a residual (LayerNorm(x + residual), x + residual); one kernel each way."""
+
+    @staticmethod
+    def forward(ctx, x, residual, weight, bias, eps):
+        shape, N = x.shape, x.shape[-1]
+        x2 = _as_rows(x, N)
+        n_rows = x2.shape[0]
+        has_residual = residual is not None
+        r2 = _as_rows(residual, N) if has_residual else x2
+        y = torch.empty((n_rows, N), dtype=x.dtype, device=x.device)
+        summed = torch.empty_like(y) if has_residual else x2
+        mean = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+        rstd = torch.empty_like(mean)
+        cfg = _launch_config(N, n_rows, x.is_cuda)
+        if n_rows:
+            _layer_norm_fwd_kernel[(triton.cdiv(n_rows, cfg["BLOCK_M"]),)](
+                x2, r2, weight, bias if bias is not None else weight, y, summed, mean, rstd,
+                x2.stride(0), r2.stride(0), n_rows, N, eps,
+                HAS_RESIDUAL=has_residual, HAS_BIAS=bias is not None, **cfg)
+        ctx.save_for_backward(summed, weight, mean, rstd)
+        ctx.has_residual, ctx.has_bias, ctx.cfg = has_residual, bias is not None, cfg
+        ctx.set_materialize_grads(False)
+        if has_residual:
+            return y.view(shape), summed.view(shape)
+        return y.view(shape)
+
+    @staticmethod
+    def backward(ctx, dy, dsummed=None):
+        summed, weight, mean, rstd = ctx.saved_tensors
+        n_rows, N = summed.shape
+        if dy is None:  # only `summed` was used: the norm contributes nothing
+            return dsummed, dsummed, None, None, None
+        shape = dy.shape
+        dy2 = _as_rows(dy, N)
+        ds2 = _as_rows(dsummed, N) if dsummed is not None else dy2
+        cfg = ctx.cfg
+        programs = _backward_programs(dy.device, triton.cdiv(n_rows, cfg["BLOCK_M"])) if n_rows else 0
+        # A chunked row adds into its partial sums, so they start at zero; a whole row stores them once.
+        alloc = torch.empty if cfg["SINGLE_BLOCK"] else torch.zeros
+        dw_partial = alloc((programs, N), dtype=torch.float32, device=dy.device)
+        db_partial = alloc((programs, N), dtype=torch.float32, device=dy.device)
+        dx = torch.empty((n_rows, N), dtype=summed.dtype, device=summed.device)
+        if n_rows:
+            _layer_norm_bwd_kernel[(programs,)](
+                summed, weight, mean, rstd, dy2, ds2, dx, dw_partial, db_partial,
+                summed.stride(0), dy2.stride(0), ds2.stride(0), n_rows, N,
+                HAS_DSUMMED=dsummed is not None, **cfg)
+        dweight = dw_partial.sum(dim=0).to(weight.dtype)
+        dbias = db_partial.sum(dim=0).to(weight.dtype) if ctx.has_bias else None
+        dx = dx.view(shape)
+        # x and residual enter the sum alike, so they receive the same gradient (one tensor, as for x + r).
+        return dx, (dx if ctx.has_residual else None), dweight, dbias, None
+
+
+def _check(op: str, x, weight, bias, residual=None) -> None:
+    tensors = dict(x=x, weight=weight)
+    if residual is not None:
+        tensors["residual"] = residual
+    if bias is not None:
+        tensors["bias"] = bias
+    check_tensors(op, **tensors)
+    if x.dim() == 0:
+        raise ValueError(f"{op}: x must have at least one dimension to normalise over")
+    if residual is not None and residual.shape != x.shape:
+        raise ValueError(f"{op}: residual has shape {tuple(residual.shape)} but x has {tuple(x.shape)}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.shape != x.shape[-1:]:
+            raise ValueError(f"{op}: {name} has shape {tuple(t.shape)}; expected ({x.shape[-1]},), "
+                             "the last dimension of x")
+
+
+def _unit_stride(weight, bias):
+    """The kernels index weight and bias as dense vectors (a no-op for parameters, which are)."""
+    return weight.contiguous(), (bias.contiguous() if bias is not None else None)
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+               eps: float = 1e-5) -> torch.Tensor:
+    """LayerNorm over the last dimension of x (any leading shape), in Triton; differentiable."""
+    _check("layer_norm", x, weight, bias)
+    return _LayerNormFn.apply(x, None, *_unit_stride(weight, bias), float(eps))
+
+
+def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                   bias: torch.Tensor | None = None, eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
+    """(LayerNorm(x + residual), x + residual) from one pass over x and residual, in Triton; differentiable in
+    both outputs."""
+    _check("add_layer_norm", x, weight, bias, residual)
+    return _LayerNormFn.apply(x, residual, *_unit_stride(weight, bias), float(eps))

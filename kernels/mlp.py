@@ -1,0 +1,348 @@
+"""The transformer MLP, y = gelu(x @ W1^T + b1) @ W2^T + b2: the Triton kernels, their autograd Function, and the
+eager twin.
+
+Notation: x is (M, D) after flattening its leading dimensions, W1 = fc_weight is (H, D), W2 = proj_weight is
+(D_out, H) (nn.Linear layout), pre = x @ W1^T + b1 and h = gelu(pre) are (M, H).
+
+    forward   h, pre = gelu(x @ W1^T + b1), x @ W1^T + b1   one Triton matmul, bias + GELU in its epilogue
+              y      = h @ W2^T + b2                        plain matmul
+    backward  d_pre  = (dy @ W2) * gelu'(pre)               one Triton matmul, GELU' in its epilogue, which also
+                                                            writes per-row-chunk partial column sums of d_pre
+              db1    = sum of those partials (fp32)         (so db1 costs no extra pass over the (M, H) d_pre)
+              dx     = d_pre @ W1,   dW1 = d_pre^T @ x,   dW2 = dy^T @ h,   db2 = sum_rows(dy) in fp32
+
+Every matmul above is one generic Triton kernel, C = A @ B with a constexpr epilogue, that takes strides, so the
+transposed operands (W1^T, d_pre^T, dy^T) are views, never copies. No atomics anywhere: deterministic.
+
+Design decisions. No GPU was at hand when this was written, so these rest on counting bytes and FLOPs; the
+benchmark (bench/bench_mlp.py) measures each alternative so that a GPU run can confirm or overturn them.
+
+* What the forward saves: pre AND h. The forward must write h anyway (it is the projection's input), so keeping it
+  costs no time; pre is needed for gelu'(pre). Not storing pre would mean recomputing x @ W1^T in the backward, a
+  whole extra matmul (+1/6 of the MLP's training FLOPs) to save one (M, H) write: rejected (the benchmark's
+  "fc" rows time exactly that matmul). Saving both matches eager PyTorch's memory (F.gelu saves pre,
+  the second F.linear saves h). The alternative, RECOMPUTE_H = True, saves only pre and rewrites h = gelu(pre)
+  in the backward's GELU' epilogue (it reads pre there anyway): half the MLP's saved (M, H) activations, for one
+  extra (M, H) write in the backward (~5% of the MLP's time at GPT-2 small shapes by byte count). A prologue that
+  recomputes h inside dW2 = dy^T @ h instead would evaluate GELU D_out/BLOCK_M times per element inside the
+  matmul's main loop and keep B out of the tensor cores' shared-memory path: rejected.
+* The unfused matmuls (projection, dx, dW1, dW2) go to cuBLAS (PLAIN_MATMUL = "torch"): with nothing to fuse,
+  the Triton kernel can at best tie cuBLAS there (cuBLAS also fuses the projection's bias). PLAIN_MATMUL =
+  "triton" routes them through the Triton kernel instead; the benchmark times both.
+* Bias gradients are fp32 sums over rows. db1 comes from the GELU' epilogue (partials per BIAS_GRAD_ROWS rows,
+  reduced after the kernel: deterministic, and independent of which tile size the autotuner picked); db2 is a
+  torch sum over dy, which is (M, D_out), a quarter the size of d_pre.
+"""
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from kernels._checks import check_tensors, interpreting
+
+# Switches read at every call; the benchmark flips them to measure the alternatives (see the module docstring).
+PLAIN_MATMUL = "torch"   # "torch" (cuBLAS on a GPU) or "triton": who runs the matmuls with nothing to fuse
+RECOMPUTE_H = False      # True: save only pre for the backward and recompute h = gelu(pre) in its GELU' epilogue
+
+
+def gelu_mlp_eager(x: torch.Tensor, fc_weight: torch.Tensor, fc_bias: torch.Tensor | None,
+                   proj_weight: torch.Tensor, proj_bias: torch.Tensor | None,
+                   approximate: str = "tanh") -> torch.Tensor:
+    return F.linear(F.gelu(F.linear(x, fc_weight, fc_bias), approximate=approximate), proj_weight, proj_bias)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GELU and its derivative, on fp32 values.
+#
+# tanh form (GPT-2):  u = c (z + a z^3), c = sqrt(2/pi), a = 0.044715, t = tanh(u)
+#   gelu(z)  = 0.5 z (1 + t)
+#   gelu'(z) = 0.5 (1 + t) + 0.5 z (1 - t^2) c (1 + 3 a z^2)
+# With s = sigmoid(2u) = (1 + t) / 2 (the interpreter has no libdevice tanh, and its tl.sigmoid fails) and
+# 1 - t^2 = 4 s (1 - s):
+#   gelu(z)  = z s
+#   gelu'(z) = s + 2 z s (1 - s) c (1 + 3 a z^2)
+# which also avoids the cancellation in 1 + t for negative u.
+#
+# erf form:  Phi(z) = 0.5 (1 + erf(z / sqrt(2))),  phi(z) = exp(-z^2 / 2) / sqrt(2 pi)
+#   gelu(z)  = z Phi(z)
+#   gelu'(z) = Phi(z) + z phi(z)
+# ----------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _gelu_and_grad(z, TANH: tl.constexpr):
+    """(gelu(z), gelu'(z)) for fp32 z; the compiler drops whichever the caller does not use. Constants: c =
+    sqrt(2/pi) = 0.7978845608028654, a = 0.044715, 1/sqrt(2) = 0.7071067811865476, 1/sqrt(2 pi) = 0.3989422804014327
+    (literals: a module-level tl.constexpr times a tensor misbehaves under the interpreter)."""
+    if TANH:
+        s = 1.0 / (1.0 + tl.exp(z * (z * z * 0.044715 + 1.0) * -1.5957691216057308))  # sigmoid(2u), 2c = 1.59...
+        gelu = z * s
+        grad = s + z * s * (1.0 - s) * (z * z * (3.0 * 0.044715) + 1.0) * 1.5957691216057308
+    else:
+        cdf = 0.5 * (1.0 + tl.erf(z * 0.7071067811865476))
+        gelu = z * cdf
+        grad = cdf + z * tl.exp(-0.5 * z * z) * 0.3989422804014327
+    return gelu, grad
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The matmul kernel: C (M, N) = A (M, K) @ B (K, N), A and B with any strides, C contiguous; fp32 accumulator.
+# ----------------------------------------------------------------------------------------------------------------
+_NONE, _BIAS_GELU, _GELU_GRAD = 0, 1, 2  # the epilogues
+
+
+def _autotuned(kernel):
+    """Autotune on a GPU over a handful of Hopper-friendly tiles. The interpreter cannot autotune, so it gets one
+    tile, 64x64x32: it runs programs one after another at a Python-overhead cost per operation per program, nearly
+    independent of the tile size, so fewer, larger tiles test fastest (the tests' sizes are still not multiples of
+    it). The key holds the shape, the operand layouts (strides) and the epilogue; the autotuner adds the tensors'
+    dtypes itself. Every output is written, never accumulated into, so the autotuner's trial launches are
+    harmless."""
+    if interpreting():
+        configs = [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 2},
+                                 num_warps=4, num_stages=1)]
+    else:
+        configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8},
+                                 num_warps=w, num_stages=s)
+                   for m, n, k, w, s in [(128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 4),
+                                         (128, 128, 64, 4, 4), (64, 256, 64, 4, 4), (128, 64, 64, 4, 4)]]
+    key = ["M", "N", "K", "stride_am", "stride_ak", "stride_bk", "stride_bn",
+           "EPILOGUE", "HAS_BIAS", "STORE_AUX", "STORE_H", "BIAS_GRAD", "TANH"]
+    return triton.autotune(configs, key=key)(kernel)
+
+
+# Rows per partial column sum of the GELU' epilogue: divides every BLOCK_M above, so the partials' layout does not
+# depend on the tile the autotuner picks (32 under the interpreter, so that its 64-row tiles hold two chunks).
+_BIAS_GRAD_ROWS = 32 if interpreting() else 64
+
+
+@_autotuned
+@triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
+@triton.jit
+def _matmul_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, aux_ptr, h_ptr, bias_grad_ptr,
+                   M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
+                   EPILOGUE: tl.constexpr,      # _NONE, _BIAS_GELU or _GELU_GRAD
+                   HAS_BIAS: tl.constexpr,      # add bias (N,) to the product before the epilogue
+                   STORE_AUX: tl.constexpr,     # _BIAS_GELU: also store pre = A @ B + bias into aux
+                   STORE_H: tl.constexpr,       # _GELU_GRAD: also store gelu(aux) into h
+                   BIAS_GRAD: tl.constexpr,     # _GELU_GRAD: store fp32 column sums of C per BIAS_GRAD_ROWS rows
+                   BIAS_GRAD_ROWS: tl.constexpr,
+                   TANH: tl.constexpr,          # GELU form: tanh approximation, else erf
+                   DOT_FP32: tl.constexpr,      # cast tiles to fp32 before tl.dot (bf16 under the interpreter)
+                   INDEX_64: tl.constexpr,      # offsets may pass 2^31 elements
+                   EVEN_K: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """Epilogues, on the fp32 accumulator acc = A @ B (+ bias):
+        _NONE:      C = acc
+        _BIAS_GELU: C = gelu(acc)                    (and aux = acc if STORE_AUX)
+        _GELU_GRAD: C = acc * gelu'(aux), aux = pre  (and h = gelu(aux) if STORE_H; column-sum partials if BIAS_GRAD)
+    aux and h have C's shape and layout (contiguous (M, N))."""
+    # Grouped program order: GROUP_M row-tiles sweep the column-tiles together, so the B tiles they share (and
+    # their A tiles) are reused from L2 instead of being re-read from memory.
+    pid = tl.program_id(0)
+    num_pid_m = (M + BLOCK_M - 1) // BLOCK_M  # (tl.cdiv is a nested jit call: slow under the interpreter)
+    num_pid_n = (N + BLOCK_N - 1) // BLOCK_N
+    pids_per_group = GROUP_M * num_pid_n
+    first_pid_m = (pid // pids_per_group) * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + (pid % pids_per_group) % group_size_m
+    pid_n = (pid % pids_per_group) // group_size_m
+
+    # Main loop. Rows and columns past the edge wrap around (% M, % N) to valid ones instead of being masked: the
+    # loads stay unmasked (and vectorizable) along M and N, and the rows and columns they compute are never stored.
+    offs_am = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M
+    offs_bn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
+    offs_am = tl.max_contiguous(tl.multiple_of(offs_am, BLOCK_M), BLOCK_M)
+    offs_bn = tl.max_contiguous(tl.multiple_of(offs_bn, BLOCK_N), BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    if INDEX_64:
+        offs_am = offs_am.to(tl.int64)
+        offs_bn = offs_bn.to(tl.int64)
+    a_ptrs = a_ptr + offs_am[:, None] * stride_am + offs_k[None, :] * stride_ak
+    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_bn[None, :] * stride_bn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, (K + BLOCK_K - 1) // BLOCK_K):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            k_left = K - k * BLOCK_K
+            a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+            b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+        if DOT_FP32:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc)  # fp32 operands: TF32 on a GPU, exact under the interpreter
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+
+    # Epilogue.
+    offs_cm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_cn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    if INDEX_64:
+        offs_cm = offs_cm.to(tl.int64)
+        offs_cn = offs_cn.to(tl.int64)
+    c_offs = offs_cm[:, None] * N + offs_cn[None, :]
+    c_mask = (offs_cm[:, None] < M) & (offs_cn[None, :] < N)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_cn, mask=offs_cn < N, other=0.0).to(tl.float32)[None, :]
+    if EPILOGUE == 1:  # _BIAS_GELU
+        if STORE_AUX:
+            tl.store(aux_ptr + c_offs, acc.to(aux_ptr.dtype.element_ty), mask=c_mask)
+        acc, _ = _gelu_and_grad(acc, TANH)
+    elif EPILOGUE == 2:  # _GELU_GRAD
+        pre = tl.load(aux_ptr + c_offs, mask=c_mask, other=0.0).to(tl.float32)
+        h, gelu_grad = _gelu_and_grad(pre, TANH)
+        if STORE_H:
+            tl.store(h_ptr + c_offs, h.to(h_ptr.dtype.element_ty), mask=c_mask)
+        acc = acc * gelu_grad
+        if BIAS_GRAD:
+            # Column sums over each chunk of BIAS_GRAD_ROWS rows, into row (global chunk index) of an fp32
+            # (cdiv(M, BIAS_GRAD_ROWS), N) buffer; rows past M (the wrapped ones) count as zero.
+            rows = tl.arange(0, BLOCK_M)
+            valid = offs_cm < M
+            for i in tl.static_range(BLOCK_M // BIAS_GRAD_ROWS):
+                in_chunk = valid & (rows >= i * BIAS_GRAD_ROWS) & (rows < (i + 1) * BIAS_GRAD_ROWS)
+                partial = tl.sum(tl.where(in_chunk[:, None], acc, 0.0), axis=0)
+                chunk = pid_m * (BLOCK_M // BIAS_GRAD_ROWS) + i
+                n_store = tl.where(chunk * BIAS_GRAD_ROWS < M, N, 0)  # (a scalar & a block mask breaks the interpreter)
+                tl.store(bias_grad_ptr + chunk * N + offs_cn, partial, mask=offs_cn < n_store)
+    tl.store(c_ptr + c_offs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
+
+
+def _max_offset(t: torch.Tensor) -> int:
+    return sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride())) if t.numel() else 0
+
+
+def _launch(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, epilogue: int, bias=None, aux=None, h=None,
+            bias_grad=None, tanh: bool = True) -> None:
+    """Run _matmul_kernel: c = a @ b with the epilogue (see the kernel). a (M, K), b (K, N) any strides; c, aux
+    and h contiguous (M, N); bias (N,); bias_grad fp32 (cdiv(M, _BIAS_GRAD_ROWS), N)."""
+    M, K = a.shape
+    N = b.shape[1]
+    if M == 0 or N == 0:
+        return
+    index_64 = max(_max_offset(a), _max_offset(b), (M + 256) * (N + 256)) >= 2**31
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+    _matmul_kernel[grid](
+        a, b, c,
+        c if bias is None else bias, c if aux is None else aux, c if h is None else h,
+        c if bias_grad is None else bias_grad,
+        M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+        EPILOGUE=epilogue, HAS_BIAS=bias is not None, STORE_AUX=epilogue == _BIAS_GELU and aux is not None,
+        STORE_H=h is not None, BIAS_GRAD=bias_grad is not None, BIAS_GRAD_ROWS=_BIAS_GRAD_ROWS, TANH=tanh,
+        DOT_FP32=interpreting() and a.dtype == torch.bfloat16, INDEX_64=index_64,
+    )
+
+
+def _fc_gelu(x: torch.Tensor, fc_weight: torch.Tensor, fc_bias, tanh: bool, save_pre: bool):
+    """(h, pre) = (gelu(x @ W1^T + b1), x @ W1^T + b1); pre is None unless save_pre."""
+    h = torch.empty((x.shape[0], fc_weight.shape[0]), device=x.device, dtype=x.dtype)
+    pre = torch.empty_like(h) if save_pre else None
+    _launch(x, fc_weight.t(), h, _BIAS_GELU, bias=fc_bias, aux=pre, tanh=tanh)
+    return h, pre
+
+
+def _gelu_grad_matmul(dy: torch.Tensor, proj_weight: torch.Tensor, pre: torch.Tensor, tanh: bool,
+                      want_h: bool, want_bias_grad: bool):
+    """(d_pre, h, db1) = ((dy @ W2) * gelu'(pre), gelu(pre) if want_h, fp32 row-sum of d_pre if want_bias_grad)."""
+    M, H = pre.shape
+    d_pre = torch.empty_like(pre)
+    h = torch.empty_like(pre) if want_h else None
+    partials = (torch.empty((triton.cdiv(M, _BIAS_GRAD_ROWS), H), device=pre.device, dtype=torch.float32)
+                if want_bias_grad else None)
+    _launch(dy, proj_weight, d_pre, _GELU_GRAD, aux=pre, h=h, bias_grad=partials, tanh=tanh)
+    return d_pre, h, (partials.sum(0) if want_bias_grad else None)
+
+
+def _mm(a: torch.Tensor, b: torch.Tensor, bias=None) -> torch.Tensor:
+    """a @ b (+ bias) for a matmul with nothing to fuse: cuBLAS (torch) or the Triton kernel, per PLAIN_MATMUL."""
+    if PLAIN_MATMUL == "triton":
+        c = torch.empty((a.shape[0], b.shape[1]), device=a.device, dtype=a.dtype)
+        _launch(a, b, c, _NONE, bias=bias)
+        return c
+    if PLAIN_MATMUL != "torch":
+        raise ValueError(f"gelu_mlp: PLAIN_MATMUL must be 'torch' or 'triton', got {PLAIN_MATMUL!r}")
+    return torch.mm(a, b) if bias is None else torch.addmm(bias, a, b)
+
+
+class _GeluMLP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, fc_weight, fc_bias, proj_weight, proj_bias, tanh):
+        h, pre = _fc_gelu(x, fc_weight, fc_bias, tanh, save_pre=True)
+        y = _mm(h, proj_weight.t(), proj_bias)
+        ctx.tanh = tanh
+        ctx.save_for_backward(x, fc_weight, proj_weight, pre, None if RECOMPUTE_H else h)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, fc_weight, proj_weight, pre, h = ctx.saved_tensors
+        need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:5]
+        dx = d_w1 = d_b1 = d_w2 = d_b2 = None
+        if need_x or need_w1 or need_b1 or (need_w2 and h is None):
+            d_pre, h_again, d_b1 = _gelu_grad_matmul(dy, proj_weight, pre, ctx.tanh, want_h=h is None,
+                                                     want_bias_grad=need_b1)
+            h = h_again if h is None else h
+            if need_x:
+                dx = _mm(d_pre, fc_weight)
+            if need_w1:
+                d_w1 = _mm(d_pre.t(), x)
+            if need_b1:
+                d_b1 = d_b1.to(pre.dtype)
+        if need_w2:
+            d_w2 = _mm(dy.t(), h)
+        if need_b2:
+            d_b2 = dy.sum(0, dtype=torch.float32).to(dy.dtype)
+        return dx, d_w1, d_b1, d_w2, d_b2, None
+
+
+def _validate(x, fc_weight, fc_bias, proj_weight, proj_bias, approximate) -> None:
+    if approximate not in ("tanh", "none"):
+        raise ValueError(f"gelu_mlp: approximate must be 'tanh' or 'none', got {approximate!r}")
+    tensors = {"x": x, "fc_weight": fc_weight, "proj_weight": proj_weight}
+    if fc_bias is not None:
+        tensors["fc_bias"] = fc_bias
+    if proj_bias is not None:
+        tensors["proj_bias"] = proj_bias
+    check_tensors("gelu_mlp", **tensors)
+    for name in ("fc_weight", "proj_weight"):
+        if tensors[name].dim() != 2:
+            raise ValueError(f"gelu_mlp: {name} must be 2-D (out_features, in_features), "
+                             f"got shape {tuple(tensors[name].shape)}")
+    hidden, d_in = fc_weight.shape
+    if x.dim() == 0 or x.shape[-1] != d_in:
+        raise ValueError(f"gelu_mlp: x's last dimension must equal fc_weight.shape[1] = {d_in}, "
+                         f"got x of shape {tuple(x.shape)}")
+    if proj_weight.shape[1] != hidden:
+        raise ValueError(f"gelu_mlp: proj_weight.shape[1] must equal fc_weight.shape[0] = {hidden}, "
+                         f"got proj_weight of shape {tuple(proj_weight.shape)}")
+    for name, bias, n in (("fc_bias", fc_bias, hidden), ("proj_bias", proj_bias, proj_weight.shape[0])):
+        if bias is not None and tuple(bias.shape) != (n,):
+            raise ValueError(f"gelu_mlp: {name} must have shape ({n},), got {tuple(bias.shape)}")
+
+
+def gelu_mlp(x: torch.Tensor, fc_weight: torch.Tensor, fc_bias: torch.Tensor | None,
+             proj_weight: torch.Tensor, proj_bias: torch.Tensor | None,
+             approximate: str = "tanh") -> torch.Tensor:
+    """gelu(x @ fc_weight^T + fc_bias) @ proj_weight^T + proj_bias through the Triton kernels; differentiable.
+
+    x: (..., D); fc_weight: (H, D); proj_weight: (D_out, H); the biases are optional. approximate: "tanh" (GPT-2)
+    or "none" (exact erf GELU). Float16, bfloat16 or float32 (float32 dots run as TF32 on a GPU), all on one CUDA
+    device (or the CPU under TRITON_INTERPRET=1). Under torch.autocast, float32 inputs are cast to the autocast
+    dtype first, as F.linear would (the casts are differentiable: float32 parameters get float32 gradients).
+    Raises ValueError on bad input."""
+    device_type = x.device.type if isinstance(x, torch.Tensor) else None
+    if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        x, fc_weight, fc_bias, proj_weight, proj_bias = (
+            t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype == torch.float32 else t
+            for t in (x, fc_weight, fc_bias, proj_weight, proj_bias))
+    _validate(x, fc_weight, fc_bias, proj_weight, proj_bias, approximate)
+    tanh = approximate == "tanh"
+    x2d = x.reshape(-1, x.shape[-1])
+    params = (x, fc_weight, fc_bias, proj_weight, proj_bias)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in params):
+        y = _GeluMLP.apply(x2d, fc_weight, fc_bias, proj_weight, proj_bias, tanh)
+    else:  # inference: pre is not needed
+        h, _ = _fc_gelu(x2d, fc_weight, fc_bias, tanh, save_pre=False)
+        y = _mm(h, proj_weight.t(), proj_bias)
+    return y.reshape(*x.shape[:-1], proj_weight.shape[0])

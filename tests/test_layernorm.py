@@ -1,0 +1,236 @@
+"""The Triton LayerNorm and add+LayerNorm against their eager twins, by the parity rule in tests/parity.py.
+
+Each parity check runs three times on the same inputs and upstream gradients: the eager twin on inputs upcast to
+the reference dtype, the eager twin in the test dtype, and the kernel with every torch.empty* poisoned with NaN.
+Under the interpreter the kernel's largest whole-row block is 1024 wide, so width 4097 takes the chunked path.
+"""
+import contextlib
+
+import pytest
+import torch
+
+from kernels import add_layer_norm, add_layer_norm_eager, layer_norm, layer_norm_eager
+from tests.parity import GRAD_FACTOR, OUTPUT_FACTOR, assert_parity, poisoned_allocations, reference_dtype
+
+
+def _leading_shape(width: int, dims: int) -> tuple[int, ...]:
+    # Narrow rows: enough of them that a backward program takes several row blocks; wide rows are slow to
+    # interpret, so few of them.
+    if width > 1024:
+        return (6,) if dims == 2 else (2, 3)
+    return (37,) if dims == 2 else (3, 11)
+
+
+def _inputs(shape, dtype, device, with_residual, with_bias):
+    width = shape[-1]
+    x = torch.randn(shape, dtype=dtype, device=device)
+    residual = torch.randn(shape, dtype=dtype, device=device) if with_residual else None
+    weight = (1 + 0.5 * torch.randn(width, device=device)).to(dtype)
+    bias = (0.5 * torch.randn(width, device=device)).to(dtype) if with_bias else None
+    return x, residual, weight, bias
+
+
+def _outputs_and_grads(fn, tensors, upstream, dtype, poisoned=False):
+    """fn's outputs and the gradients of every tensor input, for the given upstream gradients, in `dtype`."""
+    leaves = [t.detach().to(dtype).requires_grad_() for t in tensors]
+    with poisoned_allocations() if poisoned else contextlib.nullcontext():
+        outs = fn(*leaves)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        grads = torch.autograd.grad(outs, leaves, [g.to(dtype) for g in upstream[:len(outs)]])
+    return outs, grads
+
+
+def _backward(fn, tensors, upstream):
+    leaves = [t.detach().clone().requires_grad_() for t in tensors]
+    outs = fn(*leaves)
+    return torch.autograd.grad(outs if isinstance(outs, tuple) else (outs,), leaves, upstream)
+
+
+def _check_parity(kernel, eager, tensors, names, out_names, dtype):
+    upstream = [torch.randn_like(tensors[0]) for _ in out_names]
+    ref = _outputs_and_grads(eager, tensors, upstream, reference_dtype(dtype))
+    same = _outputs_and_grads(eager, tensors, upstream, dtype)
+    ours = _outputs_and_grads(kernel, tensors, upstream, dtype, poisoned=True)
+    for i, name in enumerate(out_names):
+        assert_parity(name, ours[0][i], same[0][i], ref[0][i], OUTPUT_FACTOR, dtype)
+    for i, name in enumerate(names):
+        assert_parity(f"d{name}", ours[1][i], same[1][i], ref[1][i], GRAD_FACTOR, dtype)
+
+
+def _layer_norm_parity(shape, dtype, device, with_bias):
+    x, _, weight, bias = _inputs(shape, dtype, device, False, with_bias)
+    if with_bias:
+        _check_parity(layer_norm, layer_norm_eager, [x, weight, bias], ["x", "weight", "bias"], ["normed"], dtype)
+    else:
+        _check_parity(lambda x, w: layer_norm(x, w), lambda x, w: layer_norm_eager(x, w),
+                      [x, weight], ["x", "weight"], ["normed"], dtype)
+
+
+def _add_layer_norm_parity(shape, dtype, device, with_bias):
+    x, residual, weight, bias = _inputs(shape, dtype, device, True, with_bias)
+    outs = ["normed", "summed"]
+    if with_bias:
+        _check_parity(add_layer_norm, add_layer_norm_eager, [x, residual, weight, bias],
+                      ["x", "residual", "weight", "bias"], outs, dtype)
+    else:
+        _check_parity(lambda x, r, w: add_layer_norm(x, r, w), lambda x, r, w: add_layer_norm_eager(x, r, w),
+                      [x, residual, weight], ["x", "residual", "weight"], outs, dtype)
+
+
+# Every width in both dtypes and both layouts (2-D with bias, 3-D without), each dtype taking the other layout
+# from the other dtype: the whole product is too slow to interpret.
+_LAYOUTS = ((2, True), (3, False))  # (dims, with_bias)
+_CASES = [(width, dtype, *_LAYOUTS[(i + j) % 2])
+          for i, width in enumerate((1, 7, 768, 1000, 4097))
+          for j, dtype in enumerate((torch.float32, torch.float16))]
+
+
+@pytest.mark.parametrize("width,dtype,dims,with_bias", _CASES, ids=lambda v: str(v).replace("torch.", ""))
+def test_layer_norm_parity(width, dtype, dims, with_bias, device):
+    torch.manual_seed(width * 10 + dims)
+    _layer_norm_parity((*_leading_shape(width, dims), width), dtype, device, with_bias)
+
+
+@pytest.mark.parametrize("width,dtype,dims,with_bias", _CASES, ids=lambda v: str(v).replace("torch.", ""))
+def test_add_layer_norm_parity(width, dtype, dims, with_bias, device):
+    torch.manual_seed(width * 10 + dims + 1)
+    _add_layer_norm_parity((*_leading_shape(width, dims), width), dtype, device, with_bias)
+
+
+def test_add_layer_norm_normalises_the_rounded_sum(device):
+    """normed is LayerNorm of the fp16 `summed` it returns, not of the unrounded fp32 sum."""
+    torch.manual_seed(1)
+    x, residual, weight, bias = _inputs((9, 300), torch.float16, device, True, True)
+    normed, summed = add_layer_norm(x, residual, weight, bias)
+    assert torch.equal(summed, x + residual)
+    torch.testing.assert_close(normed, layer_norm(summed, weight, bias), rtol=0, atol=0)
+
+
+def test_add_layer_norm_only_summed_used(device):
+    torch.manual_seed(2)
+    x, residual, weight, bias = (t.requires_grad_() for t in _inputs((5, 33), torch.float32, device, True, True))
+    _, summed = add_layer_norm(x, residual, weight, bias)
+    ds = torch.randn_like(summed)
+    dx, dr = torch.autograd.grad(summed, (x, residual), ds)
+    assert torch.equal(dx, ds) and torch.equal(dr, ds)
+
+
+def test_non_contiguous_inputs(device):
+    """A transposed input (reshaped by copy), a column slice of a wider tensor (read in place through its row
+    stride), a strided weight."""
+    torch.manual_seed(3)
+    width = 40
+    x = torch.randn(width, 3, 9, device=device).transpose(0, 2)  # (9, 3, 40), last-dim stride 27
+    residual = torch.randn(9, 3, width + 24, device=device)[..., 5:5 + width]
+    weight = torch.randn(2 * width, device=device)[::2]
+    bias = torch.randn(width, device=device)
+    assert not x.is_contiguous() and not residual.is_contiguous() and not weight.is_contiguous()
+    _check_parity(add_layer_norm, add_layer_norm_eager, [x, residual, weight, bias],
+                  ["x", "residual", "weight", "bias"], ["normed", "summed"], torch.float32)
+    _check_parity(layer_norm, layer_norm_eager, [residual, weight, bias], ["x", "weight", "bias"], ["normed"],
+                  torch.float32)
+
+
+def test_broadcast_upstream_gradient(device):
+    """y.sum().backward() hands the backward an expanded gradient whose strides are all zero."""
+    torch.manual_seed(4)
+    x, residual, weight, bias = _inputs((6, 50), torch.float32, device, True, True)
+    ours = _backward(lambda *t: add_layer_norm(*t)[0].sum(), (x, residual, weight, bias), (None,))
+    eager = _backward(lambda *t: add_layer_norm_eager(*t)[0].sum(), (x, residual, weight, bias), (None,))
+    for name, a, b in zip(["x", "residual", "weight", "bias"], ours, eager):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m: f"d{name}: {m}")
+
+
+def test_no_rows(device):
+    x = torch.randn(0, 3, 16, device=device, requires_grad=True)
+    weight = torch.randn(16, device=device, requires_grad=True)
+    y = layer_norm(x, weight)
+    assert y.shape == x.shape
+    dx, dw = torch.autograd.grad(y, (x, weight), torch.randn_like(y))
+    assert dx.shape == x.shape and torch.equal(dw, torch.zeros_like(dw))
+
+
+def _assert_deterministic(shape, dtype, device):
+    x, residual, weight, bias = _inputs(shape, dtype, device, True, True)
+    dy, ds = torch.randn_like(x), torch.randn_like(x)
+    for fn, tensors, upstream in ((layer_norm, (x, weight, bias), (dy,)),
+                                  (add_layer_norm, (x, residual, weight, bias), (dy, ds))):
+        first, second = _backward(fn, tensors, upstream), _backward(fn, tensors, upstream)
+        for a, b in zip(first, second):
+            assert torch.equal(a, b), f"{fn.__name__}: two backward passes differ"
+
+
+def test_backward_is_deterministic(device):
+    torch.manual_seed(5)
+    _assert_deterministic((37, 768), torch.float32, device)
+
+
+def _valid(device):
+    return (torch.randn(4, 8, device=device), torch.randn(4, 8, device=device), torch.randn(8, device=device),
+            torch.randn(8, device=device))
+
+
+def test_rejects_weight_of_wrong_width(device):
+    x, _, _, bias = _valid(device)
+    with pytest.raises(ValueError, match="weight has shape"):
+        layer_norm(x, torch.randn(7, device=device), bias)
+
+
+def test_rejects_bias_of_wrong_width(device):
+    x, _, weight, _ = _valid(device)
+    with pytest.raises(ValueError, match="bias has shape"):
+        layer_norm(x, weight, torch.randn(4, 8, device=device))
+
+
+def test_rejects_residual_of_other_shape(device):
+    x, _, weight, bias = _valid(device)
+    with pytest.raises(ValueError, match="residual has shape"):
+        add_layer_norm(x, torch.randn(2, 8, device=device), weight, bias)
+
+
+def test_rejects_mixed_dtypes(device):
+    x, residual, weight, bias = _valid(device)
+    with pytest.raises(ValueError, match="weight is torch.float16"):
+        add_layer_norm(x, residual, weight.half(), bias)
+
+
+def test_rejects_mixed_devices(device):
+    x, _, weight, bias = _valid(device)
+    with pytest.raises(ValueError, match="bias is on meta"):
+        layer_norm(x, weight, bias.to("meta"))
+
+
+def test_rejects_unsupported_dtype(device):
+    x, _, weight, bias = _valid(device)
+    with pytest.raises(ValueError, match="float64"):
+        layer_norm(x.double(), weight.double(), bias.double())
+
+
+def test_rejects_scalar_input(device):
+    with pytest.raises(ValueError, match="at least one dimension"):
+        layer_norm(torch.tensor(1.0, device=device), torch.randn(1, device=device))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("width,rows", [(768, 16384), (1600, 4099), (4097, 1024), (8192, 1024),
+                                        (8193, 257), (16384, 512), (65536, 64)])
+def test_bf16_parity_on_gpu(width, rows, device):
+    torch.manual_seed(width)
+    _layer_norm_parity((rows, width), torch.bfloat16, device, True)
+    _add_layer_norm_parity((rows // 4, 4, width), torch.bfloat16, device, False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("width", [1, 7, 1000, 65536])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_many_rows_on_gpu(width, dtype, device):
+    torch.manual_seed(width + 1)
+    rows = max(64, 2**22 // width)
+    _add_layer_norm_parity((rows, width), dtype, device, True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("width", [768, 4097, 65536])
+def test_backward_is_deterministic_on_gpu(width, device):
+    torch.manual_seed(6)
+    _assert_deterministic((max(64, 2**23 // width), width), torch.bfloat16, device)

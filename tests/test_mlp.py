@@ -1,0 +1,243 @@
+"""The Triton GELU-MLP (kernels.mlp) against its eager twin, by the parity rule of tests/parity.py: output and
+every gradient (x, both weights, both biases), both GELU forms, odd and GPT-2-like sizes, with and without biases,
+2-D and 3-D inputs, determinism, and one test per ValueError. Without a GPU the kernels run in Triton's interpreter
+(fp32 and fp16: its bf16 dot is wrong); bf16 and the large shapes run on a GPU only."""
+import contextlib
+import re
+
+import pytest
+import torch
+
+import kernels.mlp as mlp_module  # the module: its switches and the kernel launcher
+from kernels import gelu_mlp, gelu_mlp_eager
+from tests.parity import GRAD_FACTOR, OUTPUT_FACTOR, assert_parity, poisoned_allocations, reference_dtype
+
+NAMES = ("x", "fc_weight", "fc_bias", "proj_weight", "proj_bias")
+ODD = ((33,), 65, 130, 65)              # (leading shape of x, D, H, D_out): nothing a multiple of a block
+GPT2_LIKE = ((2, 32), 96, 384, 96)      # 3-D x, H = 4 D
+
+
+def make_inputs(lead, d_in, hidden, d_out, device, fc_bias=True, proj_bias=True):
+    """Fresh fp32 (x, fc_weight, fc_bias, proj_weight, proj_bias) and an upstream gradient dy, scaled so that the
+    pre-activation is O(1): the GELU's curved part is exercised."""
+    x = torch.randn(*lead, d_in, device=device)
+    w1 = torch.randn(hidden, d_in, device=device) / d_in ** 0.5
+    b1 = 0.5 * torch.randn(hidden, device=device) if fc_bias else None
+    w2 = torch.randn(d_out, hidden, device=device) / hidden ** 0.5
+    b2 = 0.5 * torch.randn(d_out, device=device) if proj_bias else None
+    dy = torch.randn(*lead, d_out, device=device)
+    return (x, w1, b1, w2, b2), dy
+
+
+def run(fn, inputs, dy, dtype, approximate, requires_grad=NAMES):
+    """fn on the inputs cast to dtype, then its gradients for dy: (output, {name: gradient})."""
+    leaves = [None if t is None else t.detach().to(dtype).requires_grad_(name in requires_grad)
+              for name, t in zip(NAMES, inputs)]
+    out = fn(*leaves, approximate=approximate)
+    wrt = [(name, t) for name, t in zip(NAMES, leaves) if t is not None and t.requires_grad]
+    grads = torch.autograd.grad(out, [t for _, t in wrt], dy.to(dtype)) if wrt else ()
+    return out, {name: g for (name, _), g in zip(wrt, grads)}
+
+
+@contextlib.contextmanager
+def tf32_matmuls(enabled: bool):
+    """Let cuBLAS run fp32 matmuls as TF32, as our kernels' fp32 dots do on a GPU: compare like with like."""
+    if not enabled:
+        yield
+        return
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def check_parity(device, dtype, shape=ODD, approximate="tanh", fc_bias=True, proj_bias=True, requires_grad=NAMES):
+    inputs, dy = make_inputs(*shape, device, fc_bias=fc_bias, proj_bias=proj_bias)
+    ref_out, ref_grads = run(gelu_mlp_eager, inputs, dy, reference_dtype(dtype), approximate, requires_grad)
+    with tf32_matmuls(device.type == "cuda" and dtype == torch.float32):
+        torch_out, torch_grads = run(gelu_mlp_eager, inputs, dy, dtype, approximate, requires_grad)
+    with poisoned_allocations():
+        out, grads = run(gelu_mlp, inputs, dy, dtype, approximate, requires_grad)
+    assert out.shape == torch_out.shape and out.dtype == dtype
+    assert_parity("output", out, torch_out, ref_out, OUTPUT_FACTOR, dtype)
+    assert grads.keys() == ref_grads.keys()
+    for name in grads:
+        assert_parity(f"grad {name}", grads[name], torch_grads[name], ref_grads[name], GRAD_FACTOR, dtype)
+
+
+# --- parity under the interpreter (or on the GPU when there is one) ----------------------------------------------
+
+@pytest.mark.parametrize("shape", [ODD, GPT2_LIKE], ids=["odd", "gpt2_like_3d"])
+@pytest.mark.parametrize("approximate", ["tanh", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_parity(device, dtype, approximate, shape):
+    check_parity(device, dtype, shape, approximate)
+
+
+@pytest.mark.parametrize("fc_bias,proj_bias", [(False, False), (True, False), (False, True)],
+                         ids=["no_biases", "fc_bias_only", "proj_bias_only"])
+def test_parity_without_biases(device, fc_bias, proj_bias):
+    check_parity(device, torch.float16, fc_bias=fc_bias, proj_bias=proj_bias)
+
+
+@pytest.mark.parametrize("plain_matmul,recompute_h,dtype", [
+    ("triton", False, torch.float32), ("triton", False, torch.float16),
+    ("torch", True, torch.float16), ("triton", True, torch.float16)],
+    ids=["triton_matmuls-fp32", "triton_matmuls-fp16", "recompute_h-fp16", "triton_matmuls-recompute_h-fp16"])
+def test_parity_variants(device, monkeypatch, plain_matmul, recompute_h, dtype):
+    """The alternatives the benchmark measures: the unfused matmuls in Triton, and h recomputed in the backward."""
+    monkeypatch.setattr(mlp_module, "PLAIN_MATMUL", plain_matmul)
+    monkeypatch.setattr(mlp_module, "RECOMPUTE_H", recompute_h)
+    check_parity(device, dtype, approximate="none" if recompute_h else "tanh")
+
+
+@pytest.mark.parametrize("lead", [(), (0,)], ids=["1d_x", "zero_rows"])
+def test_parity_degenerate_rows(device, lead):
+    check_parity(device, torch.float16, (lead, 65, 130, 65))
+
+
+@pytest.mark.parametrize("requires_grad", [("x",), ("fc_weight", "fc_bias", "proj_weight", "proj_bias"),
+                                           ("proj_weight",)], ids=["x_only", "weights_only", "proj_weight_only"])
+@pytest.mark.parametrize("recompute_h", [False, True])
+def test_parity_some_gradients(device, monkeypatch, requires_grad, recompute_h):
+    monkeypatch.setattr(mlp_module, "RECOMPUTE_H", recompute_h)
+    check_parity(device, torch.float16, requires_grad=requires_grad)
+
+
+def test_parity_inference(device):
+    """Nothing requires grad: the forward skips storing pre."""
+    check_parity(device, torch.float16, GPT2_LIKE, requires_grad=())
+
+
+def test_autocast_matches_eager(device):
+    """Under autocast, fp32 inputs run in the autocast dtype, as F.linear's would; gradients reach the fp32 leaves."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float16  # (the interpreter's bf16 dot is wrong)
+    inputs, dy = make_inputs(*ODD, device)
+    ref_out, ref_grads = run(gelu_mlp_eager, inputs, dy, torch.float32, "tanh")
+    with torch.autocast(device.type, dtype=dtype):
+        torch_out, torch_grads = run(gelu_mlp_eager, inputs, dy, torch.float32, "tanh")
+        out, grads = run(gelu_mlp, inputs, dy, torch.float32, "tanh")
+    assert out.dtype == torch_out.dtype == dtype
+    assert_parity("output", out, torch_out, ref_out, OUTPUT_FACTOR, dtype)
+    for name in NAMES:
+        assert grads[name].dtype == torch.float32
+        assert_parity(f"grad {name}", grads[name].to(dtype), torch_grads[name].to(dtype), ref_grads[name],
+                      GRAD_FACTOR, dtype)
+
+
+def test_deterministic(device):
+    inputs, dy = make_inputs(*GPT2_LIKE, device)
+    first_out, first = run(gelu_mlp, inputs, dy, torch.float16, "tanh")
+    second_out, second = run(gelu_mlp, inputs, dy, torch.float16, "tanh")
+    assert torch.equal(first_out, second_out)
+    for name in NAMES:
+        assert torch.equal(first[name], second[name]), f"grad {name} differs between two identical runs"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_matmul_kernel_strided_operands(device, dtype):
+    """The generic kernel alone on transposed (non-contiguous) operands, with enough row tiles for a ragged last
+    group of the grouped program order, and ragged M, N and K."""
+    M, N, K = 300, 70, 40
+    a = torch.randn(K, M, device=device).t()   # (M, K), column-major
+    b = torch.randn(N, K, device=device).t()   # (K, N), column-major
+    bias = torch.randn(N, device=device)
+    ref = torch.addmm(bias.to(reference_dtype(dtype)), a.to(reference_dtype(dtype)), b.to(reference_dtype(dtype)))
+    with tf32_matmuls(device.type == "cuda" and dtype == torch.float32):
+        expected = torch.addmm(bias.to(dtype), a.to(dtype), b.to(dtype))
+    a, b = a.to(dtype).t().contiguous().t(), b.to(dtype).t().contiguous().t()  # keep the column-major layout
+    assert not a.is_contiguous() and not b.is_contiguous()
+    with poisoned_allocations():
+        c = torch.empty((M, N), device=device, dtype=dtype)
+        mlp_module._launch(a, b, c, mlp_module._NONE, bias=bias.to(dtype))
+    assert_parity("a @ b + bias", c, expected, ref, OUTPUT_FACTOR, dtype)
+
+
+# --- bad input: one ValueError each --------------------------------------------------------------------------------
+
+def _bad(case, device):
+    (x, w1, b1, w2, b2), _ = make_inputs((3, 5), 8, 32, 8, device)
+    approximate = "tanh"
+    if case == "approximate":
+        approximate = "erf"
+    elif case == "dtype":
+        x = x.double()
+    elif case == "mixed_dtypes":
+        w1 = w1.half()
+    elif case == "mixed_devices":
+        w2 = w2.to("meta")
+    elif case == "not_a_tensor":
+        w1 = w1.tolist()
+    elif case == "x_width":
+        x = x[..., :7]
+    elif case == "scalar_x":
+        x = x[0, 0, 0]
+    elif case == "fc_weight_3d":
+        w1 = w1[None]
+    elif case == "proj_weight_width":
+        w2 = w2[:, :31]
+    elif case == "fc_bias_length":
+        b1 = b1[:31]
+    elif case == "proj_bias_length":
+        b2 = b2[:, None]
+    return x, w1, b1, w2, b2, approximate
+
+
+@pytest.mark.parametrize("case,message", [
+    ("approximate", "approximate must be 'tanh' or 'none'"),
+    ("dtype", "supported: float16, bfloat16, float32"),
+    ("mixed_dtypes", "cast them to one dtype"),
+    ("mixed_devices", "move them to one device"),
+    ("not_a_tensor", "fc_weight must be a torch.Tensor"),
+    ("x_width", "x's last dimension must equal fc_weight.shape[1]"),
+    ("scalar_x", "x's last dimension must equal fc_weight.shape[1]"),
+    ("fc_weight_3d", "fc_weight must be 2-D"),
+    ("proj_weight_width", "proj_weight.shape[1] must equal fc_weight.shape[0]"),
+    ("fc_bias_length", "fc_bias must have shape (32,)"),
+    ("proj_bias_length", "proj_bias must have shape (8,)"),
+])
+def test_bad_input_raises(device, case, message):
+    x, w1, b1, w2, b2, approximate = _bad(case, device)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        gelu_mlp(x, w1, b1, w2, b2, approximate=approximate)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal, which needs no GPU present")
+def test_cpu_tensors_without_interpreter_raise(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    (x, w1, b1, w2, b2), _ = make_inputs((3,), 8, 32, 8, "cpu")
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        gelu_mlp(x, w1, b1, w2, b2)
+
+
+# --- GPU only: bf16, and GPT-2 sizes --------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("approximate", ["tanh", "none"])
+@pytest.mark.parametrize("shape", [ODD, GPT2_LIKE, ((4, 1024), 768, 3072, 768), ((2, 1024), 1600, 6400, 1600)],
+                         ids=["odd", "gpt2_like_3d", "gpt2_small", "gpt2_xl"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
+def test_parity_gpu(device, dtype, shape, approximate):
+    check_parity(device, dtype, shape, approximate)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("plain_matmul,recompute_h", [("triton", False), ("torch", True), ("triton", True)],
+                         ids=["triton_matmuls", "recompute_h", "triton_matmuls-recompute_h"])
+def test_parity_variants_gpu(device, monkeypatch, plain_matmul, recompute_h):
+    monkeypatch.setattr(mlp_module, "PLAIN_MATMUL", plain_matmul)
+    monkeypatch.setattr(mlp_module, "RECOMPUTE_H", recompute_h)
+    check_parity(device, torch.bfloat16, ((4, 1024), 768, 3072, 768))
+    check_parity(device, torch.bfloat16, ODD)
+
+
+@pytest.mark.gpu
+def test_deterministic_gpu(device):
+    inputs, dy = make_inputs((4, 1024), 1024, 4096, 1024, device)
+    first_out, first = run(gelu_mlp, inputs, dy, torch.bfloat16, "tanh")
+    second_out, second = run(gelu_mlp, inputs, dy, torch.bfloat16, "tanh")
+    assert torch.equal(first_out, second_out)
+    for name in NAMES:
+        assert torch.equal(first[name], second[name]), f"grad {name} differs between two identical runs"
