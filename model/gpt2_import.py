@@ -1,0 +1,75 @@
+"""Load the weights of a Hugging Face GPT-2 checkpoint from local files, so a user can fine-tune GPT-2 here.
+
+Offline only: a directory saved by `save_pretrained` (config.json with model.safetensors or pytorch_model.bin), or a
+state-dict file. `transformers` is not needed; `safetensors` is imported only to read a .safetensors file.
+"""
+import json
+from pathlib import Path
+
+import torch
+
+from model.config import GPTConfig
+from model.gpt import GPT
+
+# Hugging Face's GPT-2 stores these as Conv1D weights, (in_features, out_features): nn.Linear wants the transpose.
+CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def load_gpt2(path: str | Path, config: GPTConfig | None = None, **ops) -> GPT:
+    """A GPT with the weights at path. The shape comes from the directory's config.json, or from `config` for a
+    bare state-dict file; `ops` (attention=, layernorm=, mlp=) choose the implementations."""
+    path = Path(path)
+    if path.is_dir():
+        weights = _weights_file(path)
+        config = _config_from_hf(path / "config.json", ops)
+        state = _read_state_dict(weights)
+    elif path.is_file():
+        if config is None:
+            raise ValueError(f"{path} is a bare state dict: pass the GPTConfig it was saved with")
+        state = _read_state_dict(path)
+    else:
+        raise FileNotFoundError(f"no GPT-2 checkpoint at {path}: give a save_pretrained directory or a state-dict file")
+
+    model = GPT(config)
+    ours = model.state_dict()
+    converted = {}
+    for key, value in state.items():
+        name = key if key.startswith(("transformer.", "lm_head.")) else f"transformer.{key}"
+        if name not in ours:  # the causal-mask buffers older checkpoints carry
+            continue
+        converted[name] = value.t() if name.endswith(CONV1D_SUFFIXES) else value
+    converted.setdefault("lm_head.weight", converted["transformer.wte.weight"])  # tied
+    missing = set(ours) - set(converted)
+    if missing:
+        raise ValueError(f"{path} lacks {len(missing)} GPT-2 weights, e.g. {sorted(missing)[:3]}")
+    for name, value in converted.items():
+        if value.shape != ours[name].shape:
+            raise ValueError(f"{path}: {name} has shape {tuple(value.shape)}, the config expects "
+                             f"{tuple(ours[name].shape)}")
+    model.load_state_dict(converted)
+    return model
+
+
+def _config_from_hf(config_file: Path, ops: dict) -> GPTConfig:
+    hf = json.loads(config_file.read_text())
+    if hf.get("model_type", "gpt2") != "gpt2":
+        raise ValueError(f"{config_file} describes a {hf['model_type']!r} model, not GPT-2")
+    try:
+        return GPTConfig(vocab_size=hf["vocab_size"], block_size=hf["n_positions"], n_layer=hf["n_layer"],
+                         n_head=hf["n_head"], n_embd=hf["n_embd"], dropout=0.0, bias=True, **ops)
+    except KeyError as e:
+        raise ValueError(f"{config_file} lacks {e}: it is not a GPT-2 config.json")
+
+
+def _weights_file(directory: Path) -> Path:
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (directory / name).is_file():
+            return directory / name
+    raise FileNotFoundError(f"{directory} has neither model.safetensors nor pytorch_model.bin")
+
+
+def _read_state_dict(file: Path) -> dict[str, torch.Tensor]:
+    if file.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        return load_file(str(file))
+    return torch.load(file, map_location="cpu", weights_only=True)

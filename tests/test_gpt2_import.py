@@ -1,0 +1,51 @@
+"""Importing Hugging Face GPT-2 weights reproduces transformers' GPT2LMHeadModel (a small random one: no download)."""
+import pytest
+import torch
+
+from model import GPTConfig, load_gpt2
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def hf_model():
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=101, n_positions=48, n_embd=64, n_layer=3, n_head=4,
+                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    with torch.no_grad():  # GPT-2's init leaves biases at zero: give them values so a transposed or dropped one shows
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0.0, 0.1)
+    return model
+
+
+def test_directory_import_matches_transformers_logits(hf_model, tmp_path):
+    hf_model.save_pretrained(tmp_path)  # config.json + model.safetensors
+    ours = load_gpt2(tmp_path).eval()
+    assert ours.config.n_layer == 3 and ours.config.block_size == 48 and ours.config.vocab_size == 101
+    idx = torch.randint(0, 101, (2, 40))
+    with torch.no_grad():
+        expected = hf_model(idx).logits
+        logits, _ = ours(idx)
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_state_dict_file_import(hf_model, tmp_path):
+    torch.save(hf_model.state_dict(), tmp_path / "gpt2.pt")
+    config = GPTConfig(vocab_size=101, block_size=48, n_layer=3, n_head=4, n_embd=64)
+    ours = load_gpt2(tmp_path / "gpt2.pt", config).eval()
+    idx = torch.randint(0, 101, (1, 48))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(idx)[0], hf_model(idx).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_missing_checkpoint_is_refused(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no GPT-2 checkpoint"):
+        load_gpt2(tmp_path / "nowhere")
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="neither model.safetensors nor pytorch_model.bin"):
+        load_gpt2(tmp_path)
+    torch.save({}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="not a GPT-2 config.json"):
+        load_gpt2(tmp_path)
