@@ -1,0 +1,357 @@
+"""Turns text into the token files the trainer reads, and trains the tokenizer that makes them.
+
+`python data/prepare.py [INPUT ...]`: the inputs are text files, or directories searched recursively; with none,
+the Python documentation and standard library sources that ship with every CPython (data/default_corpus.py). It
+trains a sentencepiece tokenizer on them, encodes every document followed by an end-of-document token, and writes
+to the output directory:
+
+    tokenizer.model     the sentencepiece model; data/tokenizer.py loads it
+    train.bin, val.bin  raw little-endian token ids, uint16 when the vocabulary fits, uint32 otherwise
+    meta.json           vocab_size, dtype, eot_id, token and document counts, the tokenizer file, inputs_hash
+
+Run again on the same inputs and options, it reuses what is there. Every file is written under a temporary name and
+renamed into place only once all of them are complete, meta.json last, so a failure leaves an existing dataset whole.
+"""
+import argparse
+import codecs
+import hashlib
+import io
+import json
+import os
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+if not __package__:
+    # Run as `python data/prepare.py`, sys.path[0] is data/; the imports below need the repository root.
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np
+import sentencepiece as spm
+from tqdm import tqdm
+
+from data.default_corpus import default_corpus
+from data.tokenizer import Tokenizer
+from training.errors import UserError
+
+MODEL_TYPES = ("bpe", "unigram", "char")
+TOKENIZER_FILE = "tokenizer.model"
+CHUNK_BYTES = 1 << 18  # documents are encoded in pieces of about this size, so one huge file streams through too
+BATCH_CHUNKS = 4  # chunks per thread in each batch encoded at once
+SNIFF_BYTES = 8192  # a file is taken for text when this much of its start is UTF-8 with no NUL (as git does)
+MAX_SENTENCE_CHARS = 4096  # longer lines are cut into pieces this long for tokenizer training
+
+# Options for every tokenizer; they enter inputs_hash, so changing one here rebuilds the datasets.
+SENTENCEPIECE_OPTIONS = dict(
+    # Text comes back exactly as it went in: no NFKC, runs of spaces (indentation) kept, no space added in front.
+    normalization_rule_name="identity",
+    remove_extra_whitespaces=False,
+    add_dummy_prefix=False,
+    # A character outside the vocabulary becomes its UTF-8 bytes, never <unk>. Newlines always do (one token each):
+    # the tokenizer trains on single lines.
+    byte_fallback=True,
+    allow_whitespace_only_pieces=True,  # runs of indentation become single tokens
+    split_digits=True,  # numbers as digits rather than memorized pieces
+    unk_id=0, eos_id=1, bos_id=-1, pad_id=-1,  # eos (</s>) is the end-of-document token
+    max_sentence_length=4 * MAX_SENTENCE_CHARS,  # in bytes
+    # Training samples this many lines at most (uniformly, over the whole corpus), so it stays quick on any corpus.
+    input_sentence_size=300_000,
+    shuffle_input_sentence=True,
+    # Fixed rather than one per core: a unigram model comes out different for a different number of threads.
+    num_threads=4,
+)
+
+
+@dataclass(frozen=True)
+class Document:
+    name: str  # its path relative to the input it came from: the val split and inputs_hash use it
+    source: Path | bytes  # the file holding it, or its UTF-8 text (the documentation topics are no files)
+    size: int  # in bytes
+
+    def open(self):
+        return io.BytesIO(self.source) if isinstance(self.source, bytes) else open(self.source, "rb")
+
+
+def prepare(inputs: list[str] | None = None, out_dir: str | Path = "data/default", vocab_size: int = 4096,
+            model_type: str = "bpe", val_fraction: float = 0.05, workers: int | None = None,
+            progress: bool = True) -> Path:
+    """Builds the dataset in out_dir (or reuses the one there, when made from the same inputs and options) and
+    returns the path of its meta.json."""
+    if model_type not in MODEL_TYPES:
+        raise UserError(f"unknown model type {model_type!r}; use one of {', '.join(MODEL_TYPES)}")
+    if not 0 < val_fraction < 1:
+        raise UserError(f"val fraction {val_fraction} is not between 0 and 1; pass e.g. --val-fraction 0.05")
+    if workers is None:
+        workers = os.cpu_count() or 1
+    if workers < 1:
+        raise UserError(f"{workers} workers; pass --workers 1 or more")
+    out_dir = Path(out_dir)
+    docs = find_documents(inputs)
+    options = dict(vocab_size=vocab_size, model_type=model_type, val_fraction=val_fraction,
+                   sentencepiece=SENTENCEPIECE_OPTIONS)
+    digest = inputs_hash(docs, options, progress)
+    if _reusable(out_dir, digest):
+        if progress:
+            print(f"{out_dir} already holds this dataset; reusing it")
+        return out_dir / "meta.json"
+
+    model = train_tokenizer(docs, vocab_size, model_type, progress)
+    _make_out_dir(out_dir)
+    names = (TOKENIZER_FILE, "train.bin", "val.bin", "meta.json")  # the order they are renamed in: meta.json last
+    temp = {name: out_dir / f".{name}.{os.getpid()}.tmp" for name in names}
+    try:
+        temp[TOKENIZER_FILE].write_bytes(model)
+        tokenizer = Tokenizer(temp[TOKENIZER_FILE])
+        dtype = token_dtype(tokenizer.vocab_size)
+        counts = encode(split_documents(docs, val_fraction), temp, tokenizer, dtype, workers, progress)
+        meta = dict(
+            vocab_size=tokenizer.vocab_size, dtype=dtype, eot_id=tokenizer.eot_id,
+            train_tokens=counts["train_tokens"], val_tokens=counts["val_tokens"], documents=len(docs),
+            # Documents per split, each followed by eot_id (a single input document is split in two).
+            train_documents=counts["train_documents"], val_documents=counts["val_documents"],
+            tokenizer=TOKENIZER_FILE, model_type=model_type, val_fraction=val_fraction, inputs_hash=digest,
+            files={name: temp[name].stat().st_size for name in names[:-1]},
+        )
+        temp["meta.json"].write_text(json.dumps(meta, indent=2) + "\n")
+        # Remove the old meta.json first: a crash between the renames then leaves no dataset (the next run rebuilds
+        # it) rather than an old meta.json describing new files.
+        (out_dir / "meta.json").unlink(missing_ok=True)
+        for name in names:
+            temp[name].replace(out_dir / name)
+    finally:
+        for path in temp.values():
+            path.unlink(missing_ok=True)
+    return out_dir / "meta.json"
+
+
+def _make_out_dir(out_dir: Path):
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create {out_dir} ({e.strerror}); pass another --out-dir") from None
+    if not os.access(out_dir, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write to {out_dir}; pass an --out-dir you can write to")
+
+
+def find_documents(inputs: list[str] | None) -> list[Document]:
+    """The documents of the inputs, in order (directories walked in sorted order), or the default corpus."""
+    if not inputs:
+        return [Document(*doc) for doc in default_corpus()]
+    docs = []
+    for arg in inputs:
+        path = Path(arg)
+        if path.is_dir():
+            docs += [Document(file.relative_to(path).as_posix(), file, file.stat().st_size)
+                     for file in _walk(path) if _is_text(file)]
+        elif path.is_file():
+            if not _is_text(path):
+                raise UserError(f"{arg} does not look like UTF-8 text (unreadable, or invalid UTF-8 or NUL bytes near "
+                                "its start); pass text files or directories")
+            docs.append(Document(path.name, path, path.stat().st_size))
+        else:
+            raise UserError(f"input {arg} does not exist; check the path (inputs are text files or directories)")
+    docs = [doc for doc in docs if doc.size]
+    if not docs:
+        raise UserError(f"no text in {' '.join(inputs)}: no non-empty UTF-8 files found; pass text files or "
+                        "directories that contain some (or no inputs, for the default corpus)")
+    return docs
+
+
+def _walk(folder: Path) -> list[Path]:
+    """The files under folder, in sorted order, skipping hidden ones (.git and the like)."""
+    found = []
+    for parent, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        found += [Path(parent, f) for f in files if not f.startswith(".")]
+    return sorted(found)
+
+
+def _is_text(path: Path) -> bool:
+    """Whether the file's start is UTF-8 with no NUL: binary files (images, archives, .pyc) fail that."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(SNIFF_BYTES)
+    except OSError:
+        return False
+    try:
+        # An incremental decoder, as the sniffed bytes may end inside a character.
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
+    except UnicodeDecodeError:
+        return False
+    return b"\0" not in head
+
+
+def inputs_hash(docs: list[Document], options: dict, progress: bool) -> str:
+    """sha256 over the options and each document's name and contents."""
+    digest = hashlib.sha256(json.dumps(options, sort_keys=True).encode())
+    with _bar(docs, "hashing inputs", progress) as bar:
+        for doc in docs:
+            digest.update(f"{doc.name}\0{doc.size}\0".encode())
+            with doc.open() as f:
+                while block := f.read(CHUNK_BYTES):
+                    digest.update(block)
+            bar.update(doc.size)
+    return digest.hexdigest()
+
+
+def _reusable(out_dir: Path, digest: str) -> bool:
+    """Whether out_dir holds a complete dataset made from the inputs and options digest stands for."""
+    try:
+        meta = json.loads((out_dir / "meta.json").read_text())
+        return meta["inputs_hash"] == digest and all(
+            (out_dir / name).stat().st_size == size for name, size in meta["files"].items())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+
+
+def train_tokenizer(docs: list[Document], vocab_size: int, model_type: str, progress: bool) -> bytes:
+    """The serialized sentencepiece model, trained on the documents' lines."""
+    if progress:
+        print(f"training a {model_type} tokenizer of {vocab_size} tokens")
+    model = io.BytesIO()
+    spm.set_random_generator_seed(0)  # the same lines sampled, hence the same tokenizer, on every run
+    try:
+        spm.SentencePieceTrainer.train(sentence_iterator=_lines(docs, progress), model_writer=model,
+                                       vocab_size=vocab_size, model_type=model_type, minloglevel=2,
+                                       **SENTENCEPIECE_OPTIONS)
+    except RuntimeError as e:
+        raise UserError(_vocab_size_advice(" ".join(str(e).split()), vocab_size)) from None
+    return model.getvalue()
+
+
+def _lines(docs: list[Document], progress: bool):
+    with _bar(docs, "reading lines for the tokenizer", progress) as bar:
+        for doc in docs:
+            with doc.open() as raw, io.TextIOWrapper(raw, encoding="utf-8", errors="replace", newline="") as f:
+                while line := f.readline(MAX_SENTENCE_CHARS):
+                    yield line.rstrip("\n")
+            bar.update(doc.size)
+
+
+def _vocab_size_advice(message: str, vocab_size: int) -> str:
+    if too_high := re.search(r"set it to a value <= (\d+)", message):
+        return (f"vocab size {vocab_size} is too large for this corpus; pass --vocab-size {too_high[1]} or less "
+                "(or more text)")
+    if too_low := re.search(r"smaller than required_chars\. \d+ vs (\d+)", message):
+        return (f"vocab size {vocab_size} cannot hold the 256 byte tokens and this corpus's characters; pass "
+                f"--vocab-size {too_low[1]} or more")
+    return f"sentencepiece cannot train on this corpus ({message}); try a smaller --vocab-size or more text"
+
+
+def token_dtype(vocab_size: int) -> str:
+    """The narrowest unsigned type that holds every token id."""
+    return "uint16" if vocab_size <= 2**16 else "uint32"
+
+
+def split_documents(docs: list[Document], val_fraction: float) -> list[tuple[str, Document, int, int]]:
+    """(split, document, start byte, end byte) for each piece of text, in document order."""
+    if len(docs) == 1:
+        # A single document is split by characters instead: its last val_fraction goes to val.
+        doc = docs[0]
+        with doc.open() as f:
+            cut = _char_start(f, max(1, int(doc.size * (1 - val_fraction))))
+        return [("train", doc, 0, cut), ("val", doc, cut, doc.size)]
+    # The documents whose names hash lowest go to val: the same ones on every run, whatever order the inputs come
+    # in, and at least one document in each split.
+    n_val = min(len(docs) - 1, max(1, round(val_fraction * len(docs))))
+    by_hash = sorted(range(len(docs)), key=lambda i: (hashlib.sha256(docs[i].name.encode()).digest(), i))
+    val = set(by_hash[:n_val])
+    return [("val" if i in val else "train", doc, 0, doc.size) for i, doc in enumerate(docs)]
+
+
+def _char_start(f, pos: int) -> int:
+    """The first position at or after pos where a UTF-8 character starts (or the end of the file)."""
+    f.seek(pos)
+    while (byte := f.read(1)) and byte[0] & 0xC0 == 0x80:  # a continuation byte
+        pos += 1
+    return pos
+
+
+def encode(pieces: list[tuple[str, Document, int, int]], temp: dict[str, Path], tokenizer: Tokenizer, dtype: str,
+           threads: int, progress: bool) -> dict:
+    """Encodes the pieces of text into temp["train.bin"] and temp["val.bin"], in order, each followed by the
+    end-of-document token; returns the token and document counts per split."""
+    counts = dict.fromkeys(("train_tokens", "val_tokens", "train_documents", "val_documents"), 0)
+    little_endian = np.dtype(dtype).newbyteorder("<")
+    with (open(temp["train.bin"], "wb") as train, open(temp["val.bin"], "wb") as val,
+          tqdm(total=sum(end - start for _, _, start, end in pieces), desc="encoding", unit="B", unit_scale=True,
+               disable=None if progress else True) as bar):
+        files = {"train": train, "val": val}
+        # Batches of chunks, each encoded by sentencepiece's own threads, keep every core busy while only a batch
+        # is in memory at a time.
+        for batch in _batches(_chunks(pieces), threads * BATCH_CHUNKS):
+            encoded = tokenizer.encode_batch([text for _, text, _, _ in batch], threads)
+            for (split, _, nbytes, last), ids in zip(batch, encoded):
+                files[split].write(np.array(ids + [tokenizer.eot_id] * last, dtype=little_endian).tobytes())
+                counts[f"{split}_tokens"] += len(ids) + last
+                counts[f"{split}_documents"] += last
+                bar.update(nbytes)
+    return counts
+
+
+def _chunks(pieces):
+    """(split, text, its size in bytes, whether it ends its piece) for each chunk of about CHUNK_BYTES of the
+    pieces, read one at a time and cut at character boundaries."""
+    for split, doc, start, end in pieces:
+        with doc.open() as f:
+            while True:
+                stop = end if end - start <= CHUNK_BYTES else _char_start(f, start + CHUNK_BYTES)
+                f.seek(start)
+                # Bytes that are not UTF-8 (past the start _is_text looked at) become U+FFFD.
+                yield split, f.read(stop - start).decode("utf-8", errors="replace"), stop - start, stop == end
+                if stop == end:
+                    break
+                start = stop
+
+
+def _batches(items, size: int):
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _bar(docs: list[Document], desc: str, progress: bool) -> tqdm:
+    return tqdm(total=sum(doc.size for doc in docs), desc=desc, unit="B", unit_scale=True,
+                disable=None if progress else True)
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except where the help says what it is."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+def main(argv: list[str] | None = None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=_HelpFormatter)
+    parser.add_argument("inputs", nargs="*", metavar="INPUT",
+                        help="text files or directories (searched recursively); with none, the Python "
+                             "documentation and standard library sources")
+    parser.add_argument("--out-dir", help="where to write the dataset (default: data/default with no INPUT, "
+                                          "data/custom with some)")
+    parser.add_argument("--vocab-size", type=int, default=4096, help="tokenizer vocabulary size")
+    parser.add_argument("--model-type", choices=MODEL_TYPES, default="bpe", help="sentencepiece model type")
+    parser.add_argument("--val-fraction", type=float, default=0.05,
+                        help="share of the documents held out for validation")
+    parser.add_argument("--workers", type=int,
+                        help="threads that encode (default: one per CPU core)")
+    args = parser.parse_args(argv)
+    out_dir = args.out_dir or ("data/custom" if args.inputs else "data/default")
+    try:
+        meta_path = prepare(args.inputs, out_dir, args.vocab_size, args.model_type, args.val_fraction, args.workers)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    meta = json.loads(meta_path.read_text())
+    print(f"{meta_path}: {meta['documents']} documents, {meta['train_tokens']:,} train and {meta['val_tokens']:,} "
+          f"val tokens, vocabulary {meta['vocab_size']} ({meta['dtype']})")
+
+
+if __name__ == "__main__":
+    main()

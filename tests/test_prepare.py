@@ -1,0 +1,233 @@
+"""data/prepare.py and data/tokenizer.py on small synthetic corpora: every document comes back exactly, the files
+agree with meta.json, re-runs reuse, and bad input ends in one line of error with any existing dataset intact."""
+import json
+import shutil
+import string
+import subprocess
+import sys
+import textwrap
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from data import prepare as prep
+from data.prepare import prepare, token_dtype
+from data.tokenizer import Tokenizer
+from training.errors import UserError
+
+REPO = Path(__file__).resolve().parent.parent
+VOCAB = 400
+OUTPUTS = ("tokenizer.model", "train.bin", "val.bin", "meta.json")
+
+# Text sentencepiece would alter without the options prepare sets: tabs, runs of spaces, trailing spaces, blank
+# lines, CRLF, NFKC-foldable characters (ﬁ, the no-break space), a literal "▁" (sentencepiece's own space mark),
+# emoji, CJK, a zero-width space, a NUL and a byte-order mark.
+TRICKY = ("def f(x):\n\tif x:\t# tab  \n\t\treturn '日本語 🎉'   \n\n\n    pass\r\n"
+          "▁leading mark, ▁▁ two, ﬁne\u00a0text, zero\u200bwidth, nul\x00, \ufeffbom, emoji 👩‍👩‍👧 done.\n  \n")
+
+
+def _corpus(root: Path) -> dict[str, str]:
+    """Writes a corpus under root; returns the text of each document prepare should find, by relative path."""
+    docs = {  # two standard-library sources make realistic text
+        "top.md": "# Notes\n\n" + Path(string.__file__).read_text(),
+        "pkg/mod.py": Path(textwrap.__file__).read_text() + TRICKY,
+        # TRICKY's NUL past the first 8 KiB, where prepare looks for NULs to tell binary files.
+        "pkg/sub/notes.txt": "中文文本，日本語のテキスト、한국어 텍스트。\r\n" * 150 + TRICKY,
+        "pkg/sub/deep/numbers.csv": "".join(f"{i},{i * i},{i / 7:.4f}\n" for i in range(300)),
+        "pkg/sub/deep/tabs.tsv": "\t".join("col%d" % i for i in range(8)) + "\n" + "a\t\tb\t \n" * 40,
+    }
+    for name, text in docs.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(text.encode())
+    # Skipped: an empty file, a hidden directory, a binary file.
+    (root / "pkg/empty.txt").write_text("")
+    (root / ".git").mkdir()
+    (root / ".git/HEAD").write_text("ref: refs/heads/main\n")
+    (root / "pkg/blob.bin").write_bytes(bytes(range(256)) * 4)
+    return docs
+
+
+def _splits(meta_path: Path) -> dict[str, list[str]]:
+    """The decoded documents of train.bin and val.bin, split on eot_id."""
+    meta = json.loads(meta_path.read_text())
+    tokenizer = Tokenizer.from_meta(meta_path)
+    out = {}
+    for split in ("train", "val"):
+        ids = np.fromfile(meta_path.parent / f"{split}.bin", dtype=np.dtype(meta["dtype"]).newbyteorder("<"))
+        ends = np.flatnonzero(ids == meta["eot_id"])
+        assert len(ids) == 0 or ids[-1] == meta["eot_id"], "every document ends with eot_id"
+        out[split] = [tokenizer.decode(ids[start + 1:end]) for start, end in zip([-1, *ends[:-1]], ends)]
+    return out
+
+
+def _snapshot(out: Path) -> dict[str, tuple[int, bytes]]:
+    return {name: ((out / name).stat().st_mtime_ns, (out / name).read_bytes()) for name in OUTPUTS}
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "data/prepare.py", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """A dataset prepared with two workers: (corpus dir, its documents, meta.json path)."""
+    root = tmp_path_factory.mktemp("corpus")
+    docs = _corpus(root)
+    meta_path = prepare([str(root)], root.parent / "out", vocab_size=VOCAB, workers=2, progress=False)
+    return root, docs, meta_path
+
+
+def test_decode_reproduces_every_document(built):
+    _, docs, meta_path = built
+    splits = _splits(meta_path)
+    assert Counter(splits["train"] + splits["val"]) == Counter(docs.values())
+    assert len(splits["val"]) == 1, "5 documents at val_fraction 0.05 still give val one"
+
+
+def test_meta_agrees_with_files(built):
+    _, docs, meta_path = built
+    meta = json.loads(meta_path.read_text())
+    out = meta_path.parent
+    assert {"vocab_size", "dtype", "eot_id", "train_tokens", "val_tokens", "documents", "tokenizer", "model_type",
+            "inputs_hash"} <= meta.keys()
+    assert meta["dtype"] == "uint16" and meta["model_type"] == "bpe" and meta["documents"] == len(docs)
+    assert meta["vocab_size"] == VOCAB == Tokenizer(out / meta["tokenizer"]).vocab_size
+    assert (out / "train.bin").stat().st_size == 2 * meta["train_tokens"] > 0
+    assert (out / "val.bin").stat().st_size == 2 * meta["val_tokens"] > 0
+    assert meta["train_documents"] + meta["val_documents"] == len(docs)
+    assert len(meta["inputs_hash"]) == 64 and int(meta["inputs_hash"], 16) >= 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(OUTPUTS), "no temporary files left behind"
+
+
+def test_tokenizer_round_trips_tricky_text(built):
+    tokenizer = Tokenizer.from_meta(built[2])
+    ids = tokenizer.encode(TRICKY)
+    assert tokenizer.eot_id not in ids
+    assert tokenizer.decode(ids) == TRICKY
+    assert tokenizer.decode(np.array(ids + [tokenizer.eot_id], dtype=np.uint16)) == TRICKY
+
+
+def test_dtype_rule():
+    assert token_dtype(4096) == token_dtype(2**16) == "uint16"
+    assert token_dtype(2**16 + 1) == token_dtype(100_000) == "uint32"
+
+
+def test_rerun_reuses_and_a_change_rebuilds(built, tmp_path):
+    root, docs, first = built
+    root = shutil.copytree(root, tmp_path / "corpus")
+    out = tmp_path / "out"
+    meta_path = prepare([str(root)], out, vocab_size=VOCAB, workers=1, progress=False)
+    before = _snapshot(out)
+    assert prepare([str(root)], out, vocab_size=VOCAB, workers=1, progress=False) == meta_path
+    assert _snapshot(out) == before
+    assert json.loads(meta_path.read_text())["inputs_hash"] == json.loads(first.read_text())["inputs_hash"]
+
+    (root / "pkg/sub/deep/numbers.csv").write_text("changed\n" * 50)
+    prepare([str(root)], out, vocab_size=VOCAB, workers=1, progress=False)
+    assert json.loads(meta_path.read_text())["inputs_hash"] != json.loads(first.read_text())["inputs_hash"]
+    splits = _splits(meta_path)
+    assert "changed\n" * 50 in splits["train"] + splits["val"]
+
+
+def test_single_document_is_split_by_characters(tmp_path):
+    text = "单一文档 " + Path(prep.__file__).read_text()
+    (tmp_path / "one.txt").write_text(text)
+    meta_path = prepare([str(tmp_path / "one.txt")], tmp_path / "out", vocab_size=VOCAB, workers=1, progress=False)
+    splits = _splits(meta_path)
+    assert len(splits["train"]) == len(splits["val"]) == 1
+    assert splits["train"][0] and splits["val"][0] and splits["train"][0] + splits["val"][0] == text
+
+
+def test_large_documents_stream_in_chunks(built, tmp_path, monkeypatch):
+    # Chunks cut at character boundaries (the corpus has 3- and 4-byte characters); eot only after a document.
+    monkeypatch.setattr(prep, "CHUNK_BYTES", 100)
+    root, docs, _ = built
+    meta_path = prepare([str(root)], tmp_path / "out", vocab_size=VOCAB, workers=2, progress=False)
+    splits = _splits(meta_path)
+    assert Counter(splits["train"] + splits["val"]) == Counter(docs.values())
+
+
+def test_char_model(built, tmp_path):
+    root, docs, _ = built
+    meta_path = prepare([str(root)], tmp_path / "out", vocab_size=VOCAB, model_type="char", workers=1,
+                        progress=False)
+    assert json.loads(meta_path.read_text())["model_type"] == "char"
+    splits = _splits(meta_path)
+    assert Counter(splits["train"] + splits["val"]) == Counter(docs.values())
+
+
+def test_bad_arguments_raise_user_errors(built, tmp_path):
+    root = str(built[0])
+    with pytest.raises(UserError, match="model type"):
+        prepare([root], tmp_path, model_type="wordpiece", progress=False)
+    with pytest.raises(UserError, match=r"--vocab-size \d+ or less"):
+        prepare([root], tmp_path, vocab_size=60_000, progress=False)
+    with pytest.raises(UserError, match=r"--vocab-size \d+ or more"):
+        prepare([root], tmp_path, vocab_size=100, progress=False)
+    with pytest.raises(UserError, match="does not look like UTF-8 text"):
+        prepare([str(built[0] / "pkg/blob.bin")], tmp_path, progress=False)
+    assert not list(tmp_path.iterdir()), "nothing written"
+    (tmp_path / "a_file").write_text("in the way")
+    with pytest.raises(UserError, match="cannot create"):
+        prepare([root], tmp_path / "a_file", vocab_size=VOCAB, progress=False)
+    assert [p.name for p in tmp_path.iterdir()] == ["a_file"]
+
+
+@pytest.mark.parametrize("case", ["missing", "empty"])
+def test_cli_bad_input_is_one_line_error(tmp_path, case):
+    corpus = tmp_path / "corpus"
+    if case == "empty":
+        corpus.mkdir()
+        (corpus / "blank.txt").write_text("")
+    result = _cli(str(corpus), "--out-dir", str(tmp_path / "out"))
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and str(corpus) in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_failure_leaves_existing_dataset_intact(built, tmp_path, monkeypatch):
+    root, _, _ = built
+    out = tmp_path / "out"
+    prepare([str(root)], out, vocab_size=VOCAB, workers=1, progress=False)
+    before = _snapshot(out)
+
+    # Failing before anything is written: a vocabulary too large for the corpus, through the CLI.
+    result = _cli(str(root), "--out-dir", str(out), "--vocab-size", "60000")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert len(result.stderr.splitlines()) == 1 and result.stderr.startswith("error: ")
+    assert _snapshot(out) == before
+
+    # Failing halfway through writing the new files (as Ctrl-C would).
+    def interrupted(pieces, temp, *args):
+        for path in temp.values():
+            path.write_bytes(b"half-written")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prep, "encode", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prepare([str(root)], out, vocab_size=VOCAB + 10, workers=1, progress=False)
+    assert _snapshot(out) == before
+    assert sorted(p.name for p in out.iterdir()) == sorted(OUTPUTS), "temporary files removed"
+
+
+def test_tokenizer_rejects_missing_and_foreign_files(tmp_path):
+    with pytest.raises(UserError, match="no tokenizer model"):
+        Tokenizer(tmp_path / "missing.model")
+    (tmp_path / "junk.model").write_bytes(b"not a sentencepiece model")
+    with pytest.raises(UserError, match="not a sentencepiece model"):
+        Tokenizer(tmp_path / "junk.model")
+    with pytest.raises(UserError, match="not found"):
+        Tokenizer.from_meta(tmp_path / "meta.json")
+
+
+def test_cli_help_lists_options_and_defaults():
+    result = _cli("--help")
+    assert result.returncode == 0
+    for option in ("--out-dir", "--vocab-size", "--model-type", "--val-fraction", "--workers"):
+        assert option in result.stdout
+    assert "(default: 4096)" in result.stdout and "(default: bpe)" in result.stdout
