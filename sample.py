@@ -1,0 +1,106 @@
+"""Sample text from a checkpoint written by train.py, printing tokens as they come.
+
+    python sample.py --prompt "def fibonacci(n):" --num-samples 3 --max-new-tokens 200
+"""
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from data.tokenizer import Tokenizer
+from model import GPT, GPTConfig
+from training.checkpoint import load_checkpoint
+from training.device import autocast, compute_dtype, resolve_device, resolve_impl
+from training.errors import UserError
+from training.options import option, parse_options, run_main
+from training.textgen import prompt_ids, stream_text
+
+IMPLS = ("auto", "torch", "triton")
+
+
+@dataclass(frozen=True)
+class SampleOptions:
+    checkpoint: str = option("out/ckpt.pt", "checkpoint written by train.py")
+    prompt: str = option("", "text to continue (empty: start a new document)")
+    prompt_file: str | None = option(None, "read the prompt from this file instead")
+    num_samples: int = option(1, "how many samples to draw")
+    max_new_tokens: int = option(200, "tokens to generate per sample (fewer if the document ends)")
+    temperature: float = option(0.8, "softmax temperature; 0 always picks the most likely token")
+    top_k: int | None = option(200, "sample among the k most likely tokens only; none for all")
+    top_p: float | None = option(None, "sample among the most likely tokens whose probability reaches p; none for all")
+    seed: int = option(1337, "random seed")
+    tokenizer: str | None = option(None, "tokenizer model to use instead of the one the checkpoint names")
+    device: str = option("auto", "auto, cpu, cuda or cuda:N")
+    dtype: str = option("auto", "auto is bfloat16 on CUDA where supported, float32 on CPU",
+                        choices=("auto", "float32", "bfloat16", "float16"))
+    attention: str = option("auto", "attention implementation; auto is triton on CUDA, torch on CPU", choices=IMPLS)
+    layernorm: str = option("auto", "LayerNorm implementation; auto as above", choices=IMPLS)
+    mlp: str = option("auto", "MLP implementation; auto as above", choices=IMPLS)
+
+
+def main(argv: list[str] | None = None) -> None:
+    opts, _ = parse_options(SampleOptions, __doc__.splitlines()[0], argv, with_config_file=False)
+    check_sampling_options(opts)
+    prompt = read_prompt(opts)
+    device = resolve_device(opts.device)
+    dtype = compute_dtype(opts.dtype, device)
+
+    ckpt = load_checkpoint(opts.checkpoint)
+    ops = {op: resolve_impl(op, getattr(opts, op), device) for op in ("attention", "layernorm", "mlp")}
+    config = GPTConfig.from_dict({**ckpt["model_config"], **ops})
+    tokenizer = load_tokenizer(opts.tokenizer or ckpt["tokenizer"]["path"], config.vocab_size,
+                               from_checkpoint=opts.tokenizer is None)
+    model = GPT(config)
+    model.load_state_dict(ckpt["model"])
+    model.to(device).eval()
+
+    context = prompt_ids(tokenizer, prompt, config.block_size)
+    generator = torch.Generator(device).manual_seed(opts.seed)
+    for i in range(opts.num_samples):
+        if opts.num_samples > 1:
+            print(f"--- sample {i + 1} ---")
+        print(prompt, end="", flush=True)
+        with autocast(dtype, device):
+            stream_text(model, tokenizer, context, opts.max_new_tokens, device, temperature=opts.temperature,
+                        top_k=opts.top_k, top_p=opts.top_p, generator=generator)
+
+
+def check_sampling_options(opts: SampleOptions) -> None:
+    if opts.num_samples < 1:
+        raise UserError(f"--num-samples must be at least 1, got {opts.num_samples}")
+    if opts.max_new_tokens < 0:
+        raise UserError(f"--max-new-tokens must be 0 or more, got {opts.max_new_tokens}")
+    if opts.temperature < 0:
+        raise UserError(f"--temperature must be 0 or more, got {opts.temperature}")
+    if opts.top_k is not None and opts.top_k < 1:
+        raise UserError(f"--top-k must be at least 1, got {opts.top_k}")
+    if opts.top_p is not None and not 0 < opts.top_p <= 1:
+        raise UserError(f"--top-p must be in (0, 1], got {opts.top_p}")
+    if opts.prompt and opts.prompt_file:
+        raise UserError("give --prompt or --prompt-file, not both")
+
+
+def read_prompt(opts: SampleOptions) -> str:
+    if opts.prompt_file is None:
+        return opts.prompt
+    path = Path(opts.prompt_file)
+    if not path.is_file():
+        raise UserError(f"prompt file {path} does not exist")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"prompt file {path} is not UTF-8 text")
+
+
+def load_tokenizer(path: str, vocab_size: int, from_checkpoint: bool) -> Tokenizer:
+    if from_checkpoint and not Path(path).is_file():
+        raise UserError(f"the checkpoint's tokenizer {path} is missing; pass --tokenizer PATH/tokenizer.model")
+    tokenizer = Tokenizer(path)
+    if tokenizer.vocab_size != vocab_size:
+        raise UserError(f"tokenizer {path} has {tokenizer.vocab_size} tokens but the checkpoint's model has "
+                        f"{vocab_size}; pass the tokenizer the model was trained with (--tokenizer)")
+    return tokenizer
+
+
+if __name__ == "__main__":
+    run_main(main)

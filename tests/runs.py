@@ -1,0 +1,49 @@
+"""Running train.py and sample.py from tests: in this process (start-up costs seconds a process) or as a real one."""
+import io
+import json
+import os
+import subprocess
+import sys
+from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
+from types import SimpleNamespace
+
+import sample
+import train
+from training.options import run_main
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = ["--model", "tiny", "--batch-size", "4", "--eval-iters", "2", "--log-interval", "1", "--sample-tokens", "0"]
+def run(script: str, *args: str):
+    """The script's main() in this process, exactly as its command line runs it (start-up costs seconds a process)."""
+    main = {"train.py": train.main, "sample.py": sample.main}[script]
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        try:
+            run_main(lambda: main(list(args)))
+            code = 0
+        except SystemExit as e:
+            code = e.code
+    return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
+
+
+def run_process(script: str, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, script, *args], cwd=REPO, capture_output=True, text=True, env=env,
+                          timeout=300)
+
+
+def assert_user_error(result, fragment: str) -> None:
+    assert result.returncode != 0, result.stdout
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    assert fragment in lines[0], lines[0]
+
+
+def metrics(out_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_losses(out_dir: Path) -> dict[int, float]:
+    return {m["step"]: m["train/loss"] for m in metrics(out_dir) if "train/loss" in m}

@@ -1,0 +1,43 @@
+"""Where and how the model runs: the device, each op's implementation, and the compute dtype."""
+import torch
+
+from kernels._checks import interpreting
+from training.errors import UserError
+
+
+def resolve_device(option: str) -> torch.device:
+    if option == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(option)
+    except RuntimeError:
+        raise UserError(f"--device {option!r} is not a device; use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {option}: no CUDA GPU is visible; use --device cpu")
+    return device
+
+
+def resolve_impl(op: str, choice: str, device: torch.device) -> str:
+    """auto means the Triton kernel on CUDA and the eager twin on CPU."""
+    if choice == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    if choice == "triton" and device.type != "cuda" and not interpreting():
+        raise UserError(f"--{op} triton needs a CUDA GPU; use --{op} torch on CPU "
+                        "(or TRITON_INTERPRET=1 to run the kernels, slowly, in Triton's interpreter)")
+    return choice
+
+
+def compute_dtype(choice: str, device: torch.device) -> torch.dtype:
+    """auto is bfloat16 on CUDA where supported, else float16; the CPU computes in float32."""
+    if device.type != "cuda":
+        if choice not in ("auto", "float32"):
+            raise UserError(f"--dtype {choice} needs a CUDA GPU; on CPU the model runs in float32 (--dtype float32)")
+        return torch.float32
+    if choice == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return getattr(torch, choice)
+
+
+def autocast(dtype: torch.dtype, device: torch.device):
+    """Mixed precision at dtype (a no-op context for float32)."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)

@@ -1,0 +1,101 @@
+"""Data-parallel training under torchrun, in one place: process-group set-up, wrapping the model (DDP now; FSDP can
+slot in here), gradient-sync control for accumulation, and the few collectives the trainer needs.
+
+Run alone (`python train.py`) this is a world of one and every call is a no-op.
+"""
+import contextlib
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from training.device import resolve_device
+from training.errors import UserError
+
+# How long a collective may wait for a missing rank before the job fails instead of hanging. torchrun also ends
+# the whole job as soon as any worker process exits with an error.
+COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=5)
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int
+    local_rank: int
+    size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+
+def init_world(device_option: str) -> World:
+    """Join the process group when started by torchrun (NCCL on CUDA, gloo on CPU); else a world of one."""
+    if "RANK" not in os.environ:
+        return World(0, 0, 1, resolve_device(device_option))
+    rank, local_rank, size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    device = resolve_device(device_option)
+    if device.type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise UserError(f"local rank {local_rank} has no GPU ({torch.cuda.device_count()} visible); "
+                            "lower --nproc_per_node to the GPUs per node")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend=backend, timeout=COLLECTIVE_TIMEOUT,
+                            device_id=device if device.type == "cuda" else None)
+    return World(rank, local_rank, size, device)
+
+
+def wrap_model(model: torch.nn.Module, world: World) -> torch.nn.Module:
+    """The model as the training step sees it: DDP across ranks (the place to switch to FSDP for larger models)."""
+    if not world.distributed:
+        return model
+    return DistributedDataParallel(model, device_ids=[world.device.index] if world.device.type == "cuda" else None)
+
+
+def gradient_sync(model: torch.nn.Module, sync: bool):
+    """Inside this block backward() all-reduces gradients only when sync is True: accumulation micro-steps skip it."""
+    if sync or not isinstance(model, DistributedDataParallel):
+        return contextlib.nullcontext()
+    return model.no_sync()
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The bare GPT inside DDP and torch.compile wrappers (whose state_dict keys carry no prefixes)."""
+    if isinstance(model, DistributedDataParallel):
+        model = model.module
+    return getattr(model, "_orig_mod", model)
+
+
+def sum_across_ranks(value: torch.Tensor, world: World) -> torch.Tensor:
+    if world.distributed:
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)  # gloo has no AVG
+    return value
+
+
+def gather_objects(obj, world: World) -> list:
+    """obj from every rank, in rank order (a list of one when alone)."""
+    if not world.distributed:
+        return [obj]
+    out = [None] * world.size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier(world: World) -> None:
+    if world.distributed:
+        dist.barrier()
+
+
+def close_world(world: World) -> None:
+    if world.distributed and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,165 @@
+"""The training run's metrics: a JSON-lines file always, Weights & Biases when asked for, a loss-curve PNG at the end.
+
+out_dir/metrics.jsonl is the record that does not depend on anything: one line per log call, flushed at once, so
+it survives a crash and needs no service or network. W&B mirrors it when --wandb is on. `wandb` is imported only
+then (the GPU image does not ship it), and matplotlib only in finish() (it is slow to import).
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+from pathlib import Path
+
+from training.errors import UserError
+
+METRICS_FILE = "metrics.jsonl"
+CONFIG_FILE = "config.json"
+CURVE_FILE = "loss_curve.png"
+# wandb.init waits 90 s by default. With an API key but no network it waits that long before failing; a shorter
+# wait keeps the offline fallback quick, and a slow network that misses it loses nothing (the run syncs later).
+WANDB_INIT_TIMEOUT_S = 30.0
+
+
+class MetricsLogger:
+    """Logs a training run's metrics. With enabled=False (DDP ranks other than 0) every method does nothing."""
+
+    def __init__(self, out_dir, *, config: dict, wandb: bool = False, project: str = "tritongpt",
+                 run_name: str | None = None, entity: str | None = None, mode: str = "online",
+                 resume_run_id: str | None = None, resume_step: int | None = None, enabled: bool = True):
+        """resume_step: the step the run resumes at; metrics.jsonl keeps its lines before it and is appended to
+        (None: a fresh run, which replaces metrics.jsonl). resume_run_id: the W&B run to continue."""
+        self.run_id: str | None = None  # the W&B run's id, for the checkpoint, so that --resume continues it
+        self._file = None
+        self._run = None
+        self._sync_dir: str | None = None  # where an offline W&B run is saved, for the `wandb sync` hint
+        if not enabled:
+            return
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        # Round-tripped through JSON so that W&B receives exactly what config.json holds (dtypes etc. as strings).
+        config = json.loads(json.dumps(config, default=str))
+        _write_atomically(self.out_dir / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
+        self._file = self._open_metrics(resume_step)
+        # W&B's "disabled" mode only makes a run that does nothing, so it is treated as W&B off.
+        if wandb and mode != "disabled":
+            self._run = self._start_wandb(config, project, run_name, entity, mode, resume_run_id)
+            self.run_id = self._run.id
+
+    def log(self, step: int, metrics: dict[str, float | None]) -> None:
+        """Appends {"step", **metrics, "time"} to metrics.jsonl; None (an unknown value) is written as null and
+        left out of W&B. Values may be Python, NumPy or 0-d tensor numbers."""
+        if self._file is None:
+            return
+        values = {key: None if value is None else float(value) for key, value in metrics.items()}
+        self._file.write(json.dumps({"step": step, **values, "time": time.time()}) + "\n")
+        self._file.flush()
+        if self._run is not None:
+            self._run.log({key: value for key, value in values.items() if value is not None}, step=step)
+
+    def finish(self) -> None:
+        """Closes metrics.jsonl, draws loss_curve.png from it and finishes the W&B run. Safe to call twice."""
+        if self._file is None:
+            return
+        self._file.close()
+        self._file = None
+        try:
+            _plot_losses(self.out_dir / METRICS_FILE, self.out_dir / CURVE_FILE)
+        finally:
+            if self._run is not None:
+                import wandb
+
+                self._run.finish()
+                # finish() returns before wandb's service process has written all of the run file; teardown()
+                # waits for it, and ends that process.
+                wandb.teardown()
+                self._run = None
+                if self._sync_dir is not None:
+                    print(f"W&B run saved offline; upload it with `wandb sync {self._sync_dir}`")
+
+    def _open_metrics(self, resume_step: int | None):
+        path = self.out_dir / METRICS_FILE
+        if resume_step is None:
+            return open(path, "w")
+        if path.exists():
+            # Lines from the resume step on were logged after the checkpoint the run resumes from: they will be
+            # logged again.
+            kept = [line + "\n" for line in path.read_text().splitlines() if _logged_before(line, resume_step)]
+            _write_atomically(path, "".join(kept))
+        return open(path, "a")
+
+    def _start_wandb(self, config: dict, project: str, run_name: str | None, entity: str | None, mode: str,
+                     resume_run_id: str | None):
+        try:
+            import wandb
+        except ImportError:
+            raise UserError("--wandb needs the wandb package: pip install wandb") from None
+        init = functools.partial(
+            wandb.init, dir=str(self.out_dir), project=project, entity=entity, name=run_name, config=config,
+            id=resume_run_id, resume="allow" if resume_run_id else None,
+            # quiet: wandb's start-up and sync lines, the run URL and warnings, without its end-of-run summary.
+            settings=wandb.Settings(init_timeout=WANDB_INIT_TIMEOUT_S, quiet=True))
+        run = None
+        offline_reason = None
+        if mode == "online":
+            # Online without a key, wandb.init would prompt for one on a terminal (and fail without one). This
+            # looks for one (WANDB_API_KEY, wandb's settings, netrc) and never prompts; only when it finds one
+            # does it ask the server whose it is, to print "logged in as" (a 5 s timeout).
+            if not wandb.login(prompt=False, verify=False):
+                offline_reason = "no W&B API key found (set WANDB_API_KEY or run `wandb login`)"
+            else:
+                try:
+                    run = init(mode="online")
+                except (wandb.Error, TimeoutError) as e:
+                    offline_reason = f"W&B could not be reached ({str(e).splitlines()[0]})"
+                    # wandb's service process still holds the failed run's id; a resumed run reuses that id.
+                    wandb.teardown()
+        if run is None:
+            run = init(mode="offline")
+            self._sync_dir = run.settings.sync_dir
+        if offline_reason:
+            print(f"{offline_reason}: logging offline; upload later with `wandb sync {self._sync_dir}`")
+        return run
+
+
+def _logged_before(line: str, step: int) -> bool:
+    """Whether a metrics.jsonl line was logged before `step`. One that does not parse is a crashed run's torn
+    last line, and is dropped."""
+    try:
+        return json.loads(line)["step"] < step
+    except (ValueError, KeyError, TypeError):
+        return False
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Writes through a temporary file, so that a crash leaves the old file or the new one, never half of one."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _plot_losses(metrics_path: Path, png_path: Path) -> None:
+    """Draws train/loss and val/loss against step, log-scale y, from metrics.jsonl."""
+    try:
+        # A bare Figure renders with Agg without pyplot: no GUI backend and no global figure state.
+        from matplotlib.figure import Figure
+    except ImportError:
+        print(f"{png_path.name} not written: matplotlib is not installed")
+        return
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines()]
+    fig = Figure(figsize=(8, 5), layout="constrained")
+    ax = fig.subplots()
+    for key in ("train/loss", "val/loss"):
+        points = [(row["step"], row[key]) for row in rows if row.get(key) is not None]
+        if points:
+            ax.plot(*zip(*points), label=key, marker="o" if key == "val/loss" else None)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(True, which="both", alpha=0.3)
+    if ax.lines:
+        ax.legend()
+    tmp = png_path.with_name(png_path.name + ".tmp")
+    fig.savefig(tmp, format="png", dpi=120)
+    os.replace(tmp, png_path)

@@ -1,0 +1,114 @@
+"""Command-line options built from a dataclass: its defaults, overridden by an optional config file (JSON or TOML),
+overridden by flags. `--help` lists every field with its default; a mistake is one line on stderr and exit 2."""
+import argparse
+import dataclasses
+import json
+import sys
+import tomllib
+import typing
+from pathlib import Path
+
+from training.errors import UserError
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    def error(self, message):  # argparse prints the whole usage first; one line is what a user needs
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _field_type(cls, f: dataclasses.Field):
+    """The plain type of a field: int, float, str or bool (X | None gives X)."""
+    hint = typing.get_type_hints(cls)[f.name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if args else hint
+
+
+def build_parser(cls, description: str, with_config_file: bool = True) -> argparse.ArgumentParser:
+    # SUPPRESS keeps flags that were not given out of the parsed namespace, so they do not overwrite a config
+    # file's values with defaults; each help text states its default itself.
+    parser = _OneLineParser(description=description, argument_default=argparse.SUPPRESS)
+    if with_config_file:
+        parser.add_argument("--config", metavar="FILE", help="a JSON or TOML file of option values; "
+                            "flags given here override it (default: none)")
+    for f in dataclasses.fields(cls):
+        kind = _field_type(cls, f)
+        help_text = f"{f.metadata.get('help', '')} (default: {f.default})".replace("%", "%%")
+        if kind is bool:
+            parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, help=help_text)
+        else:
+            parser.add_argument(_flag(f.name), type=kind, metavar=kind.__name__.upper(),
+                                choices=f.metadata.get("choices"), help=help_text)
+    return parser
+
+
+def _defaults(cls) -> dict:
+    return {f.name: f.default for f in dataclasses.fields(cls)}
+
+
+def read_config_file(cls, path: str) -> dict:
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"config file {file} does not exist; give the path of a JSON or TOML file")
+    try:
+        values = tomllib.loads(file.read_text()) if file.suffix == ".toml" else json.loads(file.read_text())
+    except (ValueError, tomllib.TOMLDecodeError) as e:
+        raise UserError(f"config file {file} is not valid {'TOML' if file.suffix == '.toml' else 'JSON'}: {e}")
+    if not isinstance(values, dict):
+        raise UserError(f"config file {file} must hold a table of option names to values")
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    checked = {}
+    for key, value in values.items():
+        name = key.replace("-", "_")
+        if name not in known:
+            raise UserError(f"config file {file}: unknown option {key!r}; see --help for the options")
+        kind = _field_type(cls, known[name])
+        ok = (isinstance(value, bool) if kind is bool else
+              isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float else
+              isinstance(value, int) and not isinstance(value, bool) if kind is int else isinstance(value, kind))
+        if not (ok or value is None):
+            raise UserError(f"config file {file}: {key} must be {kind.__name__}, got {value!r}")
+        choices = known[name].metadata.get("choices")
+        if choices and value not in choices:
+            raise UserError(f"config file {file}: {key} must be one of {', '.join(choices)}, got {value!r}")
+        checked[name] = float(value) if kind is float and value is not None else value
+    return checked
+
+
+def parse_options(cls, description: str, argv: list[str] | None = None, with_config_file: bool = True):
+    """(options, the names given explicitly in the config file or on the command line)."""
+    parser = build_parser(cls, description, with_config_file)
+    args = vars(parser.parse_args(argv))
+    values = read_config_file(cls, args.pop("config")) if args.get("config") else {}
+    args.pop("config", None)
+    values.update(args)
+    return cls(**{**_defaults(cls), **values}), set(values)
+
+
+def option(default, help: str, choices: tuple | None = None):
+    """A dataclass field with its --help text (and allowed values)."""
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
+
+
+def run_main(main) -> None:
+    """Run a script's main(), turning a UserError into one line on stderr and exit status 2."""
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
