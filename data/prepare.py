@@ -87,7 +87,7 @@ def prepare(inputs: list[str] | None = None, out_dir: str | Path = "data/default
     if workers < 1:
         raise UserError(f"{workers} workers; pass --workers 1 or more")
     out_dir = Path(out_dir)
-    docs = find_documents(inputs)
+    docs = find_documents(inputs, skip=out_dir)
     options = dict(vocab_size=vocab_size, model_type=model_type, val_fraction=val_fraction,
                    sentencepiece=SENTENCEPIECE_OPTIONS)
     digest = inputs_hash(docs, options, progress)
@@ -134,8 +134,9 @@ def _make_out_dir(out_dir: Path):
         raise UserError(f"cannot write to {out_dir}; pass an --out-dir you can write to")
 
 
-def find_documents(inputs: list[str] | None) -> list[Document]:
-    """The documents of the inputs, in order (directories walked in sorted order), or the default corpus."""
+def find_documents(inputs: list[str] | None, skip: Path | None = None) -> list[Document]:
+    """The documents of the inputs, in order (directories walked in sorted order), or the default corpus. A folder
+    `skip` (the output directory, which may lie inside an input) is left out."""
     if not inputs:
         return [Document(*doc) for doc in default_corpus()]
     docs = []
@@ -143,7 +144,7 @@ def find_documents(inputs: list[str] | None) -> list[Document]:
         path = Path(arg)
         if path.is_dir():
             docs += [Document(file.relative_to(path).as_posix(), file, file.stat().st_size)
-                     for file in _walk(path) if _is_text(file)]
+                     for file in _walk(path, skip) if _is_text(file)]
         elif path.is_file():
             if not _is_text(path):
                 raise UserError(f"{arg} does not look like UTF-8 text (unreadable, or invalid UTF-8 or NUL bytes near "
@@ -158,11 +159,12 @@ def find_documents(inputs: list[str] | None) -> list[Document]:
     return docs
 
 
-def _walk(folder: Path) -> list[Path]:
-    """The files under folder, in sorted order, skipping hidden ones (.git and the like)."""
+def _walk(folder: Path, skip: Path | None) -> list[Path]:
+    """The files under folder, in sorted order, skipping hidden ones (.git and the like) and the folder `skip`."""
+    skip = skip.resolve() if skip is not None else None
     found = []
     for parent, dirs, files in os.walk(folder):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        dirs[:] = [d for d in dirs if not d.startswith(".") and Path(parent, d).resolve() != skip]
         found += [Path(parent, f) for f in files if not f.startswith(".")]
     return sorted(found)
 

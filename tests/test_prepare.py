@@ -132,6 +132,16 @@ def test_rerun_reuses_and_a_change_rebuilds(built, tmp_path):
     assert "changed\n" * 50 in splits["train"] + splits["val"]
 
 
+def test_an_out_dir_inside_an_input_is_not_read_as_input(built, tmp_path):
+    root = shutil.copytree(built[0], tmp_path / "corpus")
+    out = root / "dataset"  # inside the input directory
+    meta_path = prepare([str(root)], out, vocab_size=VOCAB, workers=1, progress=False)
+    before = _snapshot(out)
+    assert prepare([str(root)], out, vocab_size=VOCAB, workers=1, progress=False) == meta_path
+    assert _snapshot(out) == before  # reused: its own files did not change the inputs' hash
+    assert json.loads(meta_path.read_text())["inputs_hash"] == json.loads(built[2].read_text())["inputs_hash"]
+
+
 def test_single_document_is_split_by_characters(tmp_path):
     text = "单一文档 " + Path(prep.__file__).read_text()
     (tmp_path / "one.txt").write_text(text)
