@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.distributed.elastic.multiprocessing.errors import record
 from tqdm import tqdm
 
 from data.loader import TokenWindows
@@ -83,6 +84,7 @@ class TrainOptions:
                              choices=("online", "offline", "disabled"))
 
 
+@record  # under torchrun, a rank's crash shows in the job's failure summary with its traceback
 def main(argv: list[str] | None = None) -> None:
     opts, given = parse_options(TrainOptions, __doc__.splitlines()[0], argv)
     world = distributed.init_world(opts.device)

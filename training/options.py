@@ -36,6 +36,14 @@ def _field_type(cls, f: dataclasses.Field):
     return args[0] if args else hint
 
 
+def _optional(kind):
+    """A flag value parser that also takes "none", for fields whose default is None."""
+    def parse(text: str):
+        return None if text.lower() == "none" else kind(text)
+    parse.__name__ = kind.__name__  # argparse names the type in its errors: "invalid int value"
+    return parse
+
+
 def build_parser(cls, description: str, with_config_file: bool = True) -> argparse.ArgumentParser:
     # SUPPRESS keeps flags that were not given out of the parsed namespace, so they do not overwrite a config
     # file's values with defaults; each help text states its default itself.
@@ -45,12 +53,17 @@ def build_parser(cls, description: str, with_config_file: bool = True) -> argpar
                             "flags given here override it (default: none)")
     for f in dataclasses.fields(cls):
         kind = _field_type(cls, f)
-        help_text = f"{f.metadata.get('help', '')} (default: {f.default})".replace("%", "%%")
+        choices = f.metadata.get("choices")
+        help_text = f.metadata.get("help", "")
+        if choices:
+            help_text += f"; one of {', '.join(choices)}"
+        help_text = f"{help_text} (default: {'none' if f.default is None else f.default})".replace("%", "%%")
         if kind is bool:
             parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, help=help_text)
         else:
-            parser.add_argument(_flag(f.name), type=kind, metavar=kind.__name__.upper(),
-                                choices=f.metadata.get("choices"), help=help_text)
+            parse = _optional(kind) if type(None) in typing.get_args(typing.get_type_hints(cls)[f.name]) else kind
+            parser.add_argument(_flag(f.name), type=parse, metavar=kind.__name__.upper(), choices=choices,
+                                help=help_text)
     return parser
 
 
