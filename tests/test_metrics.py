@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.runs import TINY, run
 from training.metrics import MetricsLogger
 
 CONFIG = {"n_layer": 2, "lr": 6e-4, "dataset": "shakespeare_char", "betas": [0.9, 0.95]}
@@ -28,7 +29,7 @@ def wandb_records(tmp_path, monkeypatch):
     """The run-file reader, in a W&B environment that finds no stored key or settings and starts and ends with no
     wandb service. Skips where wandb is not installed (the GPU image)."""
     wandb = pytest.importorskip("wandb")
-    import wandb_records
+    from tests import wandb_records
     for name in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_MODE", "WANDB_DIR", "WANDB_BASE_URL"):
         monkeypatch.delenv(name, raising=False)
     home = tmp_path / "home"
@@ -159,3 +160,22 @@ def test_disabled_or_wandb_off_never_imports_wandb(tmp_path):
     root = Path(__file__).resolve().parents[1]
     result = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
+
+
+def test_train_py_logs_every_step_and_eval_to_an_offline_wandb_run(tiny_dataset, tmp_path, wandb_records):
+    out = tmp_path / "out"
+    result = run("train.py", "--data-dir", str(tiny_dataset), "--out-dir", str(out), *TINY, "--max-iters", "4",
+                 "--eval-interval", "2", "--log-interval", "2", "--wandb", "--wandb-mode", "offline",
+                 "--wandb-project", "test-project")
+    assert result.returncode == 0, result.stderr
+    [run_file] = wandb_records.run_files(out)
+    rows = wandb_records.history(run_file)
+    train_rows = {row["_step"]: row for row in rows if "train/loss" in row}
+    val_rows = {row["_step"]: row for row in rows if "val/loss" in row}
+    assert sorted(train_rows) == [2, 4] and sorted(val_rows) == [0, 2, 4]
+    logged = {m["step"]: m for m in read_lines(out) if "train/loss" in m}
+    for step, row in train_rows.items():
+        assert row["train/loss"] == logged[step]["train/loss"]
+        assert row["tokens_per_sec"] == logged[step]["tokens_per_sec"] > 0
+        assert {"lr", "grad_norm", "step_time_ms"} <= set(row)
+    assert wandb_records.config(run_file)["options"]["max_iters"] == 4
