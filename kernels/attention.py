@@ -1,9 +1,20 @@
-"""Causal multi-head attention: the eager PyTorch twin (reference and CPU path).
+"""Multi-head attention: the Triton flash-attention kernels with their autograd Function, and the eager twin.
 
-The Triton flash-attention kernel and its autograd Function go here beside it.
+q, k, v and the output are (batch, heads, seq_len, head_dim), with any strides. Notation, per (batch, head):
+S = scale · Q Kᵀ, P = softmax(S) row by row (causal: S_ij = -inf for j > i), O = P V.
+
+The kernels work in base 2: with c = scale · log2(e), exp(S_ij) = 2^(c · q_i·k_j), so they call exp2 (one
+instruction) and the log-sum-exp saved for the backward is base 2, lse2_i = log2 Σ_j 2^(c · q_i·k_j), which is the
+natural LSE times log2(e). P is then recomputed as 2^(c · q_i·k_j − lse2_i).
 """
+import math
+
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from kernels._checks import check_tensors, interpreting
 
 
 def attention_eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
@@ -12,5 +23,406 @@ def attention_eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=softmax_scale)
 
 
-def flash_attention(q, k, v, causal=True, softmax_scale=None):
-    raise NotImplementedError("the Triton flash attention is not written yet; use attention='torch'")
+# All kernels take two constexprs for their matrix products: DOT_DTYPE, the dtype tiles are cast to before tl.dot (the
+# input dtype, except bf16 under the interpreter, whose bf16 dot multiplies raw bits: triton issue #11584, so fp32
+# there), and DOT_PRECISION, "ieee" for fp32 so that fp32 inputs get fp32 products rather than TF32 ones (16-bit
+# inputs ignore it). Key or query blocks that need no mask run in a loop without one (MASKED=False); a second loop
+# (MASKED=True) covers the blocks that cross the causal diagonal and the partial block at the end of the sequence.
+# The argument seq_len_key is read by the autotuner only (see _tuned).
+
+
+# Forward, one program per (BLOCK_M queries, head, batch). Stream over the key/value blocks the queries see, keeping
+# per row a running max m of the base-2 scores, a running sum l and an unnormalised output acc, all fp32:
+#   x = c · q kᵀ,   m' = max(m, rowmax(x)),   p = 2^(x − m'),
+#   l = l · 2^(m − m') + rowsum(p),   acc = acc · 2^(m − m') + p v,   m = m'
+# and finish with O = acc / l, lse2 = m + log2(l). Causal: key blocks left of the diagonal need no mask, the blocks
+# crossing it are masked, and the blocks right of it are never visited (nor loaded).
+@triton.jit
+def _attn_fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, d_mask, lo, hi, seq_len, qk_scale,
+                    MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr):
+    k_ptrs += lo * stride_kn
+    v_ptrs += lo * stride_vn
+    k_step, v_step = BLOCK_N * stride_kn, BLOCK_N * stride_vn
+    for start_n in range(lo, hi, BLOCK_N):
+        if MASKED:
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            kv_mask = d_mask[None, :] & (offs_n[:, None] < seq_len)
+        else:
+            kv_mask = d_mask[None, :]
+        k = tl.load(k_ptrs, mask=kv_mask, other=0.0).to(DOT_DTYPE)
+        v = tl.load(v_ptrs, mask=kv_mask, other=0.0).to(DOT_DTYPE)
+        x = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        if MASKED:
+            keep = offs_n[None, :] < seq_len
+            if CAUSAL:
+                keep = keep & (offs_m[:, None] >= offs_n[None, :])
+            x = tl.where(keep, x, float("-inf"))
+        # Every row sees an unmasked key in the first block it visits (key 0), so m_new is finite from there on.
+        m_new = tl.maximum(m_i, tl.max(x, 1))
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(x - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+        k_ptrs += k_step
+        v_ptrs += v_step
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attn_fwd(Q, K, V, O, LSE,
+              stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
+              stride_vb, stride_vh, stride_vn, stride_vd, stride_ob, stride_oh, stride_om, stride_od,
+              seq_len, seq_len_key, qk_scale,
+              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
+              DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    tl.static_assert(BLOCK_M % BLOCK_N == 0)  # the diagonal of a query block is a whole number of key blocks
+    start_m = tl.program_id(0) * BLOCK_M
+    off_h = tl.program_id(1)
+    off_b = tl.program_id(2).to(tl.int64)  # batch offsets can pass 2^31 elements
+    Q += off_b * stride_qb + off_h * stride_qh
+    K += off_b * stride_kb + off_h * stride_kh
+    V += off_b * stride_vb + off_h * stride_vh
+    O += off_b * stride_ob + off_h * stride_oh
+    LSE += (off_b * tl.num_programs(1) + off_h) * seq_len
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM  # head_dim padded up to the power of two BLOCK_D
+    q_mask = (offs_m[:, None] < seq_len) & d_mask[None, :]
+    q = tl.load(Q + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=q_mask, other=0.0)
+    q = q.to(DOT_DTYPE)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    if CAUSAL:
+        mid = start_m
+        hi = tl.minimum(start_m + BLOCK_M, seq_len)
+    else:
+        mid = seq_len // BLOCK_N * BLOCK_N
+        hi = seq_len
+    offs_n = tl.arange(0, BLOCK_N)
+    k_ptrs = K + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
+    v_ptrs = V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, d_mask,
+                                    0, mid, seq_len, qk_scale, False, CAUSAL, BLOCK_N, DOT_DTYPE, DOT_PRECISION)
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, d_mask,
+                                    mid, hi, seq_len, qk_scale, True, CAUSAL, BLOCK_N, DOT_DTYPE, DOT_PRECISION)
+    o = acc / l_i[:, None]
+    tl.store(O + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od, o.to(O.dtype.element_ty), mask=q_mask)
+    tl.store(LSE + offs_m, m_i + tl.log2(l_i), mask=offs_m < seq_len)
+
+
+# Backward, step 1: delta_i = Σ_d dO_id · O_id in fp32. It is the Σ_j P_ij dP_ij of the softmax gradient
+# dS = P ∘ (dP − rowsum(P ∘ dP)), since Σ_j P_ij (dO_i · v_j) = dO_i · O_i.
+@triton.jit
+def _attn_bwd_delta(O, DO, DELTA,
+                    stride_ob, stride_oh, stride_om, stride_od, stride_dob, stride_doh, stride_dom, stride_dod,
+                    seq_len, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    off_h = tl.program_id(1)
+    off_b = tl.program_id(2).to(tl.int64)
+    O += off_b * stride_ob + off_h * stride_oh
+    DO += off_b * stride_dob + off_h * stride_doh
+    DELTA += (off_b * tl.num_programs(1) + off_h) * seq_len
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m[:, None] < seq_len) & (offs_d[None, :] < HEAD_DIM)
+    o = tl.load(O + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od, mask=mask, other=0.0)
+    do = tl.load(DO + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=mask, other=0.0)
+    tl.store(DELTA + offs_m, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=offs_m < seq_len)
+
+
+# Backward, step 2: dK and dV, one program per (BLOCK_N keys, head, batch), streaming over the query blocks that see
+# those keys and recomputing the probabilities (transposed, keys along rows):
+#   Pᵀ = 2^(c · k qᵀ − lse2),  dV += Pᵀ dO,  dPᵀ = v dOᵀ,  dSᵀ = Pᵀ ∘ (dPᵀ − delta),  dK += dSᵀ q
+# then dK *= scale. Causal: first the query blocks crossing the diagonal (masked), then the ones below it. Each program
+# alone writes its rows of dK and dV, so there are no atomics and the result is the same on every run.
+@triton.jit
+def _attn_bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, LSE, DELTA, stride_qm, stride_dom, offs_n, d_mask,
+                         lo, hi, seq_len, qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+                         BLOCK_M: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    q_ptrs += lo * stride_qm
+    do_ptrs += lo * stride_dom
+    lse_ptrs = LSE + lo + tl.arange(0, BLOCK_M)
+    delta_ptrs = DELTA + lo + tl.arange(0, BLOCK_M)
+    q_step, do_step = BLOCK_M * stride_qm, BLOCK_M * stride_dom
+    for start_m in range(lo, hi, BLOCK_M):
+        if MASKED:
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            row_mask = d_mask[None, :] & (offs_m[:, None] < seq_len)
+            lse = tl.load(lse_ptrs, mask=offs_m < seq_len, other=0.0)
+            delta = tl.load(delta_ptrs, mask=offs_m < seq_len, other=0.0)
+        else:
+            row_mask = d_mask[None, :]
+            lse = tl.load(lse_ptrs)
+            delta = tl.load(delta_ptrs)
+        q = tl.load(q_ptrs, mask=row_mask, other=0.0).to(DOT_DTYPE)
+        do = tl.load(do_ptrs, mask=row_mask, other=0.0).to(DOT_DTYPE)
+        p_t = tl.math.exp2(tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale - lse[None, :])
+        if MASKED:
+            keep = offs_m[None, :] < seq_len
+            if CAUSAL:
+                keep = keep & (offs_m[None, :] >= offs_n[:, None])
+            p_t = tl.where(keep, p_t, 0.0)
+        dv += tl.dot(p_t.to(DOT_DTYPE), do, input_precision=DOT_PRECISION)
+        ds_t = p_t * (tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION) - delta[None, :])
+        dk += tl.dot(ds_t.to(DOT_DTYPE), q, input_precision=DOT_PRECISION)
+        q_ptrs += q_step
+        do_ptrs += do_step
+        lse_ptrs += BLOCK_M
+        delta_ptrs += BLOCK_M
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA,
+                   stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
+                   stride_vb, stride_vh, stride_vn, stride_vd, stride_dob, stride_doh, stride_dom, stride_dod,
+                   stride_dkb, stride_dkh, stride_dkn, stride_dkd, stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+                   seq_len, seq_len_key, qk_scale, sm_scale,
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
+                   DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    tl.static_assert(BLOCK_N % BLOCK_M == 0)  # the diagonal of a key block is a whole number of query blocks
+    start_n = tl.program_id(0) * BLOCK_N
+    off_h = tl.program_id(1)
+    off_b = tl.program_id(2).to(tl.int64)
+    Q += off_b * stride_qb + off_h * stride_qh
+    K += off_b * stride_kb + off_h * stride_kh
+    V += off_b * stride_vb + off_h * stride_vh
+    DO += off_b * stride_dob + off_h * stride_doh
+    DK += off_b * stride_dkb + off_h * stride_dkh
+    DV += off_b * stride_dvb + off_h * stride_dvh
+    LSE += (off_b * tl.num_programs(1) + off_h) * seq_len
+    DELTA += (off_b * tl.num_programs(1) + off_h) * seq_len
+
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    kv_mask = (offs_n[:, None] < seq_len) & d_mask[None, :]
+    k = tl.load(K + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+    v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+    k, v = k.to(DOT_DTYPE), v.to(DOT_DTYPE)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    offs_m = tl.arange(0, BLOCK_M)
+    q_ptrs = Q + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
+    do_ptrs = DO + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod
+    if CAUSAL:
+        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, LSE, DELTA, stride_qm, stride_dom, offs_n, d_mask,
+                                      start_n, tl.minimum(start_n + BLOCK_N, seq_len), seq_len, qk_scale,
+                                      True, CAUSAL, BLOCK_M, DOT_DTYPE, DOT_PRECISION)
+        lo = start_n + BLOCK_N
+    else:
+        lo = 0
+    # Whole query blocks need no mask; the last, partial one does.
+    full = tl.maximum(lo, seq_len // BLOCK_M * BLOCK_M)
+    dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, LSE, DELTA, stride_qm, stride_dom, offs_n, d_mask,
+                                  lo, full, seq_len, qk_scale, False, CAUSAL, BLOCK_M, DOT_DTYPE, DOT_PRECISION)
+    dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, LSE, DELTA, stride_qm, stride_dom, offs_n, d_mask,
+                                  full, seq_len, seq_len, qk_scale, True, CAUSAL, BLOCK_M, DOT_DTYPE, DOT_PRECISION)
+    tl.store(DK + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
+             (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd, dv.to(DV.dtype.element_ty),
+             mask=kv_mask)
+
+
+# Backward, step 3: dQ, one program per (BLOCK_M queries, head, batch), streaming over the key blocks they see with
+# the forward's split into unmasked and masked blocks:
+#   P = 2^(c · q kᵀ − lse2),  dP = dO vᵀ,  dS = P ∘ (dP − delta),  dQ += dS k,   then dQ *= scale.
+# Kept apart from the dK/dV kernel so that each output has a single writer: no atomics, deterministic.
+@triton.jit
+def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, d_mask, lo, hi, seq_len,
+                       qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr,
+                       DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    k_ptrs += lo * stride_kn
+    v_ptrs += lo * stride_vn
+    k_step, v_step = BLOCK_N * stride_kn, BLOCK_N * stride_vn
+    for start_n in range(lo, hi, BLOCK_N):
+        if MASKED:
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            kv_mask = d_mask[None, :] & (offs_n[:, None] < seq_len)
+        else:
+            kv_mask = d_mask[None, :]
+        k = tl.load(k_ptrs, mask=kv_mask, other=0.0).to(DOT_DTYPE)
+        v = tl.load(v_ptrs, mask=kv_mask, other=0.0).to(DOT_DTYPE)
+        p = tl.math.exp2(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale - lse[:, None])
+        if MASKED:
+            keep = offs_n[None, :] < seq_len
+            if CAUSAL:
+                keep = keep & (offs_m[:, None] >= offs_n[None, :])
+            p = tl.where(keep, p, 0.0)
+        ds = p * (tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION) - delta[:, None])
+        dq += tl.dot(ds.to(DOT_DTYPE), k, input_precision=DOT_PRECISION)
+        k_ptrs += k_step
+        v_ptrs += v_step
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA,
+                 stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
+                 stride_vb, stride_vh, stride_vn, stride_vd, stride_dob, stride_doh, stride_dom, stride_dod,
+                 stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+                 seq_len, seq_len_key, qk_scale, sm_scale,
+                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
+                 DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    tl.static_assert(BLOCK_M % BLOCK_N == 0)
+    start_m = tl.program_id(0) * BLOCK_M
+    off_h = tl.program_id(1)
+    off_b = tl.program_id(2).to(tl.int64)
+    Q += off_b * stride_qb + off_h * stride_qh
+    K += off_b * stride_kb + off_h * stride_kh
+    V += off_b * stride_vb + off_h * stride_vh
+    DO += off_b * stride_dob + off_h * stride_doh
+    DQ += off_b * stride_dqb + off_h * stride_dqh
+    LSE += (off_b * tl.num_programs(1) + off_h) * seq_len
+    DELTA += (off_b * tl.num_programs(1) + off_h) * seq_len
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    q_mask = (offs_m[:, None] < seq_len) & d_mask[None, :]
+    q = tl.load(Q + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=q_mask, other=0.0)
+    do = tl.load(DO + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=q_mask, other=0.0)
+    q, do = q.to(DOT_DTYPE), do.to(DOT_DTYPE)
+    lse = tl.load(LSE + offs_m, mask=offs_m < seq_len, other=0.0)
+    delta = tl.load(DELTA + offs_m, mask=offs_m < seq_len, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    if CAUSAL:
+        mid = start_m
+        hi = tl.minimum(start_m + BLOCK_M, seq_len)
+    else:
+        mid = seq_len // BLOCK_N * BLOCK_N
+        hi = seq_len
+    offs_n = tl.arange(0, BLOCK_N)
+    k_ptrs = K + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
+    v_ptrs = V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
+    dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, d_mask,
+                            0, mid, seq_len, qk_scale, False, CAUSAL, BLOCK_N, DOT_DTYPE, DOT_PRECISION)
+    dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, d_mask,
+                            mid, hi, seq_len, qk_scale, True, CAUSAL, BLOCK_N, DOT_DTYPE, DOT_PRECISION)
+    tl.store(DQ + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
+             (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_mask)
+
+
+# Tile shapes (BLOCK_M, BLOCK_N, num_warps, num_stages) to tune over, per kernel and per class of input: fp32 (whose
+# exact dots run on CUDA cores, not tensor cores) or the padded head_dim of 16-bit inputs. Chosen from compiles for
+# sm_90a with triton 3.9 (ptxas -v, no GPU needed): each fits in an H100's shared memory without spilling registers,
+# or spills least among its neighbours (fp32 at head_dim 256); larger tiles spilled kilobytes or overflowed shared
+# memory, and tuning over them would only spend minutes compiling.
+_GPU_CONFIGS = {
+    "fwd": {64: [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
+            128: [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2)],
+            256: [(64, 32, 4, 2), (64, 32, 8, 2), (128, 32, 8, 2)],
+            "fp32": [(32, 16, 4, 2), (16, 16, 4, 1)]},
+    "dkdv": {64: [(32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 3), (16, 64, 4, 3)],
+             128: [(32, 128, 8, 3), (32, 64, 8, 3), (16, 128, 8, 3), (16, 64, 4, 3)],
+             256: [(16, 32, 8, 2), (32, 32, 8, 2), (16, 32, 4, 2)],
+             "fp32": [(16, 32, 4, 2), (16, 32, 8, 2)]},
+    "dq": {64: [(128, 32, 8, 3), (128, 64, 8, 3), (64, 32, 4, 3), (64, 64, 4, 3)],
+           128: [(128, 32, 8, 3), (128, 64, 8, 3), (64, 32, 4, 3), (64, 64, 4, 3)],
+           256: [(64, 32, 8, 2), (128, 32, 8, 2), (32, 16, 4, 2)],
+           "fp32": [(32, 16, 4, 2), (16, 16, 4, 2)]},
+}
+# The interpreter runs one config (it cannot autotune), with BLOCK_M != BLOCK_N so that the tests cover diagonals
+# spanning several blocks.
+_INTERPRETER_CONFIGS = {"fwd": (64, 32), "dkdv": (32, 64), "dq": (64, 32)}
+
+
+def _tuned(kernel: str):
+    """Autotune over _GPU_CONFIGS[kernel], keyed by head_dim, causality, the dtypes (the autotuner adds those) and
+    seq_len_key: seq_len rounded up to a power of two, since generating text grows seq_len one token at a time and
+    tuning again at every length would cost more than it gains."""
+    key = ["seq_len_key", "HEAD_DIM", "CAUSAL"]
+    if interpreting():
+        block_m, block_n = _INTERPRETER_CONFIGS[kernel]
+        return triton.autotune([triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n})], key=key)
+    by_class = _GPU_CONFIGS[kernel]
+    shapes = sorted({shape for shapes in by_class.values() for shape in shapes})
+    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
+
+    def this_class(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        wanted = by_class["fp32" if args["DOT_PRECISION"] == "ieee" else max(args["BLOCK_D"], 64)]
+        return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in wanted]
+
+    return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": this_class})
+
+
+_attn_fwd = _tuned("fwd")(_attn_fwd)
+_attn_bwd_dkdv = _tuned("dkdv")(_attn_bwd_dkdv)
+_attn_bwd_dq = _tuned("dq")(_attn_bwd_dq)
+_DELTA_BLOCK_M = 64  # the delta pass is a light row reduction: one tile shape serves
+
+_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+
+
+def _launch_params(q: torch.Tensor) -> dict:
+    head_dim = q.shape[-1]
+    bf16_in_interpreter = q.dtype == torch.bfloat16 and interpreting()
+    return {"HEAD_DIM": head_dim, "BLOCK_D": triton.next_power_of_2(head_dim),
+            "DOT_DTYPE": tl.float32 if bf16_in_interpreter else _TL_DTYPES[q.dtype],
+            "DOT_PRECISION": "ieee" if q.dtype == torch.float32 else "tf32"}
+
+
+class _FlashAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, causal, softmax_scale):
+        batch, heads, seq_len, _ = q.shape
+        o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        lse = torch.empty((batch, heads, seq_len), dtype=torch.float32, device=q.device)
+        seq_len_key = triton.next_power_of_2(seq_len)
+        _attn_fwd[lambda meta: (triton.cdiv(seq_len, meta["BLOCK_M"]), heads, batch)](
+            q, k, v, o, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+            seq_len, seq_len_key, softmax_scale * math.log2(math.e), CAUSAL=causal, **_launch_params(q))
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.causal, ctx.softmax_scale = causal, softmax_scale
+        return o
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        batch, heads, seq_len, _ = q.shape
+        seq_len_key = triton.next_power_of_2(seq_len)
+        params = _launch_params(q)
+        delta = torch.empty_like(lse)
+        _attn_bwd_delta[(triton.cdiv(seq_len, _DELTA_BLOCK_M), heads, batch)](
+            o, do, delta, *o.stride(), *do.stride(), seq_len,
+            HEAD_DIM=params["HEAD_DIM"], BLOCK_D=params["BLOCK_D"], BLOCK_M=_DELTA_BLOCK_M)
+        dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+        qk_scale = ctx.softmax_scale * math.log2(math.e)
+        _attn_bwd_dkdv[lambda meta: (triton.cdiv(seq_len, meta["BLOCK_N"]), heads, batch)](
+            q, k, v, do, dk, dv, lse, delta, *q.stride(), *k.stride(), *v.stride(), *do.stride(),
+            *dk.stride(), *dv.stride(), seq_len, seq_len_key, qk_scale, ctx.softmax_scale,
+            CAUSAL=ctx.causal, **params)
+        _attn_bwd_dq[lambda meta: (triton.cdiv(seq_len, meta["BLOCK_M"]), heads, batch)](
+            q, k, v, do, dq, lse, delta, *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
+            seq_len, seq_len_key, qk_scale, ctx.softmax_scale, CAUSAL=ctx.causal, **params)
+        return dq, dk, dv, None, None
+
+
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
+                    softmax_scale: float | None = None) -> torch.Tensor:
+    """softmax(q @ k^T * scale [+ causal mask]) @ v for q, k, v of shape (batch, heads, seq_len, head_dim), computed
+    tile by tile in Triton without storing the seq_len x seq_len matrix; differentiable. scale defaults to
+    1/sqrt(head_dim). fp16, bf16 or fp32; head_dim 16 to 256; any strides. Returns a contiguous tensor like q."""
+    check_tensors("flash_attention", q=q, k=k, v=v)
+    if q.ndim != 4:
+        raise ValueError(f"flash_attention: q, k, v must have 4 dimensions (batch, heads, seq_len, head_dim), "
+                         f"got q of shape {tuple(q.shape)}")
+    if not q.shape == k.shape == v.shape:
+        raise ValueError(f"flash_attention: q, k, v must have one shape, got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    batch, heads, seq_len, head_dim = q.shape
+    if not 16 <= head_dim <= 256:
+        raise ValueError(f"flash_attention: head_dim must be between 16 and 256, got {head_dim}")
+    if seq_len < 1:
+        raise ValueError(f"flash_attention: seq_len must be at least 1, got {seq_len}")
+    if batch < 1 or heads < 1:
+        raise ValueError(f"flash_attention: batch and heads must be at least 1, got shape {tuple(q.shape)}")
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(head_dim)
+    return _FlashAttention.apply(q, k, v, bool(causal), float(softmax_scale))
