@@ -294,8 +294,9 @@ def rng_state(device: torch.device) -> dict:
 
 def restore_rng(states: list[dict], world: distributed.World) -> None:
     if len(states) != world.size:
-        print(f"note: the checkpoint was written by {len(states)} processes and this run has {world.size}; "
-              "dropout's random stream restarts from the seed")
+        if world.is_main:
+            print(f"note: the checkpoint was written by {len(states)} processes and this run has {world.size}; "
+                  "dropout's random stream restarts from the seed")
         return
     state = states[world.rank]
     torch.set_rng_state(state["cpu"])

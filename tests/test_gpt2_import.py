@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from model import GPTConfig, load_gpt2
+from tests.runs import TINY, run
 
 transformers = pytest.importorskip("transformers")
 
@@ -49,3 +50,21 @@ def test_missing_checkpoint_is_refused(tmp_path):
     torch.save({}, tmp_path / "pytorch_model.bin")
     with pytest.raises(ValueError, match="not a GPT-2 config.json"):
         load_gpt2(tmp_path)
+
+
+def test_train_py_fine_tunes_from_a_gpt2_directory(tiny_dataset, tmp_path):
+    # A GPT-2 whose vocabulary matches the dataset's tokenizer (400 tokens), as a fine-tuning run needs.
+    config = transformers.GPT2Config(vocab_size=400, n_positions=64, n_embd=32, n_layer=2, n_head=2)
+    transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / "gpt2")
+    out = tmp_path / "out"
+    result = run("train.py", "--data-dir", str(tiny_dataset), "--out-dir", str(out), *TINY, "--max-iters", "1",
+                 "--init-from", str(tmp_path / "gpt2"))
+    assert result.returncode == 0, result.stderr
+    saved = torch.load(out / "ckpt.pt", weights_only=True)["model_config"]
+    assert (saved["n_layer"], saved["n_embd"], saved["block_size"]) == (2, 32, 64)
+
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=500, n_positions=64, n_embd=32, n_layer=2,
+                                                         n_head=2)).save_pretrained(tmp_path / "other")
+    mismatch = run("train.py", "--data-dir", str(tiny_dataset), "--out-dir", str(tmp_path / "o2"), *TINY,
+                   "--init-from", str(tmp_path / "other"))
+    assert mismatch.returncode == 2 and "has a 500-token vocabulary" in mismatch.stderr
