@@ -100,7 +100,9 @@ def train(opts: TrainOptions, given: set[str], world: distributed.World) -> None
     ckpt = None
     if opts.resume:
         ckpt = load_checkpoint(ckpt_path)
-        opts = TrainOptions(**{**ckpt["options"], **{k: getattr(opts, k) for k in given}})
+        saved = {k: v for k, v in ckpt["options"].items() if k in TrainOptions.__dataclass_fields__}
+        opts = TrainOptions(**{**saved, **{k: getattr(opts, k) for k in given}})
+    check_options(opts)
     say = print if world.is_main else (lambda *a, **k: None)
 
     # Data and tokenizer
@@ -111,7 +113,10 @@ def train(opts: TrainOptions, given: set[str], world: distributed.World) -> None
     device = world.device
     config = model_config(opts, meta["vocab_size"], device, ckpt)
     if opts.init_from and ckpt is None:
-        model = load_gpt2(opts.init_from, attention=config.attention, layernorm=config.layernorm, mlp=config.mlp)
+        try:
+            model = load_gpt2(opts.init_from, attention=config.attention, layernorm=config.layernorm, mlp=config.mlp)
+        except (OSError, ValueError) as e:
+            raise UserError(f"--init-from: {e}") from None
         config = model.config
         if config.vocab_size != meta["vocab_size"]:
             raise UserError(f"--init-from {opts.init_from} has a {config.vocab_size}-token vocabulary but the "
@@ -252,6 +257,19 @@ def train(opts: TrainOptions, given: set[str], world: distributed.World) -> None
             stream_text(model, tokenizer, prompt_ids(tokenizer, "", config.block_size), opts.sample_tokens,
                         device, temperature=0.8, top_k=200,
                         generator=torch.Generator(device).manual_seed(opts.seed))
+
+
+# The smallest value each numeric option takes (options that are none stay unchecked).
+OPTION_MINIMUMS = dict(batch_size=1, max_iters=1, eval_interval=1, eval_iters=1, log_interval=1, grad_accum=1,
+                       ckpt_interval=1, lr_decay_iters=1, n_layer=1, n_head=1, n_embd=1, block_size=1, warmup_iters=0,
+                       learning_rate=0, weight_decay=0, grad_clip=0, sample_tokens=0, dropout=0)
+
+
+def check_options(opts: TrainOptions) -> None:
+    for name, lowest in OPTION_MINIMUMS.items():
+        value = getattr(opts, name)
+        if value is not None and value < lowest:
+            raise UserError(f"--{name.replace('_', '-')} must be at least {lowest}, got {value}")
 
 
 def load_dataset_meta(data_dir: Path, world: distributed.World) -> dict:

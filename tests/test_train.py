@@ -57,6 +57,9 @@ def test_bad_inputs_give_one_line_errors_and_leave_files_alone(tiny_dataset, tmp
     assert_user_error(run("train.py", "--data-dir", str(tiny_dataset), "--out-dir", str(out), *TINY,
                           "--block-size", "100000"), "fewer than block_size + 1")
     assert_user_error(run("train.py", "--resume", "--out-dir", str(tmp_path / "empty")), "does not exist")
+    assert_user_error(run("train.py", "--batch-size", "0"), "--batch-size must be at least 1, got 0")
+    assert_user_error(run("train.py", "--data-dir", str(tiny_dataset), "--out-dir", str(out), *TINY,
+                          "--init-from", str(tmp_path / "no-gpt2")), "--init-from: no GPT-2 checkpoint")
     config = tmp_path / "config.json"
     config.write_text('{"max_iters": "ten"}')
     assert_user_error(run("train.py", "--config", str(config)), "max_iters must be int")
