@@ -10,12 +10,10 @@ import torch
 from data.tokenizer import Tokenizer
 from model import GPT, GPTConfig
 from training.checkpoint import load_checkpoint
-from training.device import autocast, compute_dtype, resolve_device, resolve_impl
+from training.device import IMPL_CHOICES, autocast, compute_dtype, resolve_device, resolve_ops
 from training.errors import UserError
 from training.options import option, parse_options, run_main
 from training.textgen import prompt_ids, stream_text
-
-IMPLS = ("auto", "torch", "triton")
 
 
 @dataclass(frozen=True)
@@ -33,9 +31,10 @@ class SampleOptions:
     device: str = option("auto", "auto, cpu, cuda or cuda:N")
     dtype: str = option("auto", "auto is bfloat16 on CUDA where supported, float32 on CPU",
                         choices=("auto", "float32", "bfloat16", "float16"))
-    attention: str = option("auto", "attention implementation; auto is triton on CUDA, torch on CPU", choices=IMPLS)
-    layernorm: str = option("auto", "LayerNorm implementation; auto as above", choices=IMPLS)
-    mlp: str = option("auto", "MLP implementation; auto as above", choices=IMPLS)
+    attention: str = option("auto", "attention implementation; auto is triton on CUDA, torch on CPU",
+                            choices=IMPL_CHOICES)
+    layernorm: str = option("auto", "LayerNorm implementation; auto as above", choices=IMPL_CHOICES)
+    mlp: str = option("auto", "MLP implementation; auto as above", choices=IMPL_CHOICES)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -46,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     dtype = compute_dtype(opts.dtype, device)
 
     ckpt = load_checkpoint(opts.checkpoint)
-    ops = {op: resolve_impl(op, getattr(opts, op), device) for op in ("attention", "layernorm", "mlp")}
+    ops = resolve_ops(opts, device)
     config = GPTConfig.from_dict({**ckpt["model_config"], **ops})
     tokenizer = load_tokenizer(opts.tokenizer or ckpt["tokenizer"]["path"], config.vocab_size,
                                from_checkpoint=opts.tokenizer is None)

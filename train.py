@@ -18,7 +18,7 @@ from data.loader import TokenWindows
 from data.tokenizer import Tokenizer
 from model import GPT, PRESETS, GPTConfig, load_gpt2, preset
 from training import distributed
-from training.device import autocast as autocast_context, compute_dtype, resolve_impl
+from training.device import IMPL_CHOICES, autocast as autocast_context, compute_dtype, resolve_ops
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.errors import UserError
 from training.metrics import MetricsLogger
@@ -27,7 +27,6 @@ from training.schedule import learning_rate
 from training.textgen import prompt_ids, stream_text
 
 DEFAULT_DATA_DIR = "data/default"
-IMPLS = ("auto", "torch", "triton")
 
 
 @dataclass(frozen=True)
@@ -45,9 +44,10 @@ class TrainOptions:
     block_size: int | None = option(None, "override the preset's context length")
     dropout: float = option(0.0, "dropout on embeddings and sub-layer outputs")
     bias: bool = option(True, "biases in Linear layers and LayerNorms, as GPT-2")
-    attention: str = option("auto", "attention implementation; auto is triton on CUDA, torch on CPU", choices=IMPLS)
-    layernorm: str = option("auto", "LayerNorm implementation; auto as above", choices=IMPLS)
-    mlp: str = option("auto", "MLP implementation; auto as above", choices=IMPLS)
+    attention: str = option("auto", "attention implementation; auto is triton on CUDA, torch on CPU",
+                            choices=IMPL_CHOICES)
+    layernorm: str = option("auto", "LayerNorm implementation; auto as above", choices=IMPL_CHOICES)
+    mlp: str = option("auto", "MLP implementation; auto as above", choices=IMPL_CHOICES)
     init_from: str | None = option(None, "start from a local Hugging Face GPT-2 directory instead of random weights "
                                    "(the dataset's tokenizer must have its vocabulary size)")
     # Optimisation
@@ -288,7 +288,7 @@ def load_dataset_meta(data_dir: Path, world: distributed.World) -> dict:
 
 
 def model_config(opts: TrainOptions, vocab_size: int, device: torch.device, ckpt: dict | None) -> GPTConfig:
-    ops = {op: resolve_impl(op, getattr(opts, op), device) for op in ("attention", "layernorm", "mlp")}
+    ops = resolve_ops(opts, device)
     if ckpt is not None:
         config = GPTConfig.from_dict({**ckpt["model_config"], **ops})
         if config.vocab_size != vocab_size:

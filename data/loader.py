@@ -46,7 +46,8 @@ class TokenWindows:
         """Start offsets of this epoch's windows, shuffled."""
         if self._order is None:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-            offset = int(torch.randint(self.block_size, (1,), generator=g)) if len(self.tokens) > 2 * self.block_size else 0
+            long_enough = len(self.tokens) > 2 * self.block_size  # a random offset still leaves a whole window
+            offset = int(torch.randint(self.block_size, (1,), generator=g)) if long_enough else 0
             n = (len(self.tokens) - 1 - offset) // self.block_size
             self._order = offset + torch.randperm(n, generator=g) * self.block_size
         return self._order

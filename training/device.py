@@ -17,6 +17,15 @@ def resolve_device(option: str) -> torch.device:
     return device
 
 
+OPS = ("attention", "layernorm", "mlp")
+IMPL_CHOICES = ("auto", "torch", "triton")
+
+
+def resolve_ops(options, device: torch.device) -> dict[str, str]:
+    """{op: "torch" or "triton"} from the options' attention, layernorm and mlp choices."""
+    return {op: resolve_impl(op, getattr(options, op), device) for op in OPS}
+
+
 def resolve_impl(op: str, choice: str, device: torch.device) -> str:
     """auto means the Triton kernel on CUDA and the eager twin on CPU."""
     if choice == "auto":
