@@ -24,20 +24,21 @@ def require_cuda() -> torch.device:
 
 
 def environment() -> dict:
+    """The versions, and the GPU's name and shape when there is one ("cpu" marks a smoke run on a CPU)."""
     import triton
-    props = torch.cuda.get_device_properties(0)
-    return {
-        "device": props.name,
-        "capability": f"{props.major}.{props.minor}",
-        "sm_count": props.multi_processor_count,
-        "memory_gib": round(props.total_memory / 2**30, 1),
+    env = {
+        "device": "cpu",
         "torch": torch.__version__,
         "triton": triton.__version__,
-        "cuda": torch.version.cuda,
-        "cudnn": torch.backends.cudnn.version(),
         "python": platform.python_version(),
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        env.update(device=props.name, capability=f"{props.major}.{props.minor}", sm_count=props.multi_processor_count,
+                   memory_gib=round(props.total_memory / 2**30, 1), cuda=torch.version.cuda,
+                   cudnn=torch.backends.cudnn.version())
+    return env
 
 
 def rotating(make_inputs, bytes_per_set: int):

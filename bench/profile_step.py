@@ -29,9 +29,9 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-from bench.common import RESULTS_DIR
+from bench.common import RESULTS_DIR, environment
 from bench.train_throughput import (SEED, VARIANTS, VOCAB_SIZE, StepTimer, build, error_line, free_device_memory,
-                                    make_batches, resolve_device, run_environment, skip_reason, train_step)
+                                    make_batches, resolve_device, skip_reason, train_step)
 from model.config import preset
 from model.gpt import GPT
 
@@ -129,7 +129,7 @@ def profile_variant(name: str, config, state, args, dtype, device) -> dict:
 
 def device_slug(device: torch.device) -> str:
     """The device's name as bench.common.write_results puts it in file names."""
-    return run_environment(device)["device"].replace(" ", "-")
+    return environment()["device"].replace(" ", "-")
 
 
 def markdown(header: str, results: dict[str, dict], cuda: bool) -> str:
@@ -197,7 +197,7 @@ def main(argv=None):
     device = resolve_device(args.device)
     cuda = device.type == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
-    env = run_environment(device)
+    env = environment()
     torch.manual_seed(SEED)
     state = GPT(config).state_dict()
     results = {}

@@ -39,7 +39,6 @@ import argparse
 import gc
 import json
 import math
-import platform
 import statistics
 import time
 import traceback
@@ -114,14 +113,6 @@ def resolve_device(option: str) -> torch.device:
         raise SystemExit("error: TRITON_INTERPRET is set, so the Triton kernels would run in the CPU interpreter; "
                          "unset it for a GPU run")
     return device
-
-
-def run_environment(device: torch.device) -> dict:
-    if device.type == "cuda":
-        return environment()
-    import triton
-    return {"device": "cpu-smoke", "torch": torch.__version__, "triton": triton.__version__,
-            "python": platform.python_version(), "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
 def make_batches(block_size: int, batch_size: int, n_steps: int, device: torch.device) -> torch.Tensor:
@@ -290,7 +281,7 @@ def main(argv=None):
     device = resolve_device(args.device)
     smoke = device.type == "cpu"
     dtype = torch.float32 if smoke else torch.bfloat16  # the bf16; the project computes in fp32 on CPU
-    env = run_environment(device)
+    env = environment()
     peak_tflops = None if smoke else matmul_peak_tflops()
     datasheet = peak_bf16_flops(device)
     print(f"{env['device']}: torch {env['torch']}, triton {env['triton']}; measured bf16 matmul peak "
