@@ -1,5 +1,4 @@
 """train.py and sample.py end to end on a tiny dataset: checkpoints, exact resume, and every user mistake."""
-import pytest
 import torch
 
 from data.prepare import prepare
