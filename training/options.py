@@ -3,7 +3,11 @@ overridden by flags. `--help` lists every field with its default; a mistake is o
 import argparse
 import dataclasses
 import json
+import math
+import os
+import signal
 import sys
+import time
 import tomllib
 import typing
 from pathlib import Path
@@ -20,17 +24,58 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+TRUE_WORDS = ("1", "true", "yes", "on")
+FALSE_WORDS = ("0", "false", "no", "off")
+
+
 def _parse_bool(text: str) -> bool:
     lowered = text.lower()
-    if lowered in ("1", "true", "yes", "on"):
+    if lowered in TRUE_WORDS:
         return True
-    if lowered in ("0", "false", "no", "off"):
+    if lowered in FALSE_WORDS:
         return False
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+def finite_float(text: str) -> float:
+    """A float flag value; nan and inf are refused here, so no option check has to think of them."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(text)
+    return value
+
+
+finite_float.__name__ = "float"  # argparse names the type in its errors: "invalid float value"
+
+
+def _bool_values_as_flags(argv: list[str], bool_flags: set[str]) -> list[str]:
+    """`--bias false`, `--bias=false` and `--bias true` as argparse's `--no-bias` and `--bias`. A word after a flag
+    is taken as its value only when it is a boolean word, so `--overwrite notes.txt` keeps notes.txt an input."""
+    out = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        flag, eq, value = arg.partition("=")
+        if flag in bool_flags and not eq and i + 1 < len(argv) and argv[i + 1].lower() in TRUE_WORDS + FALSE_WORDS:
+            value, eq = argv[i + 1], "="
+            i += 1
+        if flag in bool_flags and eq:
+            out.append(flag if _parse_bool_or_exit(flag, value) else "--no-" + flag[2:])
+        else:
+            out.append(arg)
+        i += 1
+    return out
+
+
+def _parse_bool_or_exit(flag: str, value: str) -> bool:
+    try:
+        return _parse_bool(value)
+    except argparse.ArgumentTypeError as e:
+        raise UserError(f"{flag}: {e}") from None
+
+
 def _field_type(cls, f: dataclasses.Field):
-    """The plain type of a field: int, float, str or bool (X | None gives X)."""
+    """The plain type of a field: int, float, str or bool (X | None gives X, tuple[X, ...] gives X)."""
     hint = typing.get_type_hints(cls)[f.name]
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     return args[0] if args else hint
@@ -47,7 +92,8 @@ def _optional(kind):
 def build_parser(cls, description: str, with_config_file: bool = True) -> argparse.ArgumentParser:
     # SUPPRESS keeps flags that were not given out of the parsed namespace, so they do not overwrite a config
     # file's values with defaults; each help text states its default itself.
-    parser = _OneLineParser(description=description, argument_default=argparse.SUPPRESS)
+    # No abbreviations: a shortened flag keeps meaning one option only until another option shares its prefix.
+    parser = _OneLineParser(description=description, argument_default=argparse.SUPPRESS, allow_abbrev=False)
     if with_config_file:
         parser.add_argument("--config", metavar="FILE", help="a JSON or TOML file of option values; "
                             "flags given here override it (default: none)")
@@ -57,10 +103,14 @@ def build_parser(cls, description: str, with_config_file: bool = True) -> argpar
         help_text = f.metadata.get("help", "")
         if choices:
             help_text += f"; one of {', '.join(choices)}"
+        if f.metadata.get("positional"):  # its help says what none of it means
+            parser.add_argument(f.name, nargs="*", metavar=f.name.rstrip("s").upper(), help=help_text)
+            continue
         help_text = f"{help_text} (default: {'none' if f.default is None else f.default})".replace("%", "%%")
         if kind is bool:
             parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, help=help_text)
         else:
+            kind = finite_float if kind is float else kind
             parse = _optional(kind) if type(None) in typing.get_args(typing.get_type_hints(cls)[f.name]) else kind
             parser.add_argument(_flag(f.name), type=parse, metavar=kind.__name__.upper(), choices=choices,
                                 help=help_text)
@@ -88,6 +138,8 @@ def read_config_file(cls, path: str) -> dict:
         if name not in known:
             raise UserError(f"config file {file}: unknown option {key!r}; see --help for the options")
         kind = _field_type(cls, known[name])
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"config file {file}: {key} must be a finite number, got {value!r}")
         ok = (isinstance(value, bool) if kind is bool else
               isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float else
               isinstance(value, int) and not isinstance(value, bool) if kind is int else isinstance(value, kind))
@@ -103,16 +155,21 @@ def read_config_file(cls, path: str) -> dict:
 def parse_options(cls, description: str, argv: list[str] | None = None, with_config_file: bool = True):
     """(options, the names given explicitly in the config file or on the command line)."""
     parser = build_parser(cls, description, with_config_file)
-    args = vars(parser.parse_args(argv))
+    bool_flags = {_flag(f.name) for f in dataclasses.fields(cls) if _field_type(cls, f) is bool}
+    args = vars(parser.parse_args(_bool_values_as_flags(sys.argv[1:] if argv is None else argv, bool_flags)))
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("positional") and f.name in args:
+            args[f.name] = tuple(args[f.name])
     values = read_config_file(cls, args.pop("config")) if args.get("config") else {}
     args.pop("config", None)
     values.update(args)
     return cls(**{**_defaults(cls), **values}), set(values)
 
 
-def option(default, help: str, choices: tuple | None = None):
-    """A dataclass field with its --help text (and allowed values)."""
-    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
+def option(default, help: str, choices: tuple | None = None, positional: bool = False):
+    """A dataclass field with its --help text (and allowed values). A positional field is a tuple of strings taken
+    from the arguments that are no flags."""
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "positional": positional})
 
 
 def run_main(main) -> None:
@@ -120,8 +177,22 @@ def run_main(main) -> None:
     try:
         main()
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        rank = int(os.environ.get("RANK", "0"))
+        if rank != 0:
+            _leave_the_report_to_rank_0()
+        print(f"error: {e}" if rank == 0 else f"error (rank {rank}): {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+RANK_0_REPORT_WAIT_S = 20
+
+
+def _leave_the_report_to_rank_0() -> None:
+    """Under torchrun every rank meets a mistake alike, and one line from rank 0 is all a user needs. Once rank 0
+    has printed it and exited, torchrun stops the other ranks with SIGTERM: this rank exits 2 on it, as rank 0 did.
+    A mistake that only this rank meets (its GPU, its disk) is printed here, after the wait."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(2))
+    time.sleep(RANK_0_REPORT_WAIT_S)
