@@ -9,10 +9,11 @@ to the output directory:
     train.bin, val.bin  raw little-endian token ids, uint16 when the vocabulary fits, uint32 otherwise
     meta.json           vocab_size, dtype, eot_id, token and document counts, the tokenizer file, inputs_hash
 
-Run again on the same inputs and options, it reuses what is there. Every file is written under a temporary name and
-renamed into place only once all of them are complete, meta.json last, so a failure leaves an existing dataset whole.
+Run again on the same inputs and options, it reuses what is there; a dataset built from other inputs or options is
+replaced only with --overwrite (checkpoints trained on it depend on its tokenizer). Every file is written under a
+temporary name and renamed into place only once all of them are complete, meta.json last, so a failure leaves an
+existing dataset whole.
 """
-import argparse
 import codecs
 import hashlib
 import io
@@ -34,8 +35,10 @@ from tqdm import tqdm
 from data.default_corpus import default_corpus
 from data.tokenizer import Tokenizer
 from training.errors import UserError
+from training.options import option, parse_options, run_main
 
 MODEL_TYPES = ("bpe", "unigram", "char")
+DEFAULT_VOCAB_SIZE = 4096
 TOKENIZER_FILE = "tokenizer.model"
 CHUNK_BYTES = 1 << 18  # documents are encoded in pieces of about this size, so one huge file streams through too
 BATCH_CHUNKS = 4  # chunks per thread in each batch encoded at once
@@ -73,11 +76,12 @@ class Document:
         return io.BytesIO(self.source) if isinstance(self.source, bytes) else open(self.source, "rb")
 
 
-def prepare(inputs: list[str] | None = None, out_dir: str | Path = "data/default", vocab_size: int = 4096,
+def prepare(inputs: list[str] | None = None, out_dir: str | Path = "data/default", vocab_size: int = DEFAULT_VOCAB_SIZE,
             model_type: str = "bpe", val_fraction: float = 0.05, workers: int | None = None,
-            progress: bool = True) -> Path:
+            progress: bool = True, overwrite: bool = False) -> Path:
     """Builds the dataset in out_dir (or reuses the one there, when made from the same inputs and options) and
-    returns the path of its meta.json."""
+    returns the path of its meta.json. A dataset there from other inputs or options is replaced only when
+    overwrite is True."""
     if model_type not in MODEL_TYPES:
         raise UserError(f"unknown model type {model_type!r}; use one of {', '.join(MODEL_TYPES)}")
     if not 0 < val_fraction < 1:
@@ -95,6 +99,9 @@ def prepare(inputs: list[str] | None = None, out_dir: str | Path = "data/default
         if progress:
             print(f"{out_dir} already holds this dataset; reusing it")
         return out_dir / "meta.json"
+    if (out_dir / "meta.json").exists() and not overwrite:
+        raise UserError(f"{out_dir} holds a dataset built from other inputs or options, and checkpoints trained on it "
+                        "need its tokenizer; pass --overwrite to replace it, or another --out-dir")
 
     model = train_tokenizer(docs, vocab_size, model_type, progress)
     _make_out_dir(out_dir)
@@ -323,37 +330,28 @@ def _bar(docs: list[Document], desc: str, progress: bool) -> tqdm:
                 disable=None if progress else True)
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows each option's default, except where the help says what it is."""
+@dataclass(frozen=True)
+class PrepareOptions:
+    inputs: tuple[str, ...] = option((), "text files or directories (searched recursively); with none, the Python "
+                                     "documentation and standard library sources", positional=True)
+    out_dir: str | None = option(None, "where to write the dataset; none means data/default with no INPUT, "
+                                 "data/custom with some")
+    vocab_size: int = option(DEFAULT_VOCAB_SIZE, "tokenizer vocabulary size")
+    model_type: str = option("bpe", "sentencepiece model type", choices=MODEL_TYPES)
+    val_fraction: float = option(0.05, "share of the documents held out for validation")
+    workers: int | None = option(None, "threads that encode; none means one per CPU core")
+    overwrite: bool = option(False, "replace a dataset in OUT_DIR that was built from other inputs or options")
 
-    def _get_help_string(self, action):
-        return action.help if action.default is None else super()._get_help_string(action)
 
-
-def main(argv: list[str] | None = None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=_HelpFormatter)
-    parser.add_argument("inputs", nargs="*", metavar="INPUT",
-                        help="text files or directories (searched recursively); with none, the Python "
-                             "documentation and standard library sources")
-    parser.add_argument("--out-dir", help="where to write the dataset (default: data/default with no INPUT, "
-                                          "data/custom with some)")
-    parser.add_argument("--vocab-size", type=int, default=4096, help="tokenizer vocabulary size")
-    parser.add_argument("--model-type", choices=MODEL_TYPES, default="bpe", help="sentencepiece model type")
-    parser.add_argument("--val-fraction", type=float, default=0.05,
-                        help="share of the documents held out for validation")
-    parser.add_argument("--workers", type=int,
-                        help="threads that encode (default: one per CPU core)")
-    args = parser.parse_args(argv)
-    out_dir = args.out_dir or ("data/custom" if args.inputs else "data/default")
-    try:
-        meta_path = prepare(args.inputs, out_dir, args.vocab_size, args.model_type, args.val_fraction, args.workers)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+def main(argv: list[str] | None = None) -> None:
+    opts, _ = parse_options(PrepareOptions, __doc__.split("\n\n")[0], argv, with_config_file=False)
+    out_dir = opts.out_dir or ("data/custom" if opts.inputs else "data/default")
+    meta_path = prepare(list(opts.inputs), out_dir, opts.vocab_size, opts.model_type, opts.val_fraction,
+                        opts.workers, overwrite=opts.overwrite)
     meta = json.loads(meta_path.read_text())
     print(f"{meta_path}: {meta['documents']} documents, {meta['train_tokens']:,} train and {meta['val_tokens']:,} "
           f"val tokens, vocabulary {meta['vocab_size']} ({meta['dtype']})")
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

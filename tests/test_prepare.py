@@ -115,7 +115,7 @@ def test_dtype_rule():
     assert token_dtype(2**16 + 1) == token_dtype(100_000) == "uint32"
 
 
-def test_rerun_reuses_and_a_change_rebuilds(built, tmp_path):
+def test_rerun_reuses_a_change_is_refused_and_overwrite_rebuilds(built, tmp_path):
     root, docs, first = built
     root = shutil.copytree(root, tmp_path / "corpus")
     out = tmp_path / "out"
@@ -126,7 +126,14 @@ def test_rerun_reuses_and_a_change_rebuilds(built, tmp_path):
     assert json.loads(meta_path.read_text())["inputs_hash"] == json.loads(first.read_text())["inputs_hash"]
 
     (root / "pkg/sub/deep/numbers.csv").write_text("changed\n" * 50)
-    prepare([str(root)], out, vocab_size=VOCAB, workers=1, progress=False)
+    with pytest.raises(UserError, match="other inputs or options.*--overwrite"):
+        prepare([str(root)], out, vocab_size=VOCAB, workers=1, progress=False)
+    assert _snapshot(out) == before  # checkpoints trained on it still have their tokenizer
+    result = _cli(str(root), "--out-dir", str(out), "--vocab-size", str(VOCAB + 4))
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "--overwrite" in result.stderr
+    assert _snapshot(out) == before
+
+    prepare([str(root)], out, vocab_size=VOCAB, workers=1, progress=False, overwrite=True)
     assert json.loads(meta_path.read_text())["inputs_hash"] != json.loads(first.read_text())["inputs_hash"]
     splits = _splits(meta_path)
     assert "changed\n" * 50 in splits["train"] + splits["val"]
@@ -186,17 +193,19 @@ def test_bad_arguments_raise_user_errors(built, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["a_file"]
 
 
-@pytest.mark.parametrize("case", ["missing", "empty"])
+@pytest.mark.parametrize("case", ["missing", "empty", "bad number", "unknown flag"])
 def test_cli_bad_input_is_one_line_error(tmp_path, case):
     corpus = tmp_path / "corpus"
     if case == "empty":
         corpus.mkdir()
         (corpus / "blank.txt").write_text("")
-    result = _cli(str(corpus), "--out-dir", str(tmp_path / "out"))
+    extra, expected = {"bad number": (["--vocab-size", "abc"], "invalid int value: 'abc'"),
+                       "unknown flag": (["--vocab", "9"], "unrecognized arguments: --vocab")}.get(case, ([], str(corpus)))
+    result = _cli(str(corpus), "--out-dir", str(tmp_path / "out"), *extra)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     lines = result.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and str(corpus) in lines[0]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0]
     assert not (tmp_path / "out").exists()
 
 
@@ -207,7 +216,7 @@ def test_failure_leaves_existing_dataset_intact(built, tmp_path, monkeypatch):
     before = _snapshot(out)
 
     # Failing before anything is written: a vocabulary too large for the corpus, through the CLI.
-    result = _cli(str(root), "--out-dir", str(out), "--vocab-size", "60000")
+    result = _cli(str(root), "--out-dir", str(out), "--vocab-size", "60000", "--overwrite")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert len(result.stderr.splitlines()) == 1 and result.stderr.startswith("error: ")
     assert _snapshot(out) == before
@@ -220,7 +229,7 @@ def test_failure_leaves_existing_dataset_intact(built, tmp_path, monkeypatch):
 
     monkeypatch.setattr(prep, "encode", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        prepare([str(root)], out, vocab_size=VOCAB + 10, workers=1, progress=False)
+        prepare([str(root)], out, vocab_size=VOCAB + 10, workers=1, progress=False, overwrite=True)
     assert _snapshot(out) == before
     assert sorted(p.name for p in out.iterdir()) == sorted(OUTPUTS), "temporary files removed"
 
