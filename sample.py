@@ -9,7 +9,7 @@ import torch
 
 from data.tokenizer import Tokenizer
 from model import GPT, GPTConfig
-from training.checkpoint import load_checkpoint
+from training.checkpoint import load_checkpoint, nonfinite_weights, unpack_tokenizer
 from training.device import IMPL_CHOICES, autocast, compute_dtype, resolve_device, resolve_ops
 from training.errors import UserError
 from training.options import option, parse_options, run_main
@@ -18,7 +18,7 @@ from training.textgen import prompt_ids, stream_text
 
 @dataclass(frozen=True)
 class SampleOptions:
-    checkpoint: str = option("out/ckpt.pt", "checkpoint written by train.py")
+    checkpoint: str = option("out/ckpt.pt", "checkpoint written by train.py, or the --out-dir holding it")
     prompt: str = option("", "text to continue (empty: start a new document)")
     prompt_file: str | None = option(None, "read the prompt from this file instead")
     num_samples: int = option(1, "how many samples to draw")
@@ -27,7 +27,7 @@ class SampleOptions:
     top_k: int | None = option(200, "sample among the k most likely tokens only; none for all")
     top_p: float | None = option(None, "sample among the most likely tokens whose probability reaches p; none for all")
     seed: int = option(1337, "random seed")
-    tokenizer: str | None = option(None, "tokenizer model to use instead of the one the checkpoint names")
+    tokenizer: str | None = option(None, "tokenizer model file to use instead of the one the checkpoint carries")
     device: str = option("auto", "auto, cpu, cuda or cuda:N")
     dtype: str = option("auto", "auto is bfloat16 on CUDA where supported, float32 on CPU",
                         choices=("auto", "float32", "bfloat16", "float16"))
@@ -47,8 +47,13 @@ def main(argv: list[str] | None = None) -> None:
     ckpt = load_checkpoint(opts.checkpoint)
     ops = resolve_ops(opts, device)
     config = GPTConfig.from_dict({**ckpt["model_config"], **ops})
-    tokenizer = load_tokenizer(opts.tokenizer or ckpt["tokenizer"]["path"], config.vocab_size,
-                               from_checkpoint=opts.tokenizer is None)
+    tokenizer = Tokenizer(opts.tokenizer) if opts.tokenizer else unpack_tokenizer(ckpt, opts.checkpoint)
+    if tokenizer.vocab_size != config.vocab_size:
+        raise UserError(f"tokenizer {tokenizer.origin} has {tokenizer.vocab_size} tokens but the checkpoint's model "
+                        f"has {config.vocab_size}; pass the tokenizer the model was trained with (--tokenizer)")
+    if broken := nonfinite_weights(ckpt["model"]):
+        raise UserError(f"{opts.checkpoint} holds inf or nan weights ({broken[0]}, ...): its training diverged; "
+                        "sample from a checkpoint of a healthy run")
     model = GPT(config)
     model.load_state_dict(ckpt["model"])
     model.to(device).eval()
@@ -89,16 +94,6 @@ def read_prompt(opts: SampleOptions) -> str:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise UserError(f"prompt file {path} is not UTF-8 text")
-
-
-def load_tokenizer(path: str, vocab_size: int, from_checkpoint: bool) -> Tokenizer:
-    if from_checkpoint and not Path(path).is_file():
-        raise UserError(f"the checkpoint's tokenizer {path} is missing; pass --tokenizer PATH/tokenizer.model")
-    tokenizer = Tokenizer(path)
-    if tokenizer.vocab_size != vocab_size:
-        raise UserError(f"tokenizer {path} has {tokenizer.vocab_size} tokens but the checkpoint's model has "
-                        f"{vocab_size}; pass the tokenizer the model was trained with (--tokenizer)")
-    return tokenizer
 
 
 if __name__ == "__main__":

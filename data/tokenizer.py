@@ -13,20 +13,26 @@ SPACE_MARK = "\u2581"
 
 
 class Tokenizer:
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise UserError(f"no tokenizer model at {self.path}; build it with `python data/prepare.py` "
-                            "(or point to the tokenizer.model it wrote)")
+    def __init__(self, source: str | Path | bytes, origin: str | None = None):
+        """source: a tokenizer.model file, or the bytes of one (as a checkpoint carries them; origin then names
+        them in errors)."""
+        if isinstance(source, bytes):
+            self.model, self.origin = source, origin or "the tokenizer"
+        else:
+            path = Path(source)
+            if not path.is_file():
+                raise UserError(f"no tokenizer model at {path}; build it with `python data/prepare.py` "
+                                "(or point to the tokenizer.model it wrote)")
+            self.model, self.origin = path.read_bytes(), str(path)
         try:
-            self._sp = spm.SentencePieceProcessor(model_file=str(self.path))
+            self._sp = spm.SentencePieceProcessor(model_proto=self.model)
         except RuntimeError as e:
             reason = " ".join(str(e).split())
-            raise UserError(f"{self.path} is not a sentencepiece model ({reason}); "
+            raise UserError(f"{self.origin} is not a sentencepiece model ({reason}); "
                             "rebuild it with `python data/prepare.py`") from None
         self._mark_ids = [self._sp.piece_to_id(f"<0x{byte:02X}>") for byte in SPACE_MARK.encode()]
         if self._sp.eos_id() < 0 or not all(self._sp.is_byte(i) for i in self._mark_ids):
-            raise UserError(f"{self.path} has no end-of-document token or no byte fallback, so it was not built by "
+            raise UserError(f"{self.origin} has no end-of-document token or no byte fallback, so it was not built by "
                             "data/prepare.py; rebuild it with `python data/prepare.py`")
         self.vocab_size: int = self._sp.get_piece_size()
         self.eot_id: int = self._sp.eos_id()

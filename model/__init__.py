@@ -1,6 +1,6 @@
 """The GPT-2 model; each op runs on the eager PyTorch twin or the Triton kernel, as its config says."""
 from model.config import GPTConfig, PRESETS, preset
 from model.gpt import GPT
-from model.gpt2_import import load_gpt2
+from model.gpt2_import import gpt2_config, load_gpt2
 
-__all__ = ["GPT", "GPTConfig", "PRESETS", "preset", "load_gpt2"]
+__all__ = ["GPT", "GPTConfig", "PRESETS", "preset", "gpt2_config", "load_gpt2"]

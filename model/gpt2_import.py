@@ -15,13 +15,26 @@ from model.gpt import GPT
 CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
+def gpt2_config(path: str | Path, **ops) -> GPTConfig:
+    """The shape of the GPT-2 in a save_pretrained directory, from its config.json; `ops` (attention=, layernorm=,
+    mlp=) choose the implementations."""
+    path = Path(path)
+    if path.is_file():
+        raise ValueError(f"{path} is a bare state dict, which does not say the model's shape: give the "
+                         "save_pretrained directory (config.json beside the weights)")
+    if not path.is_dir():
+        raise FileNotFoundError(f"no GPT-2 checkpoint at {path}: give a save_pretrained directory")
+    return _config_from_hf(path / "config.json", ops)
+
+
 def load_gpt2(path: str | Path, config: GPTConfig | None = None, **ops) -> GPT:
-    """A GPT with the weights at path. The shape comes from the directory's config.json, or from `config` for a
-    bare state-dict file; `ops` (attention=, layernorm=, mlp=) choose the implementations."""
+    """A GPT with the weights at path. The shape comes from `config` when given (required for a bare state-dict
+    file), else from the directory's config.json; `ops` (attention=, layernorm=, mlp=) choose the
+    implementations. A config with a shorter block_size keeps the first block_size position embeddings."""
     path = Path(path)
     if path.is_dir():
         weights = _weights_file(path)
-        config = _config_from_hf(path / "config.json", ops)
+        config = config or _config_from_hf(path / "config.json", ops)
         state = _read_state_dict(weights)
     elif path.is_file():
         if config is None:
@@ -38,6 +51,9 @@ def load_gpt2(path: str | Path, config: GPTConfig | None = None, **ops) -> GPT:
         if name not in ours:  # the causal-mask buffers older checkpoints carry
             continue
         converted[name] = value.t() if name.endswith(CONV1D_SUFFIXES) else value
+    wpe = converted.get("transformer.wpe.weight")
+    if wpe is not None and config.block_size < len(wpe):
+        converted["transformer.wpe.weight"] = wpe[:config.block_size]
     converted.setdefault("lm_head.weight", converted["transformer.wte.weight"])  # tied
     missing = set(ours) - set(converted)
     if missing:

@@ -3,9 +3,10 @@ import pytest
 import torch
 
 from model import GPTConfig, load_gpt2
-from tests.runs import TINY, run
+from tests.runs import TINY, assert_user_error, run
 
 transformers = pytest.importorskip("transformers")
+TINY_OPTIONS = [arg for arg in TINY if arg not in ("--model", "tiny")]  # --init-from brings the model's shape
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +58,7 @@ def test_train_py_fine_tunes_from_a_gpt2_directory(tiny_dataset, tmp_path):
     config = transformers.GPT2Config(vocab_size=400, n_positions=64, n_embd=32, n_layer=2, n_head=2)
     transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / "gpt2")
     out = tmp_path / "out"
-    result = run("train.py", "--data-dir", str(tiny_dataset), "--out-dir", str(out), *TINY, "--max-iters", "1",
+    result = run("train.py", "--data-dir", str(tiny_dataset), "--out-dir", str(out), *TINY_OPTIONS, "--max-iters", "1",
                  "--init-from", str(tmp_path / "gpt2"))
     assert result.returncode == 0, result.stderr
     saved = torch.load(out / "ckpt.pt", weights_only=True)["model_config"]
@@ -65,6 +66,29 @@ def test_train_py_fine_tunes_from_a_gpt2_directory(tiny_dataset, tmp_path):
 
     transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=500, n_positions=64, n_embd=32, n_layer=2,
                                                          n_head=2)).save_pretrained(tmp_path / "other")
-    mismatch = run("train.py", "--data-dir", str(tiny_dataset), "--out-dir", str(tmp_path / "o2"), *TINY,
+    mismatch = run("train.py", "--data-dir", str(tiny_dataset), "--out-dir", str(tmp_path / "o2"), *TINY_OPTIONS,
                    "--init-from", str(tmp_path / "other"))
     assert mismatch.returncode == 2 and "has a 500-token vocabulary" in mismatch.stderr
+
+
+def test_init_from_crops_the_context_and_refuses_other_shape_options(tiny_dataset, tmp_path):
+    config = transformers.GPT2Config(vocab_size=400, n_positions=64, n_embd=32, n_layer=2, n_head=2)
+    hf = transformers.GPT2LMHeadModel(config)
+    hf.save_pretrained(tmp_path / "gpt2")
+    common = ["--data-dir", str(tiny_dataset), "--init-from", str(tmp_path / "gpt2"), *TINY_OPTIONS, "--max-iters", "1",
+              "--learning-rate", "1e-9"]
+    out = tmp_path / "cropped"
+    result = run("train.py", *common, "--out-dir", str(out), "--block-size", "16")
+    assert result.returncode == 0, result.stderr
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["model_config"]["block_size"] == 16
+    # The first 16 learned positions, moved by at most one AdamW step (lr 1e-9, its weight decay negligible).
+    torch.testing.assert_close(ckpt["model"]["transformer.wpe.weight"], hf.transformer.wpe.weight[:16].detach(),
+                               rtol=0, atol=2e-9)
+
+    assert_user_error(run("train.py", *common, "--out-dir", str(tmp_path / "o"), "--block-size", "65"),
+                      "--block-size 65 is longer than the 64 positions")
+    for flags in (["--n-layer", "4"], ["--model", "tiny"], ["--no-bias"]):
+        assert_user_error(run("train.py", *common, "--out-dir", str(tmp_path / "o"), *flags),
+                          "cannot be used with --init-from")
+    assert not (tmp_path / "o").exists()

@@ -1,8 +1,36 @@
-"""train.py and sample.py end to end on a tiny dataset: checkpoints, exact resume, and every user mistake."""
+"""train.py and sample.py end to end on a tiny dataset: checkpoints, exact resume, an earlier run never lost, and
+every user mistake one line of error."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
 import torch
 
 from data.prepare import prepare
-from tests.runs import TINY, assert_user_error, metrics, run, run_process, train_losses
+from tests.runs import REPO, TINY, assert_user_error, metrics, run, run_process, train_losses
+
+RUN_FILES = ("ckpt.pt", "metrics.jsonl", "config.json", "loss_curve.png")
+
+
+def snapshot(out) -> dict[str, bytes]:
+    """Every file of a run directory, by name: what a refused command must leave byte-identical."""
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file()}
+
+
+@pytest.fixture
+def finished_run(tiny_dataset, tmp_path):
+    """A finished two-step run: (its out dir, the command's options)."""
+    out = tmp_path / "run"
+    args = ["--data-dir", str(tiny_dataset), "--out-dir", str(out), *TINY, "--max-iters", "2", "--eval-interval", "2"]
+    result = run("train.py", *args)
+    assert result.returncode == 0, result.stderr
+    assert sorted(RUN_FILES) == sorted(p.name for p in out.iterdir() if p.is_file())
+    return out, args
 
 
 def test_train_writes_a_checkpoint_that_sample_reads(tiny_dataset, tmp_path):
@@ -10,7 +38,10 @@ def test_train_writes_a_checkpoint_that_sample_reads(tiny_dataset, tmp_path):
     result = run("train.py", "--data-dir", str(tiny_dataset), "--out-dir", str(out), *TINY, "--max-iters", "4",
                  "--eval-interval", "2", "--sample-tokens", "10")
     assert result.returncode == 0, result.stderr
-    assert "--- sample ---" in result.stdout and "global batch: 4 sequences x 1 micro-batches" in result.stdout
+    assert "--- sample ---" in result.stdout
+    assert "global batch: 4 sequences x 1 micro-batch x 64 tokens" in result.stdout
+    assert "(1 process x 1 micro-batch each)" in result.stdout
+    assert "mfu" not in result.stdout  # no known peak on a CPU: the column is left out
     assert (out / "ckpt.pt").is_file() and (out / "loss_curve.png").is_file()
     assert sorted(train_losses(out)) == [1, 2, 3, 4]
     assert [m["step"] for m in metrics(out) if "val/loss" in m] == [0, 2, 4]
@@ -21,8 +52,9 @@ def test_train_writes_a_checkpoint_that_sample_reads(tiny_dataset, tmp_path):
                   "--max-new-tokens", "12", "--num-samples", "2", "--seed", "3")
     assert sampled.returncode == 0, sampled.stderr
     assert sampled.stdout.count("def add") == 2 and "--- sample 2 ---" in sampled.stdout
-    again = run("sample.py", "--checkpoint", str(out / "ckpt.pt"), "--prompt", "def add",
+    again = run("sample.py", "--checkpoint", str(out), "--prompt", "def add",  # the directory names its ckpt.pt
                 "--max-new-tokens", "12", "--num-samples", "2", "--seed", "3")
+    assert again.returncode == 0, again.stderr
     assert again.stdout == sampled.stdout  # same seed, same text
 
 
@@ -34,6 +66,7 @@ def test_resumed_training_matches_uninterrupted(tiny_dataset, tmp_path):
     assert run("train.py", *common, "--out-dir", str(parts), "--max-iters", "3").returncode == 0
     resumed = run("train.py", "--resume", "--out-dir", str(parts), "--max-iters", "6")
     assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from step 3 of 6" in resumed.stdout
 
     assert train_losses(parts) == train_losses(whole)  # exactly: CPU, fp32, same data, same dropout masks
     a = torch.load(whole / "ckpt.pt", weights_only=True)["model"]
@@ -41,37 +74,150 @@ def test_resumed_training_matches_uninterrupted(tiny_dataset, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_bad_inputs_give_one_line_errors_and_leave_files_alone(tiny_dataset, tmp_path):
+def test_a_new_run_never_replaces_an_earlier_one_unasked(finished_run, tiny_dataset):
+    out, args = finished_run
+    before = snapshot(out)
+    refused = run("train.py", *args)  # the same command again
+    assert_user_error(refused, "already holds a run")
+    assert "--resume" in refused.stderr and "--overwrite" in refused.stderr
+    assert snapshot(out) == before
+
+    # Resuming a finished run: already there, nothing rewritten.
+    assert_user_error(run("train.py", "--resume", "--out-dir", str(out)), "already at step 2")
+    assert_user_error(run("train.py", "--resume", "--out-dir", str(out), "--overwrite"), "not both")
+    assert snapshot(out) == before
+
+    # --overwrite starts over: none of the old run's lines or files survive.
+    result = run("train.py", "--data-dir", str(tiny_dataset), "--out-dir", str(out), *TINY, "--max-iters", "1",
+                 "--overwrite")
+    assert result.returncode == 0, result.stderr
+    assert sorted(train_losses(out)) == [1]
+    assert torch.load(out / "ckpt.pt", weights_only=True)["iter_num"] == 1
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--beta1", "1"], "--beta1 must be below 1"),
+    (["--beta2", "-0.5"], "--beta2 must be at least 0"),
+    (["--learning-rate", "0"], "--learning-rate must be above 0"),
+    (["--learning-rate", "nan"], "invalid float value: 'nan'"),
+    (["--learning-rate", "inf"], "invalid float value: 'inf'"),
+    (["--weight-decay", "-0.1"], "--weight-decay must be at least 0"),
+    (["--min-lr", "0.01"], "--min-lr (0.01) must not exceed --learning-rate (0.001)"),
+    (["--warmup-iters", "5", "--max-iters", "4"], "--warmup-iters (5) must not exceed --max-iters (4)"),
+    (["--lr-decay-iters", "1", "--warmup-iters", "2"], "--lr-decay-iters (1) must be at least"),
+    (["--dropout", "1"], "--dropout must be below 1"),
+    (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    (["--max-iters", "many"], "invalid int value: 'many'"),
+    (["--bias=maybe"], "--bias: expected true or false, got 'maybe'"),
+    (["--n-embd", "48", "--n-head", "5"], "must be divisible by n_head"),
+    (["--block-size", "100000"], "fewer than block_size + 1"),
+    (["--device", "cpu", "--dtype", "bfloat16"], "needs a CUDA GPU"),
+])
+def test_bad_options_are_one_line_errors(tiny_dataset, tmp_path, flags, message):
     out = tmp_path / "out"
-    assert run("train.py", "--data-dir", str(tiny_dataset), "--out-dir", str(out), *TINY, "--max-iters", "1").returncode == 0
-    ckpt = out / "ckpt.pt"
-    before = ckpt.read_bytes()
+    assert_user_error(run("train.py", "--data-dir", str(tiny_dataset), "--out-dir", str(out), *TINY, *flags), message)
+    assert not out.exists()  # refused before anything was written
 
+
+def test_resume_refuses_shape_options_and_another_tokenizer(finished_run, tmp_path):
+    out, _ = finished_run
+    before = snapshot(out)
+    for flags in (["--n-layer", "3"], ["--block-size", "32"], ["--no-bias"], ["--model", "mini"]):
+        assert_user_error(run("train.py", "--resume", "--out-dir", str(out), "--max-iters", "4", *flags),
+                          "cannot change a resumed run")
+    other = tmp_path / "other"
+    prepare([str(REPO / "README.md")], out_dir=other, vocab_size=400, workers=1, progress=False)
+    assert_user_error(run("train.py", "--resume", "--out-dir", str(out), "--max-iters", "4", "--data-dir",
+                          str(other)), "another tokenizer")
+    assert snapshot(out) == before
+
+
+def test_other_mistakes_are_one_line_errors(finished_run, tiny_dataset, tmp_path):
+    out, args = finished_run
+    before = snapshot(out)
+    data = ["--data-dir", str(tiny_dataset), *TINY]
     assert_user_error(run_process("train.py", "--no-such-option"), "unrecognized arguments: --no-such-option")
-    assert_user_error(run("train.py", "--max-iters", "many"), "invalid int value: 'many'")
-    assert_user_error(run("train.py", "--data-dir", str(tiny_dataset), "--out-dir", str(out), *TINY,
-                          "--n-embd", "48", "--n-head", "5"), "must be divisible by n_head")
-    assert_user_error(run("train.py", "--data-dir", str(tmp_path / "none"), "--out-dir", str(out)),
+    assert_user_error(run("train.py", "--data-dir", str(tmp_path / "none"), "--out-dir", str(tmp_path / "o")),
                       "no dataset in")
-    assert_user_error(run("train.py", "--data-dir", str(tiny_dataset), "--out-dir", str(out), *TINY,
-                          "--block-size", "100000"), "fewer than block_size + 1")
     assert_user_error(run("train.py", "--resume", "--out-dir", str(tmp_path / "empty")), "does not exist")
-    assert_user_error(run("train.py", "--batch-size", "0"), "--batch-size must be at least 1, got 0")
-    assert_user_error(run("train.py", "--data-dir", str(tiny_dataset), "--out-dir", str(out), *TINY,
+    assert_user_error(run("train.py", "--data-dir", str(tiny_dataset), "--out-dir", str(tmp_path / "o"),
                           "--init-from", str(tmp_path / "no-gpt2")), "--init-from: no GPT-2 checkpoint")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a directory")
+    assert_user_error(run("train.py", *data, "--out-dir", str(a_file)), "is a file, not a directory")
+    assert_user_error(run("train.py", *data, "--out-dir", str(a_file / "sub")), "cannot write in --out-dir")
+    assert_user_error(run("train.py", *data, "--out-dir", "/proc/no-such-run"), "cannot write in --out-dir")
     config = tmp_path / "config.json"
-    config.write_text('{"max_iters": "ten"}')
-    assert_user_error(run("train.py", "--config", str(config)), "max_iters must be int")
-    config.write_text('{"learning_rte": 0.1}')
-    assert_user_error(run("train.py", "--config", str(config)), "unknown option 'learning_rte'")
-    assert_user_error(run("train.py", "--device", "cpu", "--dtype", "bfloat16", "--data-dir", str(tiny_dataset),
-                          "--out-dir", str(out)), "needs a CUDA GPU")
+    for text, message in (('{"max_iters": "ten"}', "max_iters must be int"),
+                          ('{"learning_rte": 0.1}', "unknown option 'learning_rte'"),
+                          ('{"learning_rate": NaN}', "learning_rate must be a finite number")):
+        config.write_text(text)
+        assert_user_error(run("train.py", "--config", str(config)), message)
+    assert snapshot(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "config.json", "run"]  # nothing else made
 
+
+def test_bias_takes_a_value_as_well_as_no_bias(tiny_dataset, tmp_path):
+    for flags in (["--bias", "false"], ["--bias=false"], ["--no-bias"]):
+        out = tmp_path / "-".join(flags)
+        result = run("train.py", "--data-dir", str(tiny_dataset), "--out-dir", str(out), *TINY, "--max-iters", "1",
+                     *flags)
+        assert result.returncode == 0, result.stderr
+        assert json.loads((out / "config.json").read_text())["model"]["bias"] is False
+        assert not any(name.endswith("bias") for name in torch.load(out / "ckpt.pt", weights_only=True)["model"])
+
+
+def test_a_diverging_run_stops_and_keeps_its_last_good_checkpoint(finished_run, tiny_dataset, tmp_path):
+    out, args = finished_run
+    before = snapshot(out)["ckpt.pt"]
+    # A learning rate this large sends the weights to inf within a few steps (AdamW's decay alone multiplies them
+    # by 1 - lr * 0.1 a step). The first look at the loss is at step 12, long after, where the checkpoint is due.
+    diverged = run("train.py", "--resume", "--out-dir", str(out), "--max-iters", "12", "--learning-rate", "1e30",
+                   "--warmup-iters", "0", "--eval-interval", "12", "--log-interval", "12", "--sample-tokens", "20")
+    assert_user_error(diverged, "training diverged: the loss or gradient norm became inf or nan at step")
+    first_bad = int(diverged.stderr.split("at step ")[1].split(";")[0])
+    assert 3 <= first_bad < 12  # step 3 is the first to run on weights the huge rate has already moved
+    assert f"{out / 'ckpt.pt'}, holds step 2" in diverged.stderr
+    assert snapshot(out)["ckpt.pt"] == before
+
+    fresh = tmp_path / "fresh"
+    result = run("train.py", "--data-dir", str(tiny_dataset), "--out-dir", str(fresh), *TINY, "--max-iters", "12",
+                 "--learning-rate", "1e30", "--warmup-iters", "0")
+    assert_user_error(result, "no checkpoint was written")
+    assert not (fresh / "ckpt.pt").exists()
+
+
+def test_sampling_needs_no_dataset_and_refuses_a_diverged_checkpoint(finished_run, tiny_dataset, tmp_path):
+    out, _ = finished_run
+    moved = tmp_path / "moved"
+    shutil.copytree(out, moved)
+    # The checkpoint carries its tokenizer: it samples with the dataset gone.
+    data_copy = tmp_path / "data"
+    shutil.copytree(tiny_dataset, data_copy)
+    trained = tmp_path / "trained"
+    assert run("train.py", "--data-dir", str(data_copy), "--out-dir", str(trained), *TINY,
+               "--max-iters", "1").returncode == 0
+    shutil.rmtree(data_copy)
+    result = run("sample.py", "--checkpoint", str(trained), "--prompt", "def", "--max-new-tokens", "5")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("def")
+
+    ckpt = torch.load(moved / "ckpt.pt", weights_only=True)
+    ckpt["model"]["lm_head.weight"][0, 0] = float("nan")
+    torch.save(ckpt, moved / "ckpt.pt")
+    assert_user_error(run("sample.py", "--checkpoint", str(moved)), "inf or nan weights")
+
+
+def test_sample_mistakes_are_one_line_errors(finished_run, tiny_dataset, tmp_path):
+    out, _ = finished_run
+    ckpt = out / "ckpt.pt"
+    before = snapshot(out)
     truncated = tmp_path / "truncated.pt"
-    truncated.write_bytes(before[: len(before) // 2])
+    truncated.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
     assert_user_error(run_process("sample.py", "--checkpoint", str(truncated)), "not a readable checkpoint")
     assert_user_error(run("sample.py", "--checkpoint", str(tiny_dataset / "meta.json")), "not a readable checkpoint")
     assert_user_error(run("sample.py", "--checkpoint", str(tmp_path / "missing.pt")), "does not exist")
+    assert_user_error(run("sample.py", "--checkpoint", str(tmp_path)), "does not exist")  # a directory without one
     other_tokenizer = tmp_path / "other"
     prepare([str(tiny_dataset.parent / "a.py")], out_dir=other_tokenizer, vocab_size=320, workers=1, progress=False)
     assert_user_error(run("sample.py", "--checkpoint", str(ckpt), "--tokenizer",
@@ -79,16 +225,36 @@ def test_bad_inputs_give_one_line_errors_and_leave_files_alone(tiny_dataset, tmp
     assert_user_error(run("sample.py", "--checkpoint", str(ckpt), "--top-p", "1.5"), "--top-p must be in (0, 1]")
     assert_user_error(run("sample.py", "--checkpoint", str(ckpt), "--prompt-file", str(tmp_path / "nope.txt")),
                       "does not exist")
+    assert snapshot(out) == before
 
-    assert ckpt.read_bytes() == before  # nothing above touched the checkpoint
 
-
-def test_long_prompt_keeps_its_last_block_size_tokens(tiny_dataset, tmp_path):
-    out = tmp_path / "out"
-    assert run("train.py", "--data-dir", str(tiny_dataset), "--out-dir", str(out), *TINY, "--max-iters", "1").returncode == 0
+def test_long_prompt_keeps_its_last_block_size_tokens(finished_run, tmp_path):
+    out, _ = finished_run
     prompt = tmp_path / "prompt.txt"
     prompt.write_text("The quick brown fox — jumps over the lazy dog. " * 40)  # far beyond 64 tokens
     result = run("sample.py", "--checkpoint", str(out / "ckpt.pt"), "--prompt-file", str(prompt),
                  "--max-new-tokens", "5")
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(prompt.read_text())
+
+
+@pytest.mark.slow
+def test_ctrl_c_names_the_last_checkpoint(tiny_dataset, tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "train.py", "--data-dir", str(tiny_dataset), "--out-dir", str(out), *TINY,
+                             "--max-iters", "100000", "--eval-interval", "2"], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        deadline = time.time() + 240  # start-up and the first checkpoint, on a loaded 2-core machine
+        while not (out / "ckpt.pt").exists():
+            assert proc.poll() is None and time.time() < deadline, "no checkpoint was written"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr and stderr.strip() == "interrupted"
+    step = torch.load(out / "ckpt.pt", weights_only=True)["iter_num"]
+    assert f"the last checkpoint, {out / 'ckpt.pt'}, holds step {step}" in stdout
+

@@ -7,8 +7,10 @@ from pathlib import Path
 
 import torch
 
+from data.tokenizer import Tokenizer
 from training.errors import UserError
 
+CHECKPOINT_FILE = "ckpt.pt"
 REQUIRED_KEYS = ("model", "model_config", "iter_num")
 
 
@@ -27,7 +29,10 @@ def save_checkpoint(path: str | Path, payload: dict) -> None:
 
 
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
+    """The checkpoint at path, or in the directory path (its ckpt.pt)."""
     path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT_FILE
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist; train one with `python train.py` or give its path")
     try:
@@ -39,3 +44,30 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     if not isinstance(payload, dict) or any(k not in payload for k in REQUIRED_KEYS):
         raise UserError(f"{path} is not a checkpoint written by train.py (it lacks the model and its config)")
     return payload
+
+
+def pack_tokenizer(tokenizer: Tokenizer) -> dict:
+    """The tokenizer itself, for a checkpoint: it then samples anywhere, whatever becomes of the dataset."""
+    return {"model": torch.frombuffer(bytearray(tokenizer.model), dtype=torch.uint8), "source": tokenizer.origin,
+            "vocab_size": tokenizer.vocab_size}
+
+
+def tokenizer_bytes(ckpt: dict) -> bytes | None:
+    """The tokenizer model a checkpoint carries (None in one written before checkpoints carried it)."""
+    packed = ckpt.get("tokenizer", {}).get("model")
+    return None if packed is None else packed.numpy().tobytes()
+
+
+def unpack_tokenizer(ckpt: dict, checkpoint_path: str | Path) -> Tokenizer:
+    data = tokenizer_bytes(ckpt)
+    if data is not None:
+        return Tokenizer(data, origin=f"the tokenizer in {checkpoint_path}")
+    path = ckpt["tokenizer"]["path"]  # an older checkpoint names the dataset's tokenizer file instead
+    if not Path(path).is_file():
+        raise UserError(f"the checkpoint's tokenizer {path} is missing; pass --tokenizer PATH/tokenizer.model")
+    return Tokenizer(path)
+
+
+def nonfinite_weights(state: dict[str, torch.Tensor]) -> list[str]:
+    """The names of the floating-point tensors in a state dict that hold inf or nan."""
+    return [name for name, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()]

@@ -23,7 +23,6 @@ COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=5)
 @dataclass(frozen=True)
 class World:
     rank: int
-    local_rank: int
     size: int
     device: torch.device
 
@@ -36,10 +35,11 @@ class World:
         return self.size > 1
 
 
-def init_world(device_option: str) -> World:
-    """Join the process group when started by torchrun (NCCL on CUDA, gloo on CPU); else a world of one."""
+def world_from_env(device_option: str) -> World:
+    """This process's place among torchrun's (a world of one when run alone), read from the environment: no
+    collective runs yet, so a mistake found before join() ends every rank alike."""
     if "RANK" not in os.environ:
-        return World(0, 0, 1, resolve_device(device_option))
+        return World(0, 1, resolve_device(device_option))
     rank, local_rank, size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
     device = resolve_device(device_option)
     if device.type == "cuda":
@@ -47,11 +47,18 @@ def init_world(device_option: str) -> World:
             raise UserError(f"local rank {local_rank} has no GPU ({torch.cuda.device_count()} visible); "
                             "lower --nproc_per_node to the GPUs per node")
         device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    backend = "nccl" if device.type == "cuda" else "gloo"
+    return World(rank, size, device)
+
+
+def join(world: World) -> None:
+    """Join the process group (NCCL on CUDA, gloo on CPU); nothing to do in a world of one."""
+    if not world.distributed:
+        return
+    if world.device.type == "cuda":
+        torch.cuda.set_device(world.device)
+    backend = "nccl" if world.device.type == "cuda" else "gloo"
     dist.init_process_group(backend=backend, timeout=COLLECTIVE_TIMEOUT,
-                            device_id=device if device.type == "cuda" else None)
-    return World(rank, local_rank, size, device)
+                            device_id=world.device if world.device.type == "cuda" else None)
 
 
 def wrap_model(model: torch.nn.Module, world: World) -> torch.nn.Module:
@@ -68,17 +75,18 @@ def gradient_sync(model: torch.nn.Module, sync: bool):
     return model.no_sync()
 
 
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The bare GPT inside DDP and torch.compile wrappers (whose state_dict keys carry no prefixes)."""
-    if isinstance(model, DistributedDataParallel):
-        model = model.module
-    return getattr(model, "_orig_mod", model)
-
-
 def sum_across_ranks(value: torch.Tensor, world: World) -> torch.Tensor:
+    return _all_reduce(value, dist.ReduceOp.SUM, world)  # gloo has no AVG
+
+
+def min_across_ranks(value: torch.Tensor, world: World) -> torch.Tensor:
+    return _all_reduce(value, dist.ReduceOp.MIN, world)
+
+
+def _all_reduce(value: torch.Tensor, op, world: World) -> torch.Tensor:
     if world.distributed:
         value = value.clone()
-        dist.all_reduce(value, op=dist.ReduceOp.SUM)  # gloo has no AVG
+        dist.all_reduce(value, op=op)
     return value
 
 
@@ -96,6 +104,6 @@ def barrier(world: World) -> None:
         dist.barrier()
 
 
-def close_world(world: World) -> None:
+def leave(world: World) -> None:
     if world.distributed and dist.is_initialized():
         dist.destroy_process_group()
