@@ -11,8 +11,8 @@ Variants (every op "torch" means the eager twins, whose attention is SDPA):
 Each variant starts from the same weights (one model built with a fixed seed, its state_dict loaded into each) and
 trains on the same batches (tokens drawn from a Zipf distribution over the 50257-token vocabulary with a fixed
 generator, so that the loss falls as the model learns the token frequencies and the variants are compared while it
-moves, not on a plateau). The step is train.py's: bf16 autocast, backward, gradient clipping at 1.0, AdamW (fused on
-CUDA, GPT-2's lr 6e-4, betas (0.9, 0.95), weight decay 0.1), zero_grad(set_to_none=True). Each step is timed with
+moves, not on a plateau). The step is train.py's own (training.loop.train_step): bf16 autocast, backward, gradient
+clipping at 1.0, AdamW (fused on CUDA, GPT-2's lr 6e-4, betas (0.9, 0.95), weight decay 0.1). Each step is timed with
 CUDA events and ends with a synchronize, so a step's time is honest; compilation and autotuning fall in the warm-up
 steps. Per variant: tokens/s from the median steady-state step, MFU against the measured cuBLAS bf16 matmul peak
 and against the datasheet peak (model.gpt.peak_bf16_flops), peak memory, the loss at every step, the raw step
@@ -45,13 +45,13 @@ import traceback
 from typing import NamedTuple
 
 import torch
-from torch.profiler import record_function
 
 from bench.common import environment, matmul_peak_tflops, print_table, require_cuda, write_results
 from kernels._checks import interpreting
 from model.config import preset
 from model.gpt import GPT, peak_bf16_flops
 from training.device import autocast
+from training.loop import train_step as trainer_step
 
 VOCAB_SIZE = 50257
 SEED = 1337
@@ -133,19 +133,12 @@ def build(config, state: dict, variant: Variant, device: torch.device):
 
 
 def train_step(model, runner, optimizer, batch: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """One optimizer step, as train.py takes it with one micro-batch; returns the loss (on the device). The labels
-    name the phases in a profile (bench/profile_step.py); outside one they cost nothing measurable."""
-    x, y = batch[:, :-1], batch[:, 1:]
-    with record_function("forward"), autocast(dtype, batch.device):
-        _, loss = runner(x, y)
-    with record_function("backward"):
-        loss.backward()
-    with record_function("clip_grad_norm"):
-        torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
-    with record_function("optimizer"):
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    return loss.detach()
+    """train.py's own optimizer step (training.loop.train_step) on one micro-batch, bf16 needing no gradient
+    scaling; returns the loss (on the device). The step labels its phases for a profile (bench/profile_step.py)."""
+    no_scaling = torch.amp.GradScaler(batch.device.type, enabled=False)
+    loss, _ = trainer_step(model, runner, optimizer, no_scaling, [(batch[:, :-1], batch[:, 1:])], 1,
+                           autocast(dtype, batch.device), GRAD_CLIP)
+    return loss
 
 
 class StepTimer:
