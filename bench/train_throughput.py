@@ -48,7 +48,7 @@ import torch
 from torch.profiler import record_function
 
 from bench.common import environment, matmul_peak_tflops, print_table, require_cuda, write_results
-from kernels._checks import interpreting
+from kernels._common import interpreting
 from model.config import preset
 from model.gpt import GPT, peak_bf16_flops
 from training.device import autocast

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels._checks import check_tensors, interpreting
+from kernels._common import autotune, check_tensors, interpreting
 
 # Switches read at every call; the benchmark flips them to measure the alternatives (see the module docstring).
 PLAIN_MATMUL = "torch"   # "torch" (cuBLAS on a GPU) or "triton": who runs the matmuls with nothing to fuse
@@ -89,24 +89,18 @@ def _gelu_and_grad(z, TANH: tl.constexpr):
 _NONE, _BIAS_GELU, _GELU_GRAD = 0, 1, 2  # the epilogues
 
 
-def _autotuned(kernel):
-    """Autotune on a GPU over a handful of Hopper-friendly tiles. The interpreter cannot autotune, so it gets one
-    tile, 64x64x32: it runs programs one after another at a Python-overhead cost per operation per program, nearly
-    independent of the tile size, so fewer, larger tiles test fastest (the tests' sizes are still not multiples of
-    it). The key holds the shape, the operand layouts (strides) and the epilogue; the autotuner adds the tensors'
-    dtypes itself. Every output is written, never accumulated into, so the autotuner's trial launches are
-    harmless."""
-    if interpreting():
-        configs = [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 2},
-                                 num_warps=4, num_stages=1)]
-    else:
-        configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8},
-                                 num_warps=w, num_stages=s)
-                   for m, n, k, w, s in [(128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 4),
-                                         (128, 128, 64, 4, 4), (64, 256, 64, 4, 4), (128, 64, 64, 4, 4)]]
-    key = ["M", "N", "K", "stride_am", "stride_ak", "stride_bk", "stride_bn",
-           "EPILOGUE", "HAS_BIAS", "STORE_AUX", "STORE_H", "BIAS_GRAD", "TANH"]
-    return triton.autotune(configs, key=key)(kernel)
+# On a GPU, a handful of Hopper-friendly tiles. Under the interpreter one tile, 64x64x32: it runs programs one after
+# another at a Python-overhead cost per operation per program, nearly independent of the tile size, so fewer, larger
+# tiles test fastest (the tests' sizes are still not multiples of it). The key holds the shape, the operand layouts
+# (strides) and the epilogue. Every output is written, never accumulated into, so the autotuner's trial launches are
+# harmless.
+_GPU_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=s)
+                for m, n, k, w, s in [(128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 4),
+                                      (128, 128, 64, 4, 4), (64, 256, 64, 4, 4), (128, 64, 64, 4, 4)]]
+_INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 2}, num_warps=4,
+                                    num_stages=1)
+_AUTOTUNE_KEY = ["M", "N", "K", "stride_am", "stride_ak", "stride_bk", "stride_bn",
+                 "EPILOGUE", "HAS_BIAS", "STORE_AUX", "STORE_H", "BIAS_GRAD", "TANH"]
 
 
 # Rows per partial column sum of the GELU' epilogue: divides every BLOCK_M above, so the partials' layout does not
@@ -114,7 +108,7 @@ def _autotuned(kernel):
 _BIAS_GRAD_ROWS = 32 if interpreting() else 64
 
 
-@_autotuned
+@autotune(_GPU_CONFIGS, _AUTOTUNE_KEY, _INTERPRETER_CONFIG)
 @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
 @triton.jit
 def _matmul_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, aux_ptr, h_ptr, bias_grad_ptr,
@@ -298,16 +292,11 @@ class _GeluMLP(torch.autograd.Function):
 def _validate(x, fc_weight, fc_bias, proj_weight, proj_bias, approximate) -> None:
     if approximate not in ("tanh", "none"):
         raise ValueError(f"gelu_mlp: approximate must be 'tanh' or 'none', got {approximate!r}")
-    tensors = {"x": x, "fc_weight": fc_weight, "proj_weight": proj_weight}
-    if fc_bias is not None:
-        tensors["fc_bias"] = fc_bias
-    if proj_bias is not None:
-        tensors["proj_bias"] = proj_bias
-    check_tensors("gelu_mlp", **tensors)
-    for name in ("fc_weight", "proj_weight"):
-        if tensors[name].dim() != 2:
+    check_tensors("gelu_mlp", x=x, fc_weight=fc_weight, proj_weight=proj_weight, fc_bias=fc_bias, proj_bias=proj_bias)
+    for name, weight in (("fc_weight", fc_weight), ("proj_weight", proj_weight)):
+        if weight.dim() != 2:
             raise ValueError(f"gelu_mlp: {name} must be 2-D (out_features, in_features), "
-                             f"got shape {tuple(tensors[name].shape)}")
+                             f"got shape {tuple(weight.shape)}")
     hidden, d_in = fc_weight.shape
     if x.dim() == 0 or x.shape[-1] != d_in:
         raise ValueError(f"gelu_mlp: x's last dimension must equal fc_weight.shape[1] = {d_in}, "

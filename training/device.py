@@ -1,7 +1,7 @@
 """Where and how the model runs: the device, each op's implementation, and the compute dtype."""
 import torch
 
-from kernels._checks import interpreting
+from kernels._common import interpreting
 from training.errors import UserError
 
 
