@@ -8,8 +8,8 @@ import re
 import pytest
 import torch
 
-import kernels.mlp as mlp_module  # the module: its switches and the kernel launcher
-from kernels import gelu_mlp, gelu_mlp_eager
+import kernels.mlp as mlp_module  # the module: its kernel launcher
+from kernels import MLPOptions, gelu_mlp, gelu_mlp_eager
 from tests.parity import GRAD_FACTOR, OUTPUT_FACTOR, assert_parity, poisoned_allocations, reference_dtype
 
 NAMES = ("x", "fc_weight", "fc_bias", "proj_weight", "proj_bias")
@@ -29,11 +29,11 @@ def make_inputs(lead, d_in, hidden, d_out, device, fc_bias=True, proj_bias=True)
     return (x, w1, b1, w2, b2), dy
 
 
-def run(fn, inputs, dy, dtype, approximate, requires_grad=NAMES):
+def run(fn, inputs, dy, dtype, approximate, requires_grad=NAMES, **options):
     """fn on the inputs cast to dtype, then its gradients for dy: (output, {name: gradient})."""
     leaves = [None if t is None else t.detach().to(dtype).requires_grad_(name in requires_grad)
               for name, t in zip(NAMES, inputs)]
-    out = fn(*leaves, approximate=approximate)
+    out = fn(*leaves, approximate=approximate, **options)
     wrt = [(name, t) for name, t in zip(NAMES, leaves) if t is not None and t.requires_grad]
     grads = torch.autograd.grad(out, [t for _, t in wrt], dy.to(dtype)) if wrt else ()
     return out, {name: g for (name, _), g in zip(wrt, grads)}
@@ -53,13 +53,14 @@ def tf32_matmuls(enabled: bool):
         torch.backends.cuda.matmul.allow_tf32 = saved
 
 
-def check_parity(device, dtype, shape=ODD, approximate="tanh", fc_bias=True, proj_bias=True, requires_grad=NAMES):
+def check_parity(device, dtype, shape=ODD, approximate="tanh", fc_bias=True, proj_bias=True, requires_grad=NAMES,
+                 options=MLPOptions()):
     inputs, dy = make_inputs(*shape, device, fc_bias=fc_bias, proj_bias=proj_bias)
     ref_out, ref_grads = run(gelu_mlp_eager, inputs, dy, reference_dtype(dtype), approximate, requires_grad)
     with tf32_matmuls(device.type == "cuda" and dtype == torch.float32):
         torch_out, torch_grads = run(gelu_mlp_eager, inputs, dy, dtype, approximate, requires_grad)
     with poisoned_allocations():
-        out, grads = run(gelu_mlp, inputs, dy, dtype, approximate, requires_grad)
+        out, grads = run(gelu_mlp, inputs, dy, dtype, approximate, requires_grad, options=options)
     assert out.shape == torch_out.shape and out.dtype == dtype
     assert_parity("output", out, torch_out, ref_out, OUTPUT_FACTOR, dtype)
     assert grads.keys() == ref_grads.keys()
@@ -86,11 +87,10 @@ def test_parity_without_biases(device, fc_bias, proj_bias):
     ("triton", False, torch.float32), ("triton", False, torch.float16),
     ("torch", True, torch.float16), ("triton", True, torch.float16)],
     ids=["triton_matmuls-fp32", "triton_matmuls-fp16", "recompute_h-fp16", "triton_matmuls-recompute_h-fp16"])
-def test_parity_variants(device, monkeypatch, plain_matmul, recompute_h, dtype):
+def test_parity_variants(device, plain_matmul, recompute_h, dtype):
     """The alternatives the benchmark measures: the unfused matmuls in Triton, and h recomputed in the backward."""
-    monkeypatch.setattr(mlp_module, "PLAIN_MATMUL", plain_matmul)
-    monkeypatch.setattr(mlp_module, "RECOMPUTE_H", recompute_h)
-    check_parity(device, dtype, approximate="none" if recompute_h else "tanh")
+    options = MLPOptions(plain_matmul=plain_matmul, recompute_h=recompute_h)
+    check_parity(device, dtype, approximate="none" if recompute_h else "tanh", options=options)
 
 
 @pytest.mark.parametrize("lead", [(), (0,)], ids=["1d_x", "zero_rows"])
@@ -101,9 +101,27 @@ def test_parity_degenerate_rows(device, lead):
 @pytest.mark.parametrize("requires_grad", [("x",), ("fc_weight", "fc_bias", "proj_weight", "proj_bias"),
                                            ("proj_weight",)], ids=["x_only", "weights_only", "proj_weight_only"])
 @pytest.mark.parametrize("recompute_h", [False, True])
-def test_parity_some_gradients(device, monkeypatch, requires_grad, recompute_h):
-    monkeypatch.setattr(mlp_module, "RECOMPUTE_H", recompute_h)
-    check_parity(device, torch.float16, requires_grad=requires_grad)
+def test_parity_some_gradients(device, requires_grad, recompute_h):
+    check_parity(device, torch.float16, requires_grad=requires_grad, options=MLPOptions(recompute_h=recompute_h))
+
+
+def test_options_take_effect(device, monkeypatch):
+    """The variants' parity holds only if the options reach the implementation: recompute_h keeps h out of what the
+    forward saves, and plain_matmul="triton" sends the four unfused matmuls through the Triton kernel too."""
+    launches = []
+    launch = mlp_module._launch
+    monkeypatch.setattr(mlp_module, "_launch", lambda *args, **kwargs: launches.append(1) or launch(*args, **kwargs))
+    (x, w1, b1, w2, b2), dy = make_inputs((3,), 8, 32, 8, device)
+    params = [t.requires_grad_() for t in (x, w1, b1, w2, b2)]
+    for options, saved_hidden, matmuls in ((MLPOptions(), 2, 2), (MLPOptions(recompute_h=True), 1, 2),
+                                           (MLPOptions(plain_matmul="triton"), 2, 6)):
+        saved = []
+        launches.clear()
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+            y = gelu_mlp(*params, options=options)
+        torch.autograd.grad(y, params, dy)
+        assert saved.count((3, 32)) == saved_hidden, options
+        assert len(launches) == matmuls, options
 
 
 def test_parity_inference(device):
@@ -204,6 +222,11 @@ def test_bad_input_raises(device, case, message):
         gelu_mlp(x, w1, b1, w2, b2, approximate=approximate)
 
 
+def test_unknown_plain_matmul_raises():
+    with pytest.raises(ValueError, match="plain_matmul must be 'torch' or 'triton'"):
+        MLPOptions(plain_matmul="cublas")
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal, which needs no GPU present")
 def test_cpu_tensors_without_interpreter_raise(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
@@ -226,11 +249,10 @@ def test_parity_gpu(device, dtype, shape, approximate):
 @pytest.mark.gpu
 @pytest.mark.parametrize("plain_matmul,recompute_h", [("triton", False), ("torch", True), ("triton", True)],
                          ids=["triton_matmuls", "recompute_h", "triton_matmuls-recompute_h"])
-def test_parity_variants_gpu(device, monkeypatch, plain_matmul, recompute_h):
-    monkeypatch.setattr(mlp_module, "PLAIN_MATMUL", plain_matmul)
-    monkeypatch.setattr(mlp_module, "RECOMPUTE_H", recompute_h)
-    check_parity(device, torch.bfloat16, ((4, 1024), 768, 3072, 768))
-    check_parity(device, torch.bfloat16, ODD)
+def test_parity_variants_gpu(device, plain_matmul, recompute_h):
+    options = MLPOptions(plain_matmul=plain_matmul, recompute_h=recompute_h)
+    check_parity(device, torch.bfloat16, ((4, 1024), 768, 3072, 768), options=options)
+    check_parity(device, torch.bfloat16, ODD, options=options)
 
 
 @pytest.mark.gpu
