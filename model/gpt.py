@@ -13,11 +13,6 @@ import torch.nn.functional as F
 import kernels
 from model.config import GPTConfig
 
-ATTENTION = {"torch": kernels.attention_eager, "triton": kernels.flash_attention}
-ADD_LAYER_NORM = {"torch": kernels.add_layer_norm_eager, "triton": kernels.add_layer_norm}
-LAYER_NORM = {"torch": kernels.layer_norm_eager, "triton": kernels.layer_norm}
-GELU_MLP = {"torch": kernels.gelu_mlp_eager, "triton": kernels.gelu_mlp}
-
 
 class LayerNorm(nn.Module):
     """LayerNorm of the residual stream after adding a pending update to it. Returns (normed, new stream).
@@ -30,13 +25,14 @@ class LayerNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(ndim))
         self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
-        self.impl = impl
+        self.layer_norm = kernels.OPS["layer_norm"].implementations[impl]
+        self.add_layer_norm = kernels.OPS["add_layer_norm"].implementations[impl]
 
     def forward(self, stream: torch.Tensor, update: torch.Tensor | None = None):
         if update is None:
-            return LAYER_NORM[self.impl](stream, self.weight, self.bias), stream
+            return self.layer_norm(stream, self.weight, self.bias), stream
         # Under autocast a sub-layer returns bf16/fp16 while the stream stays fp32: add in the stream's precision.
-        return ADD_LAYER_NORM[self.impl](update.to(stream.dtype), stream, self.weight, self.bias)
+        return self.add_layer_norm(update.to(stream.dtype), stream, self.weight, self.bias)
 
 
 class CausalSelfAttention(nn.Module):
@@ -46,7 +42,7 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
-        self.attend = ATTENTION[config.attention]
+        self.attend = kernels.OPS["attention"].implementations[config.attention]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
@@ -64,7 +60,7 @@ class MLP(nn.Module):
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
-        self.gelu_mlp = GELU_MLP[config.mlp]
+        self.gelu_mlp = kernels.OPS["gelu_mlp"].implementations[config.mlp]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.gelu_mlp(x, self.c_fc.weight, self.c_fc.bias, self.c_proj.weight, self.c_proj.bias,
