@@ -69,7 +69,7 @@ def bench_width(mlp, compiled, d, h, device, results):
         return lambda *p: mlp.gelu_mlp(*p, approximate="tanh", options=options)
 
     def eager(*p):
-        return mlp.gelu_mlp_eager(*p, approximate="tanh")
+        return mlp.gelu_mlp_reference(*p, approximate="tanh")
 
     def record(case, impl, ms, flops, **extra):
         results.append({"shape": shape, "case": case, "impl": impl, "ms": ms,
@@ -167,7 +167,7 @@ def main():
     import kernels.mlp as mlp
     env = environment()
     peak = matmul_peak_tflops()
-    compiled = torch.compile(mlp.gelu_mlp_eager, dynamic=False)
+    compiled = torch.compile(mlp.gelu_mlp_reference, dynamic=False)
     results = []
     for d, h in WIDTHS:
         print(f"timing {d}->{h}->{d} ...", flush=True)

@@ -1,14 +1,14 @@
-"""Triton kernels for a GPT's hot paths, each beside the eager PyTorch twin it is tested against, and OPS, the registry
-of every op's implementations.
+"""Triton kernels for a GPT's hot paths, one module per op, each beside its reference: the plain PyTorch math the
+tests hold the kernel to. OPS registers every op's implementations under one name.
 
 This package knows nothing of the model: every op takes plain tensors.
 """
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from kernels.attention import attention_eager, flash_attention
-from kernels.layernorm import add_layer_norm, add_layer_norm_eager, layer_norm, layer_norm_eager
-from kernels.mlp import MLPOptions, gelu_mlp, gelu_mlp_eager
+from kernels.attention import attention_reference, flash_attention, sdpa_attention
+from kernels.layernorm import add_layer_norm, add_layer_norm_reference, layer_norm, layer_norm_reference
+from kernels.mlp import MLPOptions, gelu_mlp, gelu_mlp_reference
 
 
 @dataclass(frozen=True)
@@ -26,15 +26,15 @@ class Op:
 
 
 OPS = {
-    "attention": Op(triton=flash_attention, reference=attention_eager),
-    "layer_norm": Op(triton=layer_norm, reference=layer_norm_eager),
-    "add_layer_norm": Op(triton=add_layer_norm, reference=add_layer_norm_eager),
-    "gelu_mlp": Op(triton=gelu_mlp, reference=gelu_mlp_eager),
+    "attention": Op(triton=flash_attention, reference=attention_reference, alternatives={"sdpa": sdpa_attention}),
+    "layer_norm": Op(triton=layer_norm, reference=layer_norm_reference),
+    "add_layer_norm": Op(triton=add_layer_norm, reference=add_layer_norm_reference),
+    "gelu_mlp": Op(triton=gelu_mlp, reference=gelu_mlp_reference),
 }
 
 __all__ = [
     "OPS", "Op",
-    "flash_attention", "attention_eager",
-    "layer_norm", "layer_norm_eager", "add_layer_norm", "add_layer_norm_eager",
-    "gelu_mlp", "gelu_mlp_eager", "MLPOptions",
+    "flash_attention", "attention_reference", "sdpa_attention",
+    "layer_norm", "layer_norm_reference", "add_layer_norm", "add_layer_norm_reference",
+    "gelu_mlp", "gelu_mlp_reference", "MLPOptions",
 ]

@@ -1,4 +1,5 @@
-"""Multi-head attention: the Triton flash-attention kernels with their autograd Function, and the eager twin.
+"""Multi-head attention: the plain-math reference, PyTorch's SDPA as a named alternative, and the Triton
+flash-attention kernels with their autograd Function.
 
 q, k, v and the output are (batch, heads, seq_len, head_dim), with any strides. Notation, per (batch, head):
 S = scale · Q Kᵀ, P = softmax(S) row by row (causal: S_ij = -inf for j > i), O = P V.
@@ -17,9 +18,23 @@ import triton.language as tl
 from kernels._common import autotune, check_tensors, interpreting
 
 
-def attention_eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
-                    softmax_scale: float | None = None) -> torch.Tensor:
-    """softmax(q @ k^T * scale [+ causal mask]) @ v for q, k, v of shape (batch, heads, seq_len, head_dim)."""
+def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
+                        softmax_scale: float | None = None) -> torch.Tensor:
+    """softmax(q @ k^T * scale [+ causal mask]) @ v for q, k, v of shape (batch, heads, seq_len, head_dim), one
+    PyTorch op per step in the inputs' dtype: the math the kernel is held to. scale defaults to 1/sqrt(head_dim)."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale
+    scores = (q @ k.transpose(-2, -1)) * scale
+    if causal:
+        seq_len = q.shape[-2]
+        above_diagonal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=q.device).triu(1)
+        scores = scores.masked_fill(above_diagonal, float("-inf"))
+    return scores.softmax(dim=-1) @ v
+
+
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
+                   softmax_scale: float | None = None) -> torch.Tensor:
+    """The same through PyTorch's scaled_dot_product_attention, which runs a fused kernel on a GPU (flash, cuDNN or
+    memory-efficient): a fast eager alternative to the Triton kernel."""
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=softmax_scale)
 
 

@@ -1,5 +1,5 @@
 """The transformer MLP, y = gelu(x @ W1^T + b1) @ W2^T + b2: the Triton kernels, their autograd Function, and the
-eager twin.
+reference.
 
 Notation: x is (M, D) after flattening its leading dimensions, W1 = fc_weight is (H, D), W2 = proj_weight is
 (D_out, H) (nn.Linear layout), pre = x @ W1^T + b1 and h = gelu(pre) are (M, H).
@@ -54,9 +54,9 @@ class MLPOptions:
             raise ValueError(f"gelu_mlp: plain_matmul must be 'torch' or 'triton', got {self.plain_matmul!r}")
 
 
-def gelu_mlp_eager(x: torch.Tensor, fc_weight: torch.Tensor, fc_bias: torch.Tensor | None,
-                   proj_weight: torch.Tensor, proj_bias: torch.Tensor | None,
-                   approximate: str = "tanh") -> torch.Tensor:
+def gelu_mlp_reference(x: torch.Tensor, fc_weight: torch.Tensor, fc_bias: torch.Tensor | None,
+                       proj_weight: torch.Tensor, proj_bias: torch.Tensor | None,
+                       approximate: str = "tanh") -> torch.Tensor:
     return F.linear(F.gelu(F.linear(x, fc_weight, fc_bias), approximate=approximate), proj_weight, proj_bias)
 
 

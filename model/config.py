@@ -1,5 +1,5 @@
 """The model's configuration: its shape, and which implementation each op runs on ("torch", "triton", ...)."""
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 
 import kernels
 
@@ -40,10 +40,6 @@ class GPTConfig:
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
-
-    def with_ops(self, impl: str) -> "GPTConfig":
-        """The same model with every op on one implementation."""
-        return replace(self, **{op: impl for op in OP_FIELDS})
 
     @classmethod
     def from_dict(cls, d: dict) -> "GPTConfig":

@@ -1,8 +1,8 @@
 """A GPT-2 language model, readable top to bottom.
 
-Each op (attention, LayerNorm, MLP) runs on the implementation the config names: "torch", the eager PyTorch twin
-in `kernels/`, or "triton", the Triton kernel beside it. Both compute the same function; the parity tests hold
-them to each other.
+Each op (attention, LayerNorm, MLP) runs on the implementation the config names from kernels.OPS: "torch", the
+plain PyTorch reference in `kernels/`, "triton", the Triton kernel beside it, or a named alternative ("sdpa":
+PyTorch's fused attention). All compute the same function; the parity tests hold them to the reference.
 """
 import math
 

@@ -1,4 +1,4 @@
-"""The Triton flash attention against its eager twin, by the parity rule of tests/parity.py.
+"""The Triton flash attention against its reference, by the parity rule of tests/parity.py.
 
 Without a GPU the kernels run in Triton's interpreter, about 2 ms per program per loop step, so the CPU cases are
 small (batch 1, 2 heads) and cover every seq_len, head_dim, dtype and causality of the plan without taking their
@@ -6,9 +6,8 @@ product. The GPU cases add bf16, long sequences and head_dim 256.
 """
 import pytest
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from kernels import attention_eager, flash_attention
+from kernels import attention_reference, flash_attention
 from tests.parity import GRAD_FACTOR, OUTPUT_FACTOR, assert_parity, poisoned_allocations, reference_dtype
 
 FACTORS = {"out": OUTPUT_FACTOR, "dq": GRAD_FACTOR, "dk": GRAD_FACTOR, "dv": GRAD_FACTOR}
@@ -21,28 +20,12 @@ def _forward_backward(attend, q, k, v, do, **kwargs):
     return (out, *torch.autograd.grad(out, (q, k, v), do))
 
 
-def _attention_math(q, k, v, causal=True, softmax_scale=None):
-    """Attention as separate PyTorch ops in the inputs' dtype: scores, causal mask, softmax, weighted sum."""
-    scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
-    scores = (q @ k.transpose(-2, -1)) * scale
-    if causal:
-        seq_len = q.shape[-2]
-        above_diagonal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=q.device).triu(1)
-        scores = scores.masked_fill(above_diagonal, float("-inf"))
-    return scores.softmax(dim=-1) @ v
-
-
 def _check_parity(q, k, v, do, **kwargs):
     """Ours against PyTorch at the same precision, both measured against PyTorch in higher precision."""
     dtype = q.dtype
     ref_dtype = reference_dtype(dtype)
-    with sdpa_kernel(SDPBackend.MATH):  # an exact reference: no reduced-precision fused kernel on GPU
-        reference = _forward_backward(attention_eager, *(t.to(ref_dtype) for t in (q, k, v, do)), **kwargs)
-    # PyTorch's own error at this precision, from the op composed of PyTorch ops in that dtype (as FlashAttention's
-    # tests do) rather than from SDPA: for strided fp16 inputs on CPU, SDPA falls back to its math backend, which
-    # computes in fp32 and rounds only its results, a bound no kernel with fp16 matrix products meets (measured: our dk
-    # over it in about 2% of draws; against this baseline, at most 0.4 of the bound in 80 draws).
-    torch_same_dtype = _forward_backward(_attention_math, q, k, v, do, **kwargs)
+    reference = _forward_backward(attention_reference, *(t.to(ref_dtype) for t in (q, k, v, do)), **kwargs)
+    torch_same_dtype = _forward_backward(attention_reference, q, k, v, do, **kwargs)
     with poisoned_allocations():
         ours = _forward_backward(flash_attention, q, k, v, do, **kwargs)
     for name, a, b, c in zip(FACTORS, ours, torch_same_dtype, reference):

@@ -1,7 +1,7 @@
-"""The Triton LayerNorm and add+LayerNorm against their eager twins, by the parity rule in tests/parity.py.
+"""The Triton LayerNorm and add+LayerNorm against their references, by the parity rule in tests/parity.py.
 
-Each parity check runs three times on the same inputs and upstream gradients: the eager twin on inputs upcast to
-the reference dtype, the eager twin in the test dtype, and the kernel with every torch.empty* poisoned with NaN.
+Each parity check runs three times on the same inputs and upstream gradients: the reference on inputs upcast to
+the reference dtype, the reference in the test dtype, and the kernel with every torch.empty* poisoned with NaN.
 Under the interpreter the kernel's largest whole-row block is 1024 wide, so width 4097 takes the chunked path.
 """
 import contextlib
@@ -9,7 +9,7 @@ import contextlib
 import pytest
 import torch
 
-from kernels import add_layer_norm, add_layer_norm_eager, layer_norm, layer_norm_eager
+from kernels import add_layer_norm, add_layer_norm_reference, layer_norm, layer_norm_reference
 from tests.parity import GRAD_FACTOR, OUTPUT_FACTOR, assert_parity, poisoned_allocations, reference_dtype
 
 
@@ -60,9 +60,9 @@ def _check_parity(kernel, eager, tensors, names, out_names, dtype):
 def _layer_norm_parity(shape, dtype, device, with_bias):
     x, _, weight, bias = _inputs(shape, dtype, device, False, with_bias)
     if with_bias:
-        _check_parity(layer_norm, layer_norm_eager, [x, weight, bias], ["x", "weight", "bias"], ["normed"], dtype)
+        _check_parity(layer_norm, layer_norm_reference, [x, weight, bias], ["x", "weight", "bias"], ["normed"], dtype)
     else:
-        _check_parity(lambda x, w: layer_norm(x, w), lambda x, w: layer_norm_eager(x, w),
+        _check_parity(lambda x, w: layer_norm(x, w), lambda x, w: layer_norm_reference(x, w),
                       [x, weight], ["x", "weight"], ["normed"], dtype)
 
 
@@ -70,10 +70,10 @@ def _add_layer_norm_parity(shape, dtype, device, with_bias):
     x, residual, weight, bias = _inputs(shape, dtype, device, True, with_bias)
     outs = ["normed", "summed"]
     if with_bias:
-        _check_parity(add_layer_norm, add_layer_norm_eager, [x, residual, weight, bias],
+        _check_parity(add_layer_norm, add_layer_norm_reference, [x, residual, weight, bias],
                       ["x", "residual", "weight", "bias"], outs, dtype)
     else:
-        _check_parity(lambda x, r, w: add_layer_norm(x, r, w), lambda x, r, w: add_layer_norm_eager(x, r, w),
+        _check_parity(lambda x, r, w: add_layer_norm(x, r, w), lambda x, r, w: add_layer_norm_reference(x, r, w),
                       [x, residual, weight], ["x", "residual", "weight"], outs, dtype)
 
 
@@ -125,9 +125,9 @@ def test_non_contiguous_inputs(device):
     weight = torch.randn(2 * width, device=device)[::2]
     bias = torch.randn(width, device=device)
     assert not x.is_contiguous() and not residual.is_contiguous() and not weight.is_contiguous()
-    _check_parity(add_layer_norm, add_layer_norm_eager, [x, residual, weight, bias],
+    _check_parity(add_layer_norm, add_layer_norm_reference, [x, residual, weight, bias],
                   ["x", "residual", "weight", "bias"], ["normed", "summed"], torch.float32)
-    _check_parity(layer_norm, layer_norm_eager, [residual, weight, bias], ["x", "weight", "bias"], ["normed"],
+    _check_parity(layer_norm, layer_norm_reference, [residual, weight, bias], ["x", "weight", "bias"], ["normed"],
                   torch.float32)
 
 
@@ -136,7 +136,7 @@ def test_broadcast_upstream_gradient(device):
     torch.manual_seed(4)
     x, residual, weight, bias = _inputs((6, 50), torch.float32, device, True, True)
     ours = _backward(lambda *t: add_layer_norm(*t)[0].sum(), (x, residual, weight, bias), (None,))
-    eager = _backward(lambda *t: add_layer_norm_eager(*t)[0].sum(), (x, residual, weight, bias), (None,))
+    eager = _backward(lambda *t: add_layer_norm_reference(*t)[0].sum(), (x, residual, weight, bias), (None,))
     for name, a, b in zip(["x", "residual", "weight", "bias"], ours, eager):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m: f"d{name}: {m}")
 

@@ -1,4 +1,4 @@
-"""The Triton GELU-MLP (kernels.mlp) against its eager twin, by the parity rule of tests/parity.py: output and
+"""The Triton GELU-MLP (kernels.mlp) against its reference, by the parity rule of tests/parity.py: output and
 every gradient (x, both weights, both biases), both GELU forms, odd and GPT-2-like sizes, with and without biases,
 2-D and 3-D inputs, determinism, and one test per ValueError. Without a GPU the kernels run in Triton's interpreter
 (fp32 and fp16: its bf16 dot is wrong); bf16 and the large shapes run on a GPU only."""
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import kernels.mlp as mlp_module  # the module: its kernel launcher
-from kernels import MLPOptions, gelu_mlp, gelu_mlp_eager
+from kernels import MLPOptions, gelu_mlp, gelu_mlp_reference
 from tests.parity import GRAD_FACTOR, OUTPUT_FACTOR, assert_parity, poisoned_allocations, reference_dtype
 
 NAMES = ("x", "fc_weight", "fc_bias", "proj_weight", "proj_bias")
@@ -56,9 +56,9 @@ def tf32_matmuls(enabled: bool):
 def check_parity(device, dtype, shape=ODD, approximate="tanh", fc_bias=True, proj_bias=True, requires_grad=NAMES,
                  options=MLPOptions()):
     inputs, dy = make_inputs(*shape, device, fc_bias=fc_bias, proj_bias=proj_bias)
-    ref_out, ref_grads = run(gelu_mlp_eager, inputs, dy, reference_dtype(dtype), approximate, requires_grad)
+    ref_out, ref_grads = run(gelu_mlp_reference, inputs, dy, reference_dtype(dtype), approximate, requires_grad)
     with tf32_matmuls(device.type == "cuda" and dtype == torch.float32):
-        torch_out, torch_grads = run(gelu_mlp_eager, inputs, dy, dtype, approximate, requires_grad)
+        torch_out, torch_grads = run(gelu_mlp_reference, inputs, dy, dtype, approximate, requires_grad)
     with poisoned_allocations():
         out, grads = run(gelu_mlp, inputs, dy, dtype, approximate, requires_grad, options=options)
     assert out.shape == torch_out.shape and out.dtype == dtype
@@ -133,9 +133,9 @@ def test_autocast_matches_eager(device):
     """Under autocast, fp32 inputs run in the autocast dtype, as F.linear's would; gradients reach the fp32 leaves."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float16  # (the interpreter's bf16 dot is wrong)
     inputs, dy = make_inputs(*ODD, device)
-    ref_out, ref_grads = run(gelu_mlp_eager, inputs, dy, torch.float32, "tanh")
+    ref_out, ref_grads = run(gelu_mlp_reference, inputs, dy, torch.float32, "tanh")
     with torch.autocast(device.type, dtype=dtype):
-        torch_out, torch_grads = run(gelu_mlp_eager, inputs, dy, torch.float32, "tanh")
+        torch_out, torch_grads = run(gelu_mlp_reference, inputs, dy, torch.float32, "tanh")
         out, grads = run(gelu_mlp, inputs, dy, torch.float32, "tanh")
     assert out.dtype == torch_out.dtype == dtype
     assert_parity("output", out, torch_out, ref_out, OUTPUT_FACTOR, dtype)

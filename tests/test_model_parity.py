@@ -1,7 +1,8 @@
-"""The whole GPT with each op on its Triton kernel matches the GPT on eager PyTorch (llm.c's whole-model test):
-logits, loss, every parameter's gradient, and the losses over several AdamW steps.
+"""The whole GPT with each op on its Triton kernel (or another implementation from kernels.OPS) matches the GPT on
+the ops' eager PyTorch references (llm.c's whole-model test): logits, loss, every parameter's gradient, and, every op
+on Triton, the losses over several AdamW steps.
 
-The rule is the kernels' (tests/parity.py): against a float64 eager reference, the Triton model's error may be at
+The rule is the kernels' (tests/parity.py): against a float64 eager reference, the tested model's error may be at
 most 2x (outputs) or 3x (gradients) the eager float32 model's own error, plus a small atol. On CPU the kernels run
 in Triton's interpreter, so the model is tiny.
 """
