@@ -14,12 +14,9 @@ import kernels
 from model.config import GPTConfig
 
 
-class LayerNorm(nn.Module):
-    """LayerNorm of the residual stream after adding a pending update to it. Returns (normed, new stream).
-
-    The model defers each residual add into the LayerNorm that follows it, so that one fused kernel reads the
-    stream once to produce both the sum and its normalisation.
-    """
+class AddLayerNorm(nn.Module):
+    """The residual add and the LayerNorm after it, in one pass over x: returns (LayerNorm(x + update), x + update),
+    or (LayerNorm(x), x) when there is no update."""
 
     def __init__(self, ndim: int, bias: bool, impl: str):
         super().__init__()
@@ -28,11 +25,11 @@ class LayerNorm(nn.Module):
         self.layer_norm = kernels.OPS["layer_norm"].implementations[impl]
         self.add_layer_norm = kernels.OPS["add_layer_norm"].implementations[impl]
 
-    def forward(self, stream: torch.Tensor, update: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, update: torch.Tensor | None = None):
         if update is None:
-            return self.layer_norm(stream, self.weight, self.bias), stream
-        # Under autocast a sub-layer returns bf16/fp16 while the stream stays fp32: add in the stream's precision.
-        return self.add_layer_norm(update.to(stream.dtype), stream, self.weight, self.bias)
+            return self.layer_norm(x, self.weight, self.bias), x
+        # Under autocast a sub-layer returns bf16/fp16 while x stays fp32: add in x's precision.
+        return self.add_layer_norm(update.to(x.dtype), x, self.weight, self.bias)
 
 
 class CausalSelfAttention(nn.Module):
@@ -69,22 +66,21 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """x + attn(ln_1(x)), then + mlp(ln_2(.)): the pre-LayerNorm GPT-2 block.
-
-    Takes the residual stream and the previous block's MLP output not yet added to it; returns the same pair.
-    """
+    """The pre-LayerNorm GPT-2 block: x = x + attn(ln_1(x)), then x = x + mlp(ln_2(x))."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.ln_1 = LayerNorm(config.n_embd, config.bias, config.layernorm)
+        self.ln_1 = AddLayerNorm(config.n_embd, config.bias, config.layernorm)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = LayerNorm(config.n_embd, config.bias, config.layernorm)
+        self.ln_2 = AddLayerNorm(config.n_embd, config.bias, config.layernorm)
         self.mlp = MLP(config)
 
-    def forward(self, stream: torch.Tensor, pending: torch.Tensor | None):
-        h, stream = self.ln_1(stream, pending)
-        h, stream = self.ln_2(stream, self.attn(h))
-        return stream, self.mlp(h)
+    def forward(self, x: torch.Tensor, update: torch.Tensor | None):
+        # Each residual add is left to the LayerNorm after it, which adds and normalises in one pass: ln_1 adds the
+        # previous block's MLP output (update), and this block's goes on to the next block's ln_1 (or to ln_f).
+        h, x = self.ln_1(x, update)
+        h, x = self.ln_2(x, self.attn(h))
+        return x, self.mlp(h)
 
 
 class GPT(nn.Module):
@@ -96,7 +92,7 @@ class GPT(nn.Module):
             wpe=nn.Embedding(config.block_size, config.n_embd),
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=LayerNorm(config.n_embd, config.bias, config.layernorm),
+            ln_f=AddLayerNorm(config.n_embd, config.bias, config.layernorm),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # tied input and output embeddings, as GPT-2
@@ -125,11 +121,11 @@ class GPT(nn.Module):
             raise ValueError(f"sequence of length {T} is longer than the model's block_size "
                              f"{self.config.block_size}; crop it to the last {self.config.block_size} tokens")
         pos = torch.arange(T, device=idx.device)
-        stream = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
-        pending = None
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        update = None
         for block in self.transformer.h:
-            stream, pending = block(stream, pending)
-        h, _ = self.transformer.ln_f(stream, pending)
+            x, update = block(x, update)
+        h, _ = self.transformer.ln_f(x, update)
         logits = self.lm_head(h)
         loss = None
         if targets is not None:
