@@ -13,7 +13,7 @@ from kernels.mlp import MLPOptions, gelu_mlp, gelu_mlp_reference
 
 @dataclass(frozen=True)
 class Op:
-    """One op's implementations, all with one signature: the Triton kernel, the reference it is tested against, and
+    """One op's implementations, all called alike: the Triton kernel, the reference it is tested against, and
     any named alternative."""
     triton: Callable
     reference: Callable
