@@ -1,15 +1,15 @@
 """Causal attention, bf16: the Triton flash attention against PyTorch's SDPA backends (flash, cuDNN, memory-efficient)
-and eager attention, forward, backward and forward+backward, at the GPT-2 124M training shape and at long context.
+and the eager reference, forward, backward and forward+backward, at the GPT-2 124M training shape and at long context.
 
     python -m bench.bench_attention        (from the repository root; needs a CUDA GPU)
 
 FLOPs: forward 4·B·H·T²·D, halved for causal; backward 2.5× the forward. The forward is timed as in training (inputs
-that require grad); the backward alone replays autograd on a retained graph. Eager attention is nanoGPT's non-flash
-path in bf16: it stores T×T scores, so it is skipped (and the reason recorded) where they would not fit in memory.
+that require grad); the backward alone replays autograd on a retained graph. Eager attention is the reference
+(kernels.attention.attention_reference, nanoGPT's non-flash path) in bf16: it stores T×T scores, so it is skipped (and
+the reason recorded) where they would not fit in memory.
 Writes bench/results/attention-<device>.json with the environment, the measured ceilings and the raw times.
 """
 import contextlib
-import functools
 import math
 
 import torch
@@ -17,7 +17,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from bench.common import (environment, matmul_peak_tflops, median_ms, print_table, require_cuda, rotating,
                           write_results)
-from kernels import attention_eager, flash_attention
+from kernels import attention_reference, flash_attention, sdpa_attention
 
 DTYPE = torch.bfloat16
 CAUSAL = True
@@ -33,26 +33,14 @@ SDPA_BACKENDS = {"sdpa_flash": "FLASH_ATTENTION", "sdpa_cudnn": "CUDNN_ATTENTION
 EAGER_MEMORY_FRACTION = 0.7  # of the free memory that eager attention's T×T matrices may take
 
 
-@functools.cache
-def _above_diagonal(seq_len: int, device: torch.device) -> torch.Tensor:
-    return torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).triu(1)
-
-
-def eager_attention(q, k, v):
-    """nanoGPT's attention without flash: scores, causal mask (a stored buffer, as nanoGPT keeps it), softmax and
-    the weighted sum, each a separate op."""
-    scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))
-    return scores.masked_fill(_above_diagonal(q.shape[-2], q.device), float("-inf")).softmax(dim=-1) @ v
-
-
 def peers() -> dict:
     """name -> (attention function, context it runs in); SDPA backends this build lacks are left out."""
     out = {"triton": (lambda q, k, v: flash_attention(q, k, v, causal=CAUSAL), contextlib.nullcontext)}
     for name, backend in SDPA_BACKENDS.items():
         if hasattr(SDPBackend, backend):
-            out[name] = (lambda q, k, v: attention_eager(q, k, v, causal=CAUSAL),
+            out[name] = (lambda q, k, v: sdpa_attention(q, k, v, causal=CAUSAL),
                          lambda backend=getattr(SDPBackend, backend): sdpa_kernel(backend))
-    out["eager"] = (eager_attention, contextlib.nullcontext)
+    out["eager"] = (lambda q, k, v: attention_reference(q, k, v, causal=CAUSAL), contextlib.nullcontext)
     return out
 
 
@@ -108,7 +96,7 @@ def check_output(shape) -> float:
     """Max |triton - SDPA| of the forward on one fresh input (bf16 outputs of size ~1: expect ~1e-2 at most); a
     benchmark of a wrong kernel is worthless."""
     q, k, v = (torch.randn(shape, device="cuda", dtype=DTYPE) for _ in range(3))
-    return (flash_attention(q, k, v, causal=CAUSAL).float() - attention_eager(q, k, v, causal=CAUSAL).float()
+    return (flash_attention(q, k, v, causal=CAUSAL).float() - sdpa_attention(q, k, v, causal=CAUSAL).float()
             ).abs().max().item()
 
 

@@ -1,6 +1,6 @@
 """LayerNorm and add+LayerNorm on the GPU: GB/s of forward, backward and forward+backward for the Triton kernels,
-PyTorch eager, torch.compile of the eager twin and Liger-Kernel's LayerNorm (when installed), against the measured
-device-to-device copy bandwidth.
+the eager PyTorch reference, torch.compile of the reference and Liger-Kernel's LayerNorm (when installed), against the
+measured device-to-device copy bandwidth.
 
     python -m bench.bench_layernorm         # writes bench/results/layernorm-<device>.json
 
@@ -18,7 +18,7 @@ import torch
 
 from bench.common import (copy_bandwidth_gbps, environment, median_ms, print_table, require_cuda, rotating,
                           write_results)
-from kernels.layernorm import add_layer_norm, add_layer_norm_eager, layer_norm, layer_norm_eager
+from kernels.layernorm import add_layer_norm, add_layer_norm_reference, layer_norm, layer_norm_reference
 
 ROWS = 16384
 WIDTHS = (768, 1024, 1600, 4096, 8192)
@@ -51,14 +51,14 @@ def _compiled(fn):
 def _implementations(op: str, liger):
     if op == "layer_norm":
         impls = {"triton": lambda x, w, b: layer_norm(x, w, b, EPS),
-                 "eager": lambda x, w, b: layer_norm_eager(x, w, b, EPS),
-                 "compile": _compiled(lambda x, w, b: layer_norm_eager(x, w, b, EPS))}
+                 "eager": lambda x, w, b: layer_norm_reference(x, w, b, EPS),
+                 "compile": _compiled(lambda x, w, b: layer_norm_reference(x, w, b, EPS))}
         if liger is not None:
             impls["liger"] = liger
         return impls
     return {"triton": lambda x, r, w, b: add_layer_norm(x, r, w, b, EPS),
-            "eager": lambda x, r, w, b: add_layer_norm_eager(x, r, w, b, EPS),
-            "compile": _compiled(lambda x, r, w, b: add_layer_norm_eager(x, r, w, b, EPS))}
+            "eager": lambda x, r, w, b: add_layer_norm_reference(x, r, w, b, EPS),
+            "compile": _compiled(lambda x, r, w, b: add_layer_norm_reference(x, r, w, b, EPS))}
 
 
 def _make_inputs(op: str, width: int):
@@ -163,7 +163,7 @@ def main():
         "rows": ROWS, "widths": list(WIDTHS), "dtype": str(DTYPE), "eps": EPS,
         "bytes_model": "each input read once, each output written once; mean/rstd not counted (see module doc)",
         "mode": "training: every input requires grad; bwd timed with retain_graph=True on rotating forward graphs",
-        "torch_compile": "torch.compile(eager twin, dynamic=False), donated_buffer off, recompiled per width",
+        "torch_compile": "torch.compile(reference, dynamic=False), donated_buffer off, recompiled per width",
         "results": results, "targets": targets,
     })
     missed = [t for t in targets if not t["met"]]

@@ -6,18 +6,17 @@ Cases, each timed as the median of many runs (bench.common.median_ms) over rotat
 also runs the Triton autotuner and torch.compile's compilation):
   mlp fwd        the training forward (inputs require grad, so each implementation saves what its backward needs)
   mlp fwd+bwd    forward, then the gradients of x, both weights and both biases for a fixed upstream gradient
-                 triton variants: the default; RECOMPUTE_H (saves only pre, recomputes h in the backward); and
-                 PLAIN_MATMUL="triton" (the unfused matmuls in Triton instead of cuBLAS); with saved/peak memory
+                 triton variants: the default; MLPOptions(recompute_h=True) (saves only pre, recomputes h in the
+                 backward); and MLPOptions(plain_matmul="triton") (the unfused matmuls in Triton instead of cuBLAS);
+                 with saved/peak memory
   fc             x @ W1^T alone: cuBLAS's plain matmul vs the fused Triton matmul + bias + GELU (storing h and pre, as
                  in training, and h only, as in inference), and eager's matmul + bias, then GELU
   d_pre          dy @ W2 alone: cuBLAS's plain matmul vs the fused Triton matmul * GELU'(pre) (+ the db1 partials),
-                 with and without also writing h (the RECOMPUTE_H cost)
-  proj           h @ W2^T + b2: cuBLAS (torch.addmm) vs the Triton kernel: the measurement behind PLAIN_MATMUL
+                 with and without also writing h (the recompute_h cost)
+  proj           h @ W2^T + b2: cuBLAS (torch.addmm) vs the Triton kernel: the measurement behind plain_matmul
 Targets on an H100 (not tested here): mlp fwd+bwd >= 1.15x eager and >= 1.0x torch.compile; fused fc >= 90% of
 cuBLAS's plain matmul. The JSON (bench/results/gelu_mlp-<device>.json) holds every raw time.
 """
-import contextlib
-
 import torch
 import torch.nn.functional as F
 
@@ -27,16 +26,6 @@ from bench.common import (environment, matmul_peak_tflops, median_ms, print_tabl
 ROWS = 16384
 WIDTHS = [(768, 3072), (1024, 4096), (1600, 6400)]  # (D, H): GPT-2 small, medium, XL
 DTYPE = torch.bfloat16
-
-
-@contextlib.contextmanager
-def switches(mlp, plain_matmul="torch", recompute_h=False):
-    saved = mlp.PLAIN_MATMUL, mlp.RECOMPUTE_H
-    mlp.PLAIN_MATMUL, mlp.RECOMPUTE_H = plain_matmul, recompute_h
-    try:
-        yield
-    finally:
-        mlp.PLAIN_MATMUL, mlp.RECOMPUTE_H = saved
 
 
 def make_inputs(d, h, device):
@@ -76,31 +65,30 @@ def bench_width(mlp, compiled, d, h, device, results):
     mlp_flops = 4 * ROWS * d * h  # two matmuls of 2*M*D*H each; the backward does twice the forward
     fc_flops = 2 * ROWS * d * h
 
-    def ours(*p):
-        return mlp.gelu_mlp(*p, approximate="tanh")
+    def ours(options=mlp.MLPOptions()):
+        return lambda *p: mlp.gelu_mlp(*p, approximate="tanh", options=options)
 
     def eager(*p):
-        return mlp.gelu_mlp_eager(*p, approximate="tanh")
+        return mlp.gelu_mlp_reference(*p, approximate="tanh")
 
     def record(case, impl, ms, flops, **extra):
         results.append({"shape": shape, "case": case, "impl": impl, "ms": ms,
                         "tflops": flops / (ms * 1e-3) / 1e12, **extra})
 
     # --- the whole MLP ----------------------------------------------------------------------------------------------
-    impls = [("eager", eager, {}), ("torch.compile", compiled, {}), ("triton", ours, {}),
-             ("triton recompute_h", ours, {"recompute_h": True}),
-             ("triton all-Triton matmuls", ours, {"plain_matmul": "triton"})]
+    impls = [("eager", eager), ("torch.compile", compiled), ("triton", ours()),
+             ("triton recompute_h", ours(mlp.MLPOptions(recompute_h=True))),
+             ("triton all-Triton matmuls", ours(mlp.MLPOptions(plain_matmul="triton")))]
     fwd_ms, both_ms, memory = {}, {}, {}
-    for name, fn, flags in impls:
-        with switches(mlp, **flags):
-            if name != "triton recompute_h":  # its forward is the default's
-                fwd_ms[name] = timed(lambda: fn(*next(sets)[0]))
+    for name, fn in impls:
+        if name != "triton recompute_h":  # its forward is the default's
+            fwd_ms[name] = timed(lambda: fn(*next(sets)[0]))
 
-            def fwd_bwd():
-                params, dy = next(sets)
-                return torch.autograd.grad(fn(*params), params, dy)
-            both_ms[name] = timed(fwd_bwd)
-            memory[name] = memory_mb(fn, *next(sets))
+        def fwd_bwd():
+            params, dy = next(sets)
+            return torch.autograd.grad(fn(*params), params, dy)
+        both_ms[name] = timed(fwd_bwd)
+        memory[name] = memory_mb(fn, *next(sets))
     for name, ms in fwd_ms.items():
         record("mlp fwd", name, ms, mlp_flops, x_eager=fwd_ms["eager"] / ms, x_compile=fwd_ms["torch.compile"] / ms)
     for name, ms in both_ms.items():
@@ -151,15 +139,14 @@ def bench_width(mlp, compiled, d, h, device, results):
         ms = timed(fn)
         record("d_pre", impl, ms, fc_flops, vs_cublas=cublas_ms / ms)
 
-    # --- the projection: cuBLAS or Triton (PLAIN_MATMUL) ------------------------------------------------------------
+    # --- the projection: cuBLAS or Triton (plain_matmul) ------------------------------------------------------------
     hidden = rotating(lambda: torch.randn(ROWS, h, device=device, dtype=DTYPE), bytes_per_set=2 * ROWS * h)
 
     def proj(plain_matmul):
         def run():
             (_, _, _, w2, b2), _ = next(sets)
             h_in = next(hidden)
-            with switches(mlp, plain_matmul=plain_matmul):
-                return mlp._mm(h_in, w2.detach().t(), b2.detach())
+            return mlp._mm(h_in, w2.detach().t(), b2.detach(), plain_matmul)
         return run
 
     cublas_ms = timed(proj("torch"))
@@ -180,7 +167,7 @@ def main():
     import kernels.mlp as mlp
     env = environment()
     peak = matmul_peak_tflops()
-    compiled = torch.compile(mlp.gelu_mlp_eager, dynamic=False)
+    compiled = torch.compile(mlp.gelu_mlp_reference, dynamic=False)
     results = []
     for d, h in WIDTHS:
         print(f"timing {d}->{h}->{d} ...", flush=True)

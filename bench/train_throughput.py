@@ -4,7 +4,7 @@
     python -m bench.train_throughput --models gpt2-medium   # 350M: a separate call (see the time budget below)
     TRITON_INTERPRET=1 python -m bench.train_throughput --device cpu --models tiny --batch-size 2 --steps 3 --warmup 1
 
-Variants (every op "torch" means the eager twins, whose attention is SDPA):
+Variants (a and b run attention on PyTorch's SDPA and the other ops on their eager PyTorch references):
   a  eager PyTorch, SDPA attention               b  a + torch.compile of the model: the nanoGPT recipe
   c  every op on this project's Triton kernels   d  c + torch.compile of the rest
 
@@ -42,13 +42,14 @@ import math
 import statistics
 import time
 import traceback
+from dataclasses import replace
 from typing import NamedTuple
 
 import torch
 
 from bench.common import environment, matmul_peak_tflops, print_table, require_cuda, write_results
-from kernels._checks import interpreting
-from model.config import preset
+from kernels._common import interpreting
+from model.config import OP_FIELDS, preset
 from model.gpt import GPT, peak_bf16_flops
 from training.device import autocast
 from training.loop import train_step as trainer_step
@@ -67,15 +68,17 @@ VS_B_TARGET, MFU_TARGET = 1.1, 0.5  # the issue's targets on an H100, for (c) or
 
 class Variant(NamedTuple):
     label: str
-    ops: str        # every op's implementation: "torch" (the eager twins) or "triton"
-    compile: bool   # torch.compile the model
+    ops: dict[str, str]  # each op field of the model's config and its implementation
+    compile: bool        # torch.compile the model
 
 
+EAGER_OPS = {**{op: "torch" for op in OP_FIELDS}, "attention": "sdpa"}
+TRITON_OPS = {op: "triton" for op in OP_FIELDS}
 VARIANTS = {
-    "a": Variant("eager, SDPA", "torch", False),
-    "b": Variant("SDPA + torch.compile (nanoGPT)", "torch", True),
-    "c": Variant("Triton kernels", "triton", False),
-    "d": Variant("Triton kernels + torch.compile", "triton", True),
+    "a": Variant("eager, SDPA", EAGER_OPS, False),
+    "b": Variant("SDPA + torch.compile (nanoGPT)", EAGER_OPS, True),
+    "c": Variant("Triton kernels", TRITON_OPS, False),
+    "d": Variant("Triton kernels + torch.compile", TRITON_OPS, True),
 }
 
 
@@ -126,7 +129,7 @@ def make_batches(block_size: int, batch_size: int, n_steps: int, device: torch.d
 def build(config, state: dict, variant: Variant, device: torch.device):
     """(model, what to call, optimizer) for one variant, starting from the reference weights in state."""
     with torch.device(device):  # initialise on the device (fast), then overwrite with the shared weights
-        model = GPT(config.with_ops(variant.ops))
+        model = GPT(replace(config, **variant.ops))
     model.load_state_dict(state)
     optimizer = model.configure_optimizers(WEIGHT_DECAY, LEARNING_RATE, BETAS, device.type)
     return model, (torch.compile(model) if variant.compile else model), optimizer
@@ -167,7 +170,7 @@ class StepTimer:
 
 def skip_reason(variant: Variant, device: torch.device) -> str | None:
     """Why a variant cannot run here, or None."""
-    if variant.ops == "triton" and device.type == "cpu" and not interpreting():
+    if "triton" in variant.ops.values() and device.type == "cpu" and not interpreting():
         return "skipped: the Triton kernels on CPU need TRITON_INTERPRET=1 set before Python starts"
     return None
 

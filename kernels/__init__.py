@@ -1,13 +1,40 @@
-"""Triton kernels for a GPT's hot paths, each beside the eager PyTorch twin it is tested against.
+"""Triton kernels for a GPT's hot paths, one module per op, each beside its reference: the plain PyTorch math the
+tests hold the kernel to. OPS registers every op's implementations under one name.
 
 This package knows nothing of the model: every op takes plain tensors.
 """
-from kernels.attention import attention_eager, flash_attention
-from kernels.mlp import gelu_mlp, gelu_mlp_eager
-from kernels.layernorm import add_layer_norm, add_layer_norm_eager, layer_norm, layer_norm_eager
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from kernels.attention import attention_reference, flash_attention, sdpa_attention
+from kernels.layernorm import add_layer_norm, add_layer_norm_reference, layer_norm, layer_norm_reference
+from kernels.mlp import MLPOptions, gelu_mlp, gelu_mlp_reference
+
+
+@dataclass(frozen=True)
+class Op:
+    """One op's implementations, all called alike: the Triton kernel, the reference it is tested against, and
+    any named alternative."""
+    triton: Callable
+    reference: Callable
+    alternatives: Mapping[str, Callable] = field(default_factory=dict)
+
+    @property
+    def implementations(self) -> dict[str, Callable]:
+        """Each implementation by the name a user chooses it by: "torch" is the reference."""
+        return {"torch": self.reference, "triton": self.triton, **self.alternatives}
+
+
+OPS = {
+    "attention": Op(triton=flash_attention, reference=attention_reference, alternatives={"sdpa": sdpa_attention}),
+    "layer_norm": Op(triton=layer_norm, reference=layer_norm_reference),
+    "add_layer_norm": Op(triton=add_layer_norm, reference=add_layer_norm_reference),
+    "gelu_mlp": Op(triton=gelu_mlp, reference=gelu_mlp_reference),
+}
 
 __all__ = [
-    "flash_attention", "attention_eager",
-    "layer_norm", "layer_norm_eager", "add_layer_norm", "add_layer_norm_eager",
-    "gelu_mlp", "gelu_mlp_eager",
+    "OPS", "Op",
+    "flash_attention", "attention_reference", "sdpa_attention",
+    "layer_norm", "layer_norm_reference", "add_layer_norm", "add_layer_norm_reference",
+    "gelu_mlp", "gelu_mlp_reference", "MLPOptions",
 ]

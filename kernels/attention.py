@@ -1,4 +1,5 @@
-"""Multi-head attention: the Triton flash-attention kernels with their autograd Function, and the eager twin.
+"""Multi-head attention: the plain-math reference, PyTorch's SDPA as a named alternative, and the Triton
+flash-attention kernels with their autograd Function.
 
 q, k, v and the output are (batch, heads, seq_len, head_dim), with any strides. Notation, per (batch, head):
 S = scale · Q Kᵀ, P = softmax(S) row by row (causal: S_ij = -inf for j > i), O = P V.
@@ -14,12 +15,26 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels._checks import check_tensors, interpreting
+from kernels._common import autotune, check_tensors, interpreting
 
 
-def attention_eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
-                    softmax_scale: float | None = None) -> torch.Tensor:
-    """softmax(q @ k^T * scale [+ causal mask]) @ v for q, k, v of shape (batch, heads, seq_len, head_dim)."""
+def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
+                        softmax_scale: float | None = None) -> torch.Tensor:
+    """softmax(q @ k^T * scale [+ causal mask]) @ v for q, k, v of shape (batch, heads, seq_len, head_dim), one
+    PyTorch op per step in the inputs' dtype: the math the kernel is held to. scale defaults to 1/sqrt(head_dim)."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale
+    scores = (q @ k.transpose(-2, -1)) * scale
+    if causal:
+        seq_len = q.shape[-2]
+        above_diagonal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=q.device).triu(1)
+        scores = scores.masked_fill(above_diagonal, float("-inf"))
+    return scores.softmax(dim=-1) @ v
+
+
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
+                   softmax_scale: float | None = None) -> torch.Tensor:
+    """The same through PyTorch's scaled_dot_product_attention, which runs a fused kernel on a GPU (flash, cuDNN or
+    memory-efficient): a fast eager alternative to the Triton kernel."""
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=softmax_scale)
 
 
@@ -28,7 +43,7 @@ def attention_eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
 # there), and DOT_PRECISION, "ieee" for fp32 so that fp32 inputs get fp32 products rather than TF32 ones (16-bit
 # inputs ignore it). Key or query blocks that need no mask run in a loop without one (MASKED=False); a second loop
 # (MASKED=True) covers the blocks that cross the causal diagonal and the partial block at the end of the sequence.
-# The argument seq_len_key is read by the autotuner only (see _tuned).
+# The argument seq_len_key is read by the autotuner only (see _autotune_args).
 
 
 # Forward, one program per (BLOCK_M queries, head, batch). Stream over the key/value blocks the queries see, keeping
@@ -331,29 +346,28 @@ _GPU_CONFIGS = {
 _INTERPRETER_CONFIGS = {"fwd": (64, 32), "dkdv": (32, 64), "dq": (64, 32)}
 
 
-def _tuned(kernel: str):
-    """Autotune over _GPU_CONFIGS[kernel], keyed by head_dim, causality, the dtypes (the autotuner adds those) and
-    seq_len_key: seq_len rounded up to a power of two, since generating text grows seq_len one token at a time and
-    tuning again at every length would cost more than it gains."""
-    key = ["seq_len_key", "HEAD_DIM", "CAUSAL"]
-    if interpreting():
-        block_m, block_n = _INTERPRETER_CONFIGS[kernel]
-        return triton.autotune([triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n})], key=key)
+def _autotune_args(kernel: str) -> dict:
+    """kernels._common.autotune's arguments for one kernel: the shapes of _GPU_CONFIGS[kernel], pruned at launch to the
+    input's class, keyed by head_dim, causality and seq_len_key: seq_len rounded up to a power of two, since generating
+    text grows seq_len one token at a time and tuning again at every length would cost more than it gains."""
     by_class = _GPU_CONFIGS[kernel]
     shapes = sorted({shape for shapes in by_class.values() for shape in shapes})
     configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
+    block_m, block_n = _INTERPRETER_CONFIGS[kernel]
 
     def this_class(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
         wanted = by_class["fp32" if args["DOT_PRECISION"] == "ieee" else max(args["BLOCK_D"], 64)]
         return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in wanted]
 
-    return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": this_class})
+    return dict(configs=configs, key=["seq_len_key", "HEAD_DIM", "CAUSAL"],
+                interpreter_config=triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}),
+                prune_configs_by={"early_config_prune": this_class})
 
 
-_attn_fwd = _tuned("fwd")(_attn_fwd)
-_attn_bwd_dkdv = _tuned("dkdv")(_attn_bwd_dkdv)
-_attn_bwd_dq = _tuned("dq")(_attn_bwd_dq)
+_attn_fwd = autotune(**_autotune_args("fwd"))(_attn_fwd)
+_attn_bwd_dkdv = autotune(**_autotune_args("dkdv"))(_attn_bwd_dkdv)
+_attn_bwd_dq = autotune(**_autotune_args("dq"))(_attn_bwd_dq)
 _DELTA_BLOCK_M = 64  # the delta pass is a light row reduction: one tile shape serves
 
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
@@ -404,11 +418,7 @@ class _FlashAttention(torch.autograd.Function):
         return dq, dk, dv, None, None
 
 
-def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
-                    softmax_scale: float | None = None) -> torch.Tensor:
-    """softmax(q @ k^T * scale [+ causal mask]) @ v for q, k, v of shape (batch, heads, seq_len, head_dim), computed
-    tile by tile in Triton without storing the seq_len x seq_len matrix; differentiable. scale defaults to
-    1/sqrt(head_dim). fp16, bf16 or fp32; head_dim 16 to 256; any strides. Returns a contiguous tensor like q."""
+def _validate(q, k, v) -> None:
     check_tensors("flash_attention", q=q, k=k, v=v)
     if q.ndim != 4:
         raise ValueError(f"flash_attention: q, k, v must have 4 dimensions (batch, heads, seq_len, head_dim), "
@@ -423,6 +433,14 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
         raise ValueError(f"flash_attention: seq_len must be at least 1, got {seq_len}")
     if batch < 1 or heads < 1:
         raise ValueError(f"flash_attention: batch and heads must be at least 1, got shape {tuple(q.shape)}")
+
+
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
+                    softmax_scale: float | None = None) -> torch.Tensor:
+    """softmax(q @ k^T * scale [+ causal mask]) @ v for q, k, v of shape (batch, heads, seq_len, head_dim), computed
+    tile by tile in Triton without storing the seq_len x seq_len matrix; differentiable. scale defaults to
+    1/sqrt(head_dim). fp16, bf16 or fp32; head_dim 16 to 256; any strides. Returns a contiguous tensor like q."""
+    _validate(q, k, v)
     if softmax_scale is None:
-        softmax_scale = 1.0 / math.sqrt(head_dim)
+        softmax_scale = 1.0 / math.sqrt(q.shape[-1])
     return _FlashAttention.apply(q, k, v, bool(causal), float(softmax_scale))

@@ -1,4 +1,4 @@
-"""LayerNorm over the last dimension, alone and with the residual add fused in: Triton kernels and eager twins.
+"""LayerNorm over the last dimension, alone and with the residual add fused in: Triton kernels and references.
 
 `add_layer_norm(x, residual, ...)` returns (LayerNorm(x + residual), x + residual) from one read of x and residual,
 so a transformer block's residual stream and its next LayerNorm share one pass over the activations.
@@ -19,16 +19,16 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels._checks import check_tensors
+from kernels._common import check_tensors
 
 
-def layer_norm_eager(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                     eps: float = 1e-5) -> torch.Tensor:
+def layer_norm_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                         eps: float = 1e-5) -> torch.Tensor:
     return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
 
 
-def add_layer_norm_eager(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                         bias: torch.Tensor | None = None, eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
+def add_layer_norm_reference(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                             bias: torch.Tensor | None = None, eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
     """(LayerNorm(x + residual), x + residual)."""
     summed = x + residual
     return F.layer_norm(summed, summed.shape[-1:], weight, bias, eps), summed
@@ -37,7 +37,7 @@ def add_layer_norm_eager(x: torch.Tensor, residual: torch.Tensor, weight: torch.
 @triton.jit
 def _load_input(X, R, rows, cols, stride_x, stride_r, mask, HAS_RESIDUAL: tl.constexpr):
     """A tile of the LayerNorm's input in fp32: x, or x + residual rounded to the input dtype, which is the value
-    add_layer_norm returns as `summed`, so that normed == LayerNorm(summed) as the eager twin computes it."""
+    add_layer_norm returns as `summed`, so that normed == LayerNorm(summed) as the reference computes it."""
     s = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
         r = tl.load(R + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -268,13 +268,8 @@ class _LayerNormFn(torch.autograd.Function):
         return dx, (dx if ctx.has_residual else None), dweight, dbias, None
 
 
-def _check(op: str, x, weight, bias, residual=None) -> None:
-    tensors = dict(x=x, weight=weight)
-    if residual is not None:
-        tensors["residual"] = residual
-    if bias is not None:
-        tensors["bias"] = bias
-    check_tensors(op, **tensors)
+def _validate(op: str, x, weight, bias, residual=None) -> None:
+    check_tensors(op, x=x, weight=weight, residual=residual, bias=bias)
     if x.dim() == 0:
         raise ValueError(f"{op}: x must have at least one dimension to normalise over")
     if residual is not None and residual.shape != x.shape:
@@ -293,7 +288,7 @@ def _unit_stride(weight, bias):
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                eps: float = 1e-5) -> torch.Tensor:
     """LayerNorm over the last dimension of x (any leading shape), in Triton; differentiable."""
-    _check("layer_norm", x, weight, bias)
+    _validate("layer_norm", x, weight, bias)
     return _LayerNormFn.apply(x, None, *_unit_stride(weight, bias), float(eps))
 
 
@@ -301,5 +296,5 @@ def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor
                    bias: torch.Tensor | None = None, eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
     """(LayerNorm(x + residual), x + residual) from one pass over x and residual, in Triton; differentiable in
     both outputs."""
-    _check("add_layer_norm", x, weight, bias, residual)
+    _validate("add_layer_norm", x, weight, bias, residual)
     return _LayerNormFn.apply(x, residual, *_unit_stride(weight, bias), float(eps))

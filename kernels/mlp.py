@@ -1,5 +1,5 @@
 """The transformer MLP, y = gelu(x @ W1^T + b1) @ W2^T + b2: the Triton kernels, their autograd Function, and the
-eager twin.
+reference.
 
 Notation: x is (M, D) after flattening its leading dimensions, W1 = fc_weight is (H, D), W2 = proj_weight is
 (D_out, H) (nn.Linear layout), pre = x @ W1^T + b1 and h = gelu(pre) are (M, H).
@@ -20,34 +20,43 @@ benchmark (bench/bench_mlp.py) measures each alternative so that a GPU run can c
 * What the forward saves: pre AND h. The forward must write h anyway (it is the projection's input), so keeping it
   costs no time; pre is needed for gelu'(pre). Not storing pre would mean recomputing x @ W1^T in the backward, a
   whole extra matmul (+1/6 of the MLP's training FLOPs) to save one (M, H) write: rejected (the benchmark's
-  "fc" rows time exactly that matmul). Saving both matches eager PyTorch's memory (F.gelu saves pre,
-  the second F.linear saves h). The alternative, RECOMPUTE_H = True, saves only pre and rewrites h = gelu(pre)
-  in the backward's GELU' epilogue (it reads pre there anyway): half the MLP's saved (M, H) activations, for one
-  extra (M, H) write in the backward (~5% of the MLP's time at GPT-2 small shapes by byte count). A prologue that
+  "fc" rows time exactly that matmul). Saving both matches eager PyTorch's memory (F.gelu saves pre, the second
+  F.linear saves h). The alternative, MLPOptions(recompute_h=True), saves only pre and rewrites h = gelu(pre) in the
+  backward's GELU' epilogue (it reads pre there anyway): half the MLP's saved (M, H) activations, for one extra
+  (M, H) write in the backward (~5% of the MLP's time at GPT-2 small shapes by byte count). A prologue that
   recomputes h inside dW2 = dy^T @ h instead would evaluate GELU D_out/BLOCK_M times per element inside the
   matmul's main loop and keep B out of the tensor cores' shared-memory path: rejected.
-* The unfused matmuls (projection, dx, dW1, dW2) go to cuBLAS (PLAIN_MATMUL = "torch"): with nothing to fuse,
-  the Triton kernel can at best tie cuBLAS there (cuBLAS also fuses the projection's bias). PLAIN_MATMUL =
-  "triton" routes them through the Triton kernel instead; the benchmark times both.
+* The unfused matmuls (projection, dx, dW1, dW2) go to cuBLAS (MLPOptions(plain_matmul="torch")): with nothing to
+  fuse, the Triton kernel can at best tie cuBLAS there (cuBLAS also fuses the projection's bias).
+  MLPOptions(plain_matmul="triton") routes them through the Triton kernel instead; the benchmark times both.
 * Bias gradients are fp32 sums over rows. db1 comes from the GELU' epilogue (partials per BIAS_GRAD_ROWS rows,
   reduced after the kernel: deterministic, and independent of which tile size the autotuner picked); db2 is a
   torch sum over dy, which is (M, D_out), a quarter the size of d_pre.
 """
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels._checks import check_tensors, interpreting
-
-# Switches read at every call; the benchmark flips them to measure the alternatives (see the module docstring).
-PLAIN_MATMUL = "torch"   # "torch" (cuBLAS on a GPU) or "triton": who runs the matmuls with nothing to fuse
-RECOMPUTE_H = False      # True: save only pre for the backward and recompute h = gelu(pre) in its GELU' epilogue
+from kernels._common import autotune, check_tensors, interpreting
 
 
-def gelu_mlp_eager(x: torch.Tensor, fc_weight: torch.Tensor, fc_bias: torch.Tensor | None,
-                   proj_weight: torch.Tensor, proj_bias: torch.Tensor | None,
-                   approximate: str = "tanh") -> torch.Tensor:
+@dataclass(frozen=True)
+class MLPOptions:
+    """The alternatives the module docstring weighs, for gelu_mlp's `options`; the defaults are the chosen ones."""
+    plain_matmul: str = "torch"  # who runs the matmuls with nothing to fuse: "torch" (cuBLAS on a GPU) or "triton"
+    recompute_h: bool = False    # save only pre for the backward and recompute h = gelu(pre) in its GELU' epilogue
+
+    def __post_init__(self):
+        if self.plain_matmul not in ("torch", "triton"):
+            raise ValueError(f"gelu_mlp: plain_matmul must be 'torch' or 'triton', got {self.plain_matmul!r}")
+
+
+def gelu_mlp_reference(x: torch.Tensor, fc_weight: torch.Tensor, fc_bias: torch.Tensor | None,
+                       proj_weight: torch.Tensor, proj_bias: torch.Tensor | None,
+                       approximate: str = "tanh") -> torch.Tensor:
     return F.linear(F.gelu(F.linear(x, fc_weight, fc_bias), approximate=approximate), proj_weight, proj_bias)
 
 
@@ -89,24 +98,18 @@ def _gelu_and_grad(z, TANH: tl.constexpr):
 _NONE, _BIAS_GELU, _GELU_GRAD = 0, 1, 2  # the epilogues
 
 
-def _autotuned(kernel):
-    """Autotune on a GPU over a handful of Hopper-friendly tiles. The interpreter cannot autotune, so it gets one
-    tile, 64x64x32: it runs programs one after another at a Python-overhead cost per operation per program, nearly
-    independent of the tile size, so fewer, larger tiles test fastest (the tests' sizes are still not multiples of
-    it). The key holds the shape, the operand layouts (strides) and the epilogue; the autotuner adds the tensors'
-    dtypes itself. Every output is written, never accumulated into, so the autotuner's trial launches are
-    harmless."""
-    if interpreting():
-        configs = [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 2},
-                                 num_warps=4, num_stages=1)]
-    else:
-        configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8},
-                                 num_warps=w, num_stages=s)
-                   for m, n, k, w, s in [(128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 4),
-                                         (128, 128, 64, 4, 4), (64, 256, 64, 4, 4), (128, 64, 64, 4, 4)]]
-    key = ["M", "N", "K", "stride_am", "stride_ak", "stride_bk", "stride_bn",
-           "EPILOGUE", "HAS_BIAS", "STORE_AUX", "STORE_H", "BIAS_GRAD", "TANH"]
-    return triton.autotune(configs, key=key)(kernel)
+# On a GPU, a handful of Hopper-friendly tiles. Under the interpreter one tile, 64x64x32: it runs programs one after
+# another at a Python-overhead cost per operation per program, nearly independent of the tile size, so fewer, larger
+# tiles test fastest (the tests' sizes are still not multiples of it). The key holds the shape, the operand layouts
+# (strides) and the epilogue. Every output is written, never accumulated into, so the autotuner's trial launches are
+# harmless.
+_GPU_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=s)
+                for m, n, k, w, s in [(128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 4),
+                                      (128, 128, 64, 4, 4), (64, 256, 64, 4, 4), (128, 64, 64, 4, 4)]]
+_INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 2}, num_warps=4,
+                                    num_stages=1)
+_AUTOTUNE_KEY = ["M", "N", "K", "stride_am", "stride_ak", "stride_bk", "stride_bn",
+                 "EPILOGUE", "HAS_BIAS", "STORE_AUX", "STORE_H", "BIAS_GRAD", "TANH"]
 
 
 # Rows per partial column sum of the GELU' epilogue: divides every BLOCK_M above, so the partials' layout does not
@@ -114,7 +117,7 @@ def _autotuned(kernel):
 _BIAS_GRAD_ROWS = 32 if interpreting() else 64
 
 
-@_autotuned
+@autotune(_GPU_CONFIGS, _AUTOTUNE_KEY, _INTERPRETER_CONFIG)
 @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
 @triton.jit
 def _matmul_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, aux_ptr, h_ptr, bias_grad_ptr,
@@ -253,24 +256,22 @@ def _gelu_grad_matmul(dy: torch.Tensor, proj_weight: torch.Tensor, pre: torch.Te
     return d_pre, h, (partials.sum(0) if want_bias_grad else None)
 
 
-def _mm(a: torch.Tensor, b: torch.Tensor, bias=None) -> torch.Tensor:
-    """a @ b (+ bias) for a matmul with nothing to fuse: cuBLAS (torch) or the Triton kernel, per PLAIN_MATMUL."""
-    if PLAIN_MATMUL == "triton":
+def _mm(a: torch.Tensor, b: torch.Tensor, bias, plain_matmul: str) -> torch.Tensor:
+    """a @ b (+ bias) for a matmul with nothing to fuse: cuBLAS (plain_matmul "torch") or the Triton kernel."""
+    if plain_matmul == "triton":
         c = torch.empty((a.shape[0], b.shape[1]), device=a.device, dtype=a.dtype)
         _launch(a, b, c, _NONE, bias=bias)
         return c
-    if PLAIN_MATMUL != "torch":
-        raise ValueError(f"gelu_mlp: PLAIN_MATMUL must be 'torch' or 'triton', got {PLAIN_MATMUL!r}")
     return torch.mm(a, b) if bias is None else torch.addmm(bias, a, b)
 
 
 class _GeluMLP(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, fc_weight, fc_bias, proj_weight, proj_bias, tanh):
+    def forward(ctx, x, fc_weight, fc_bias, proj_weight, proj_bias, tanh, options):
         h, pre = _fc_gelu(x, fc_weight, fc_bias, tanh, save_pre=True)
-        y = _mm(h, proj_weight.t(), proj_bias)
-        ctx.tanh = tanh
-        ctx.save_for_backward(x, fc_weight, proj_weight, pre, None if RECOMPUTE_H else h)
+        y = _mm(h, proj_weight.t(), proj_bias, options.plain_matmul)
+        ctx.tanh, ctx.plain_matmul = tanh, options.plain_matmul
+        ctx.save_for_backward(x, fc_weight, proj_weight, pre, None if options.recompute_h else h)
         return y
 
     @staticmethod
@@ -283,31 +284,26 @@ class _GeluMLP(torch.autograd.Function):
                                                      want_bias_grad=need_b1)
             h = h_again if h is None else h
             if need_x:
-                dx = _mm(d_pre, fc_weight)
+                dx = _mm(d_pre, fc_weight, None, ctx.plain_matmul)
             if need_w1:
-                d_w1 = _mm(d_pre.t(), x)
+                d_w1 = _mm(d_pre.t(), x, None, ctx.plain_matmul)
             if need_b1:
                 d_b1 = d_b1.to(pre.dtype)
         if need_w2:
-            d_w2 = _mm(dy.t(), h)
+            d_w2 = _mm(dy.t(), h, None, ctx.plain_matmul)
         if need_b2:
             d_b2 = dy.sum(0, dtype=torch.float32).to(dy.dtype)
-        return dx, d_w1, d_b1, d_w2, d_b2, None
+        return dx, d_w1, d_b1, d_w2, d_b2, None, None
 
 
 def _validate(x, fc_weight, fc_bias, proj_weight, proj_bias, approximate) -> None:
     if approximate not in ("tanh", "none"):
         raise ValueError(f"gelu_mlp: approximate must be 'tanh' or 'none', got {approximate!r}")
-    tensors = {"x": x, "fc_weight": fc_weight, "proj_weight": proj_weight}
-    if fc_bias is not None:
-        tensors["fc_bias"] = fc_bias
-    if proj_bias is not None:
-        tensors["proj_bias"] = proj_bias
-    check_tensors("gelu_mlp", **tensors)
-    for name in ("fc_weight", "proj_weight"):
-        if tensors[name].dim() != 2:
+    check_tensors("gelu_mlp", x=x, fc_weight=fc_weight, proj_weight=proj_weight, fc_bias=fc_bias, proj_bias=proj_bias)
+    for name, weight in (("fc_weight", fc_weight), ("proj_weight", proj_weight)):
+        if weight.dim() != 2:
             raise ValueError(f"gelu_mlp: {name} must be 2-D (out_features, in_features), "
-                             f"got shape {tuple(tensors[name].shape)}")
+                             f"got shape {tuple(weight.shape)}")
     hidden, d_in = fc_weight.shape
     if x.dim() == 0 or x.shape[-1] != d_in:
         raise ValueError(f"gelu_mlp: x's last dimension must equal fc_weight.shape[1] = {d_in}, "
@@ -322,14 +318,14 @@ def _validate(x, fc_weight, fc_bias, proj_weight, proj_bias, approximate) -> Non
 
 def gelu_mlp(x: torch.Tensor, fc_weight: torch.Tensor, fc_bias: torch.Tensor | None,
              proj_weight: torch.Tensor, proj_bias: torch.Tensor | None,
-             approximate: str = "tanh") -> torch.Tensor:
+             approximate: str = "tanh", *, options: MLPOptions = MLPOptions()) -> torch.Tensor:
     """gelu(x @ fc_weight^T + fc_bias) @ proj_weight^T + proj_bias through the Triton kernels; differentiable.
 
     x: (..., D); fc_weight: (H, D); proj_weight: (D_out, H); the biases are optional. approximate: "tanh" (GPT-2)
     or "none" (exact erf GELU). Float16, bfloat16 or float32 (float32 dots run as TF32 on a GPU), all on one CUDA
     device (or the CPU under TRITON_INTERPRET=1). Under torch.autocast, float32 inputs are cast to the autocast
     dtype first, as F.linear would (the casts are differentiable: float32 parameters get float32 gradients).
-    Raises ValueError on bad input."""
+    options picks among the implementation's alternatives (MLPOptions). Raises ValueError on bad input."""
     device_type = x.device.type if isinstance(x, torch.Tensor) else None
     if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
@@ -341,8 +337,8 @@ def gelu_mlp(x: torch.Tensor, fc_weight: torch.Tensor, fc_bias: torch.Tensor | N
     x2d = x.reshape(-1, x.shape[-1])
     params = (x, fc_weight, fc_bias, proj_weight, proj_bias)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in params):
-        y = _GeluMLP.apply(x2d, fc_weight, fc_bias, proj_weight, proj_bias, tanh)
+        y = _GeluMLP.apply(x2d, fc_weight, fc_bias, proj_weight, proj_bias, tanh, options)
     else:  # inference: pre is not needed
         h, _ = _fc_gelu(x2d, fc_weight, fc_bias, tanh, save_pre=False)
-        y = _mm(h, proj_weight.t(), proj_bias)
+        y = _mm(h, proj_weight.t(), proj_bias, options.plain_matmul)
     return y.reshape(*x.shape[:-1], proj_weight.shape[0])

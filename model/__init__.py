@@ -1,4 +1,5 @@
-"""The GPT-2 model; each op runs on the eager PyTorch twin or the Triton kernel, as its config says."""
+"""The GPT-2 model; each op runs on its PyTorch reference, its Triton kernel or a named alternative, as its config
+says."""
 from model.config import GPTConfig, PRESETS, preset
 from model.gpt import GPT
 from model.gpt2_import import gpt2_config, load_gpt2

@@ -1,7 +1,13 @@
-"""The model's configuration: its shape, and which implementation each op runs on ("torch" or "triton")."""
-from dataclasses import dataclass, fields, replace
+"""The model's configuration: its shape, and which implementation each op runs on ("torch", "triton", ...)."""
+from dataclasses import dataclass, field, fields
 
-IMPLEMENTATIONS = ("torch", "triton")
+import kernels
+
+
+def op_choice(*ops: str):
+    """A config field naming the implementation that these ops of kernels.OPS run on: "torch" (their references, the
+    default), "triton", or an alternative they all have."""
+    return field(default="torch", metadata={"ops": ops})
 
 
 @dataclass(frozen=True)
@@ -13,9 +19,9 @@ class GPTConfig:
     n_embd: int = 768
     dropout: float = 0.0     # on the embeddings and on each sub-layer's output before the residual add
     bias: bool = True        # biases in the Linear layers and LayerNorms, as GPT-2
-    attention: str = "torch"
-    layernorm: str = "torch"
-    mlp: str = "torch"
+    attention: str = op_choice("attention")
+    layernorm: str = op_choice("layer_norm", "add_layer_norm")
+    mlp: str = op_choice("gelu_mlp")
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -27,22 +33,28 @@ class GPTConfig:
                              f"choose n_head among {divisors}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        for op in ("attention", "layernorm", "mlp"):
-            if getattr(self, op) not in IMPLEMENTATIONS:
-                raise ValueError(f"{op} must be one of {IMPLEMENTATIONS}, got {getattr(self, op)!r}")
+        for op in OP_FIELDS:
+            if getattr(self, op) not in implementations(op):
+                raise ValueError(f"{op} must be one of {implementations(op)}, got {getattr(self, op)!r}")
 
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
 
-    def with_ops(self, impl: str) -> "GPTConfig":
-        """The same model with every op on one implementation."""
-        return replace(self, attention=impl, layernorm=impl, mlp=impl)
-
     @classmethod
     def from_dict(cls, d: dict) -> "GPTConfig":
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
+
+
+# The config's op fields, each with the ops of kernels.OPS whose implementation it names.
+OP_FIELDS = {f.name: f.metadata["ops"] for f in fields(GPTConfig) if "ops" in f.metadata}
+
+
+def implementations(op: str) -> tuple[str, ...]:
+    """The implementations an op field can name: those that every op of kernels.OPS it covers has."""
+    each = [kernels.OPS[kernel_op].implementations for kernel_op in OP_FIELDS[op]]
+    return tuple(name for name in each[0] if all(name in names for names in each))
 
 
 # Shapes only: vocab_size comes from the tokenizer, the ops from the run's options.

@@ -1,8 +1,8 @@
 """A GPT-2 language model, readable top to bottom.
 
-Each op (attention, LayerNorm, MLP) runs on the implementation the config names: "torch", the eager PyTorch twin
-in `kernels/`, or "triton", the Triton kernel beside it. Both compute the same function; the parity tests hold
-them to each other.
+Each op (attention, LayerNorm, MLP) runs on the implementation the config names from kernels.OPS: "torch", the
+plain PyTorch reference in `kernels/`, "triton", the Triton kernel beside it, or a named alternative ("sdpa":
+PyTorch's fused attention). All compute the same function; the parity tests hold them to the reference.
 """
 import math
 
@@ -13,30 +13,23 @@ import torch.nn.functional as F
 import kernels
 from model.config import GPTConfig
 
-ATTENTION = {"torch": kernels.attention_eager, "triton": kernels.flash_attention}
-ADD_LAYER_NORM = {"torch": kernels.add_layer_norm_eager, "triton": kernels.add_layer_norm}
-LAYER_NORM = {"torch": kernels.layer_norm_eager, "triton": kernels.layer_norm}
-GELU_MLP = {"torch": kernels.gelu_mlp_eager, "triton": kernels.gelu_mlp}
 
-
-class LayerNorm(nn.Module):
-    """LayerNorm of the residual stream after adding a pending update to it. Returns (normed, new stream).
-
-    The model defers each residual add into the LayerNorm that follows it, so that one fused kernel reads the
-    stream once to produce both the sum and its normalisation.
-    """
+class AddLayerNorm(nn.Module):
+    """The residual add and the LayerNorm after it, in one pass over x: returns (LayerNorm(x + update), x + update),
+    or (LayerNorm(x), x) when there is no update."""
 
     def __init__(self, ndim: int, bias: bool, impl: str):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(ndim))
         self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
-        self.impl = impl
+        self.layer_norm = kernels.OPS["layer_norm"].implementations[impl]
+        self.add_layer_norm = kernels.OPS["add_layer_norm"].implementations[impl]
 
-    def forward(self, stream: torch.Tensor, update: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, update: torch.Tensor | None = None):
         if update is None:
-            return LAYER_NORM[self.impl](stream, self.weight, self.bias), stream
-        # Under autocast a sub-layer returns bf16/fp16 while the stream stays fp32: add in the stream's precision.
-        return ADD_LAYER_NORM[self.impl](update.to(stream.dtype), stream, self.weight, self.bias)
+            return self.layer_norm(x, self.weight, self.bias), x
+        # Under autocast a sub-layer returns bf16/fp16 while x stays fp32: add in x's precision.
+        return self.add_layer_norm(update.to(x.dtype), x, self.weight, self.bias)
 
 
 class CausalSelfAttention(nn.Module):
@@ -46,7 +39,7 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
-        self.attend = ATTENTION[config.attention]
+        self.attend = kernels.OPS["attention"].implementations[config.attention]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
@@ -64,7 +57,7 @@ class MLP(nn.Module):
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
-        self.gelu_mlp = GELU_MLP[config.mlp]
+        self.gelu_mlp = kernels.OPS["gelu_mlp"].implementations[config.mlp]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.gelu_mlp(x, self.c_fc.weight, self.c_fc.bias, self.c_proj.weight, self.c_proj.bias,
@@ -73,22 +66,21 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """x + attn(ln_1(x)), then + mlp(ln_2(.)): the pre-LayerNorm GPT-2 block.
-
-    Takes the residual stream and the previous block's MLP output not yet added to it; returns the same pair.
-    """
+    """The pre-LayerNorm GPT-2 block: x = x + attn(ln_1(x)), then x = x + mlp(ln_2(x))."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.ln_1 = LayerNorm(config.n_embd, config.bias, config.layernorm)
+        self.ln_1 = AddLayerNorm(config.n_embd, config.bias, config.layernorm)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = LayerNorm(config.n_embd, config.bias, config.layernorm)
+        self.ln_2 = AddLayerNorm(config.n_embd, config.bias, config.layernorm)
         self.mlp = MLP(config)
 
-    def forward(self, stream: torch.Tensor, pending: torch.Tensor | None):
-        h, stream = self.ln_1(stream, pending)
-        h, stream = self.ln_2(stream, self.attn(h))
-        return stream, self.mlp(h)
+    def forward(self, x: torch.Tensor, update: torch.Tensor | None):
+        # Each residual add is left to the LayerNorm after it, which adds and normalises in one pass: ln_1 adds the
+        # previous block's MLP output (update), and this block's goes on to the next block's ln_1 (or to ln_f).
+        h, x = self.ln_1(x, update)
+        h, x = self.ln_2(x, self.attn(h))
+        return x, self.mlp(h)
 
 
 class GPT(nn.Module):
@@ -100,7 +92,7 @@ class GPT(nn.Module):
             wpe=nn.Embedding(config.block_size, config.n_embd),
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=LayerNorm(config.n_embd, config.bias, config.layernorm),
+            ln_f=AddLayerNorm(config.n_embd, config.bias, config.layernorm),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # tied input and output embeddings, as GPT-2
@@ -129,11 +121,11 @@ class GPT(nn.Module):
             raise ValueError(f"sequence of length {T} is longer than the model's block_size "
                              f"{self.config.block_size}; crop it to the last {self.config.block_size} tokens")
         pos = torch.arange(T, device=idx.device)
-        stream = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
-        pending = None
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        update = None
         for block in self.transformer.h:
-            stream, pending = block(stream, pending)
-        h, _ = self.transformer.ln_f(stream, pending)
+            x, update = block(x, update)
+        h, _ = self.transformer.ln_f(x, update)
         logits = self.lm_head(h)
         loss = None
         if targets is not None:

@@ -1,52 +1,18 @@
-"""The Triton flash attention against its eager twin, by the parity rule of tests/parity.py.
+"""The Triton flash attention, and the SDPA alternative, against the reference by the parity rule of tests/parity.py.
 
 Without a GPU the kernels run in Triton's interpreter, about 2 ms per program per loop step, so the CPU cases are
-small (batch 1, 2 heads) and cover every seq_len, head_dim, dtype and causality of the plan without taking their
-product. The GPU cases add bf16, long sequences and head_dim 256.
+small (batch 1, 2 heads) and cover each seq_len, head_dim, dtype and causality below without taking their product.
+The GPU cases add bf16, long sequences and head_dim 256.
 """
 import pytest
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from kernels import attention_eager, flash_attention
-from tests.parity import GRAD_FACTOR, OUTPUT_FACTOR, assert_parity, poisoned_allocations, reference_dtype
-
-FACTORS = {"out": OUTPUT_FACTOR, "dq": GRAD_FACTOR, "dk": GRAD_FACTOR, "dv": GRAD_FACTOR}
+from kernels import attention_reference, flash_attention, sdpa_attention
+from tests.parity import assert_deterministic, check_parity
 
 
-def _forward_backward(attend, q, k, v, do, **kwargs):
-    """(out, dq, dk, dv) of attend on fresh leaves made from q, k, v (their strides kept), with upstream grad do."""
-    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
-    out = attend(q, k, v, **kwargs)
-    return (out, *torch.autograd.grad(out, (q, k, v), do))
-
-
-def _attention_math(q, k, v, causal=True, softmax_scale=None):
-    """Attention as separate PyTorch ops in the inputs' dtype: scores, causal mask, softmax, weighted sum."""
-    scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
-    scores = (q @ k.transpose(-2, -1)) * scale
-    if causal:
-        seq_len = q.shape[-2]
-        above_diagonal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=q.device).triu(1)
-        scores = scores.masked_fill(above_diagonal, float("-inf"))
-    return scores.softmax(dim=-1) @ v
-
-
-def _check_parity(q, k, v, do, **kwargs):
-    """Ours against PyTorch at the same precision, both measured against PyTorch in higher precision."""
-    dtype = q.dtype
-    ref_dtype = reference_dtype(dtype)
-    with sdpa_kernel(SDPBackend.MATH):  # an exact reference: no reduced-precision fused kernel on GPU
-        reference = _forward_backward(attention_eager, *(t.to(ref_dtype) for t in (q, k, v, do)), **kwargs)
-    # PyTorch's own error at this precision, from the op composed of PyTorch ops in that dtype (as FlashAttention's
-    # tests do) rather than from SDPA: for strided fp16 inputs on CPU, SDPA falls back to its math backend, which
-    # computes in fp32 and rounds only its results, a bound no kernel with fp16 matrix products meets (measured: our dk
-    # over it in about 2% of draws; against this baseline, at most 0.4 of the bound in 80 draws).
-    torch_same_dtype = _forward_backward(_attention_math, q, k, v, do, **kwargs)
-    with poisoned_allocations():
-        ours = _forward_backward(flash_attention, q, k, v, do, **kwargs)
-    for name, a, b, c in zip(FACTORS, ours, torch_same_dtype, reference):
-        assert_parity(name, a, b, c, FACTORS[name], dtype)
+def _check_parity(attend, inputs, upstream, **kwargs):
+    check_parity(attend, attention_reference, inputs, upstream, inputs["q"].dtype, **kwargs)
 
 
 def _name(value) -> str:
@@ -54,11 +20,13 @@ def _name(value) -> str:
 
 
 def _inputs(batch, heads, seq_len, head_dim, dtype, device):
-    return [torch.randn(batch, heads, seq_len, head_dim, dtype=dtype, device=device) for _ in range(4)]
+    """Fresh random ({"q", "k", "v"}, [upstream gradient])."""
+    q, k, v, do = (torch.randn(batch, heads, seq_len, head_dim, dtype=dtype, device=device) for _ in range(4))
+    return {"q": q, "k": k, "v": v}, [do]
 
 
-# Each seq_len of the plan with a different head_dim, both dtypes and both causalities across the set; seq_len 17,
-# 97 and 200 are not multiples of the interpreter's blocks, head_dim 80 is not a power of two.
+# Each seq_len with a different head_dim, both dtypes and both causalities across the set; seq_len 17, 97 and 200 are
+# not multiples of the interpreter's blocks, head_dim 80 is not a power of two.
 @pytest.mark.parametrize("seq_len, head_dim, dtype, causal", [
     (1, 64, torch.float16, True),
     (17, 80, torch.float32, False),
@@ -68,7 +36,7 @@ def _inputs(batch, heads, seq_len, head_dim, dtype, device):
     (64, 64, torch.bfloat16, True),  # bf16 tiles go through fp32 dots under the interpreter
 ], ids=_name)
 def test_parity(seq_len, head_dim, dtype, causal, device):
-    _check_parity(*_inputs(1, 2, seq_len, head_dim, dtype, device), causal=causal)
+    _check_parity(flash_attention, *_inputs(1, 2, seq_len, head_dim, dtype, device), causal=causal)
 
 
 def test_strided_inputs(device):
@@ -83,15 +51,20 @@ def test_strided_inputs(device):
     do = torch.randn(batch, seq_len, heads, head_dim, dtype=dtype, device=device).transpose(1, 2)
     assert len({q.stride(), k.stride(), v.stride(), do.stride()}) == 4
     assert not any(t.is_contiguous() for t in (q, k, v, do))
-    _check_parity(q, k, v, do, causal=True, softmax_scale=0.3)
+    _check_parity(flash_attention, {"q": q, "k": k, "v": v}, [do], causal=True, softmax_scale=0.3)
+
+
+@pytest.mark.parametrize("seq_len, head_dim, dtype, causal", [
+    (97, 16, torch.float16, False),
+    (200, 32, torch.float32, True),
+], ids=_name)
+def test_sdpa_parity(seq_len, head_dim, dtype, causal, device):
+    """The model's "sdpa" attention computes the reference's function too."""
+    _check_parity(sdpa_attention, *_inputs(1, 2, seq_len, head_dim, dtype, device), causal=causal)
 
 
 def test_backward_is_deterministic(device):
-    q, k, v, do = _inputs(1, 2, 97, 64, torch.float16, device)
-    first = _forward_backward(flash_attention, q, k, v, do)
-    second = _forward_backward(flash_attention, q, k, v, do)
-    for name, a, b in zip(FACTORS, first, second):
-        assert torch.equal(a, b), f"{name} differs between two runs on the same inputs"
+    assert_deterministic(flash_attention, *_inputs(1, 2, 97, 64, torch.float16, device))
 
 
 def _bad_inputs(device):
@@ -127,14 +100,9 @@ def test_bad_input_raises_value_error(case, device):
     (torch.float32, 512, 64, True),
 ], ids=_name)
 def test_parity_gpu(dtype, seq_len, head_dim, causal, device):
-    _check_parity(*_inputs(2, 3, seq_len, head_dim, dtype, device), causal=causal)
+    _check_parity(flash_attention, *_inputs(2, 3, seq_len, head_dim, dtype, device), causal=causal)
 
 
 @pytest.mark.gpu
 def test_backward_is_deterministic_gpu(device):
-    q, k, v, do = _inputs(4, 8, 4096, 128, torch.bfloat16, device)
-    first = _forward_backward(flash_attention, q, k, v, do)
-    for _ in range(2):
-        again = _forward_backward(flash_attention, q, k, v, do)
-        for name, a, b in zip(FACTORS, first, again):
-            assert torch.equal(a, b), f"{name} differs between runs on the same inputs"
+    assert_deterministic(flash_attention, *_inputs(4, 8, 4096, 128, torch.bfloat16, device), runs=3)

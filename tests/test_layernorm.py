@@ -1,16 +1,14 @@
-"""The Triton LayerNorm and add+LayerNorm against their eager twins, by the parity rule in tests/parity.py.
+"""The Triton LayerNorm and add+LayerNorm against their references, by the parity rule in tests/parity.py.
 
-Each parity check runs three times on the same inputs and upstream gradients: the eager twin on inputs upcast to
-the reference dtype, the eager twin in the test dtype, and the kernel with every torch.empty* poisoned with NaN.
+Each parity check runs three times on the same inputs and upstream gradients: the reference on inputs upcast to
+the reference dtype, the reference in the test dtype, and the kernel with every torch.empty* poisoned with NaN.
 Under the interpreter the kernel's largest whole-row block is 1024 wide, so width 4097 takes the chunked path.
 """
-import contextlib
-
 import pytest
 import torch
 
-from kernels import add_layer_norm, add_layer_norm_eager, layer_norm, layer_norm_eager
-from tests.parity import GRAD_FACTOR, OUTPUT_FACTOR, assert_parity, poisoned_allocations, reference_dtype
+from kernels import add_layer_norm, add_layer_norm_reference, layer_norm, layer_norm_reference
+from tests.parity import assert_deterministic, check_parity, forward_backward
 
 
 def _leading_shape(width: int, dims: int) -> tuple[int, ...]:
@@ -21,60 +19,27 @@ def _leading_shape(width: int, dims: int) -> tuple[int, ...]:
     return (37,) if dims == 2 else (3, 11)
 
 
-def _inputs(shape, dtype, device, with_residual, with_bias):
+def _inputs(shape, dtype, device, with_residual, with_bias=True):
+    """Fresh random arguments by name: {x, residual, weight, bias} for add_layer_norm, {x, weight, bias} for layer_norm
+    (without residual); bias is None when left out."""
     width = shape[-1]
-    x = torch.randn(shape, dtype=dtype, device=device)
-    residual = torch.randn(shape, dtype=dtype, device=device) if with_residual else None
-    weight = (1 + 0.5 * torch.randn(width, device=device)).to(dtype)
-    bias = (0.5 * torch.randn(width, device=device)).to(dtype) if with_bias else None
-    return x, residual, weight, bias
-
-
-def _outputs_and_grads(fn, tensors, upstream, dtype, poisoned=False):
-    """fn's outputs and the gradients of every tensor input, for the given upstream gradients, in `dtype`."""
-    leaves = [t.detach().to(dtype).requires_grad_() for t in tensors]
-    with poisoned_allocations() if poisoned else contextlib.nullcontext():
-        outs = fn(*leaves)
-        outs = outs if isinstance(outs, tuple) else (outs,)
-        grads = torch.autograd.grad(outs, leaves, [g.to(dtype) for g in upstream[:len(outs)]])
-    return outs, grads
-
-
-def _backward(fn, tensors, upstream):
-    leaves = [t.detach().clone().requires_grad_() for t in tensors]
-    outs = fn(*leaves)
-    return torch.autograd.grad(outs if isinstance(outs, tuple) else (outs,), leaves, upstream)
-
-
-def _check_parity(kernel, eager, tensors, names, out_names, dtype):
-    upstream = [torch.randn_like(tensors[0]) for _ in out_names]
-    ref = _outputs_and_grads(eager, tensors, upstream, reference_dtype(dtype))
-    same = _outputs_and_grads(eager, tensors, upstream, dtype)
-    ours = _outputs_and_grads(kernel, tensors, upstream, dtype, poisoned=True)
-    for i, name in enumerate(out_names):
-        assert_parity(name, ours[0][i], same[0][i], ref[0][i], OUTPUT_FACTOR, dtype)
-    for i, name in enumerate(names):
-        assert_parity(f"d{name}", ours[1][i], same[1][i], ref[1][i], GRAD_FACTOR, dtype)
+    inputs = {"x": torch.randn(shape, dtype=dtype, device=device)}
+    if with_residual:
+        inputs["residual"] = torch.randn(shape, dtype=dtype, device=device)
+    inputs["weight"] = (1 + 0.5 * torch.randn(width, device=device)).to(dtype)
+    inputs["bias"] = (0.5 * torch.randn(width, device=device)).to(dtype) if with_bias else None
+    return inputs
 
 
 def _layer_norm_parity(shape, dtype, device, with_bias):
-    x, _, weight, bias = _inputs(shape, dtype, device, False, with_bias)
-    if with_bias:
-        _check_parity(layer_norm, layer_norm_eager, [x, weight, bias], ["x", "weight", "bias"], ["normed"], dtype)
-    else:
-        _check_parity(lambda x, w: layer_norm(x, w), lambda x, w: layer_norm_eager(x, w),
-                      [x, weight], ["x", "weight"], ["normed"], dtype)
+    inputs = _inputs(shape, dtype, device, False, with_bias)
+    check_parity(layer_norm, layer_norm_reference, inputs, [torch.randn_like(inputs["x"])], dtype, ("normed",))
 
 
 def _add_layer_norm_parity(shape, dtype, device, with_bias):
-    x, residual, weight, bias = _inputs(shape, dtype, device, True, with_bias)
-    outs = ["normed", "summed"]
-    if with_bias:
-        _check_parity(add_layer_norm, add_layer_norm_eager, [x, residual, weight, bias],
-                      ["x", "residual", "weight", "bias"], outs, dtype)
-    else:
-        _check_parity(lambda x, r, w: add_layer_norm(x, r, w), lambda x, r, w: add_layer_norm_eager(x, r, w),
-                      [x, residual, weight], ["x", "residual", "weight"], outs, dtype)
+    inputs = _inputs(shape, dtype, device, True, with_bias)
+    upstream = [torch.randn_like(inputs["x"]) for _ in range(2)]
+    check_parity(add_layer_norm, add_layer_norm_reference, inputs, upstream, dtype, ("normed", "summed"))
 
 
 # Every width in both dtypes and both layouts (2-D with bias, 3-D without), each dtype taking the other layout
@@ -100,7 +65,7 @@ def test_add_layer_norm_parity(width, dtype, dims, with_bias, device):
 def test_add_layer_norm_normalises_the_rounded_sum(device):
     """normed is LayerNorm of the fp16 `summed` it returns, not of the unrounded fp32 sum."""
     torch.manual_seed(1)
-    x, residual, weight, bias = _inputs((9, 300), torch.float16, device, True, True)
+    x, residual, weight, bias = _inputs((9, 300), torch.float16, device, True).values()
     normed, summed = add_layer_norm(x, residual, weight, bias)
     assert torch.equal(summed, x + residual)
     torch.testing.assert_close(normed, layer_norm(summed, weight, bias), rtol=0, atol=0)
@@ -108,7 +73,7 @@ def test_add_layer_norm_normalises_the_rounded_sum(device):
 
 def test_add_layer_norm_only_summed_used(device):
     torch.manual_seed(2)
-    x, residual, weight, bias = (t.requires_grad_() for t in _inputs((5, 33), torch.float32, device, True, True))
+    x, residual, weight, bias = (t.requires_grad_() for t in _inputs((5, 33), torch.float32, device, True).values())
     _, summed = add_layer_norm(x, residual, weight, bias)
     ds = torch.randn_like(summed)
     dx, dr = torch.autograd.grad(summed, (x, residual), ds)
@@ -125,20 +90,21 @@ def test_non_contiguous_inputs(device):
     weight = torch.randn(2 * width, device=device)[::2]
     bias = torch.randn(width, device=device)
     assert not x.is_contiguous() and not residual.is_contiguous() and not weight.is_contiguous()
-    _check_parity(add_layer_norm, add_layer_norm_eager, [x, residual, weight, bias],
-                  ["x", "residual", "weight", "bias"], ["normed", "summed"], torch.float32)
-    _check_parity(layer_norm, layer_norm_eager, [residual, weight, bias], ["x", "weight", "bias"], ["normed"],
-                  torch.float32)
+    check_parity(add_layer_norm, add_layer_norm_reference,
+                 {"x": x, "residual": residual, "weight": weight, "bias": bias},
+                 [torch.randn_like(x), torch.randn_like(x)], torch.float32, ("normed", "summed"))
+    check_parity(layer_norm, layer_norm_reference, {"x": residual, "weight": weight, "bias": bias},
+                 [torch.randn_like(residual)], torch.float32, ("normed",))
 
 
 def test_broadcast_upstream_gradient(device):
     """y.sum().backward() hands the backward an expanded gradient whose strides are all zero."""
     torch.manual_seed(4)
-    x, residual, weight, bias = _inputs((6, 50), torch.float32, device, True, True)
-    ours = _backward(lambda *t: add_layer_norm(*t)[0].sum(), (x, residual, weight, bias), (None,))
-    eager = _backward(lambda *t: add_layer_norm_eager(*t)[0].sum(), (x, residual, weight, bias), (None,))
-    for name, a, b in zip(["x", "residual", "weight", "bias"], ours, eager):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m: f"d{name}: {m}")
+    inputs = _inputs((6, 50), torch.float32, device, True)
+    _, ours = forward_backward(lambda *t: add_layer_norm(*t)[0].sum(), inputs, [None])
+    _, reference = forward_backward(lambda *t: add_layer_norm_reference(*t)[0].sum(), inputs, [None])
+    for name in reference:
+        torch.testing.assert_close(ours[name], reference[name], rtol=1e-5, atol=1e-5, msg=lambda m: f"d{name}: {m}")
 
 
 def test_no_rows(device):
@@ -151,13 +117,10 @@ def test_no_rows(device):
 
 
 def _assert_deterministic(shape, dtype, device):
-    x, residual, weight, bias = _inputs(shape, dtype, device, True, True)
-    dy, ds = torch.randn_like(x), torch.randn_like(x)
-    for fn, tensors, upstream in ((layer_norm, (x, weight, bias), (dy,)),
-                                  (add_layer_norm, (x, residual, weight, bias), (dy, ds))):
-        first, second = _backward(fn, tensors, upstream), _backward(fn, tensors, upstream)
-        for a, b in zip(first, second):
-            assert torch.equal(a, b), f"{fn.__name__}: two backward passes differ"
+    inputs = _inputs(shape, dtype, device, True)
+    dy, ds = torch.randn_like(inputs["x"]), torch.randn_like(inputs["x"])
+    assert_deterministic(layer_norm, {name: inputs[name] for name in ("x", "weight", "bias")}, [dy])
+    assert_deterministic(add_layer_norm, inputs, [dy, ds])
 
 
 def test_backward_is_deterministic(device):

@@ -1,42 +1,33 @@
-"""The Triton GELU-MLP (kernels.mlp) against its eager twin, by the parity rule of tests/parity.py: output and
+"""The Triton GELU-MLP (kernels.mlp) against its reference, by the parity rule of tests/parity.py: output and
 every gradient (x, both weights, both biases), both GELU forms, odd and GPT-2-like sizes, with and without biases,
 2-D and 3-D inputs, determinism, and one test per ValueError. Without a GPU the kernels run in Triton's interpreter
 (fp32 and fp16: its bf16 dot is wrong); bf16 and the large shapes run on a GPU only."""
 import contextlib
+import functools
 import re
 
 import pytest
 import torch
 
-import kernels.mlp as mlp_module  # the module: its switches and the kernel launcher
-from kernels import gelu_mlp, gelu_mlp_eager
-from tests.parity import GRAD_FACTOR, OUTPUT_FACTOR, assert_parity, poisoned_allocations, reference_dtype
+import kernels.mlp as mlp_module  # the module: its kernel launcher
+from kernels import MLPOptions, gelu_mlp, gelu_mlp_reference
+from tests.parity import (GRAD_FACTOR, OUTPUT_FACTOR, assert_deterministic, assert_parity, check_parity,
+                          forward_backward, poisoned_allocations, reference_dtype)
 
-NAMES = ("x", "fc_weight", "fc_bias", "proj_weight", "proj_bias")
 ODD = ((33,), 65, 130, 65)              # (leading shape of x, D, H, D_out): nothing a multiple of a block
 GPT2_LIKE = ((2, 32), 96, 384, 96)      # 3-D x, H = 4 D
 
 
 def make_inputs(lead, d_in, hidden, d_out, device, fc_bias=True, proj_bias=True):
-    """Fresh fp32 (x, fc_weight, fc_bias, proj_weight, proj_bias) and an upstream gradient dy, scaled so that the
-    pre-activation is O(1): the GELU's curved part is exercised."""
+    """Fresh fp32 {x, fc_weight, fc_bias, proj_weight, proj_bias} (a bias left out is None) and [upstream gradient],
+    scaled so that the pre-activation is O(1): the GELU's curved part is exercised."""
     x = torch.randn(*lead, d_in, device=device)
     w1 = torch.randn(hidden, d_in, device=device) / d_in ** 0.5
     b1 = 0.5 * torch.randn(hidden, device=device) if fc_bias else None
     w2 = torch.randn(d_out, hidden, device=device) / hidden ** 0.5
     b2 = 0.5 * torch.randn(d_out, device=device) if proj_bias else None
     dy = torch.randn(*lead, d_out, device=device)
-    return (x, w1, b1, w2, b2), dy
-
-
-def run(fn, inputs, dy, dtype, approximate, requires_grad=NAMES):
-    """fn on the inputs cast to dtype, then its gradients for dy: (output, {name: gradient})."""
-    leaves = [None if t is None else t.detach().to(dtype).requires_grad_(name in requires_grad)
-              for name, t in zip(NAMES, inputs)]
-    out = fn(*leaves, approximate=approximate)
-    wrt = [(name, t) for name, t in zip(NAMES, leaves) if t is not None and t.requires_grad]
-    grads = torch.autograd.grad(out, [t for _, t in wrt], dy.to(dtype)) if wrt else ()
-    return out, {name: g for (name, _), g in zip(wrt, grads)}
+    return {"x": x, "fc_weight": w1, "fc_bias": b1, "proj_weight": w2, "proj_bias": b2}, [dy]
 
 
 @contextlib.contextmanager
@@ -53,18 +44,14 @@ def tf32_matmuls(enabled: bool):
         torch.backends.cuda.matmul.allow_tf32 = saved
 
 
-def check_parity(device, dtype, shape=ODD, approximate="tanh", fc_bias=True, proj_bias=True, requires_grad=NAMES):
-    inputs, dy = make_inputs(*shape, device, fc_bias=fc_bias, proj_bias=proj_bias)
-    ref_out, ref_grads = run(gelu_mlp_eager, inputs, dy, reference_dtype(dtype), approximate, requires_grad)
-    with tf32_matmuls(device.type == "cuda" and dtype == torch.float32):
-        torch_out, torch_grads = run(gelu_mlp_eager, inputs, dy, dtype, approximate, requires_grad)
-    with poisoned_allocations():
-        out, grads = run(gelu_mlp, inputs, dy, dtype, approximate, requires_grad)
-    assert out.shape == torch_out.shape and out.dtype == dtype
-    assert_parity("output", out, torch_out, ref_out, OUTPUT_FACTOR, dtype)
-    assert grads.keys() == ref_grads.keys()
-    for name in grads:
-        assert_parity(f"grad {name}", grads[name], torch_grads[name], ref_grads[name], GRAD_FACTOR, dtype)
+def _check_parity(device, dtype, shape=ODD, approximate="tanh", fc_bias=True, proj_bias=True, requires_grad=None,
+                  options=MLPOptions()):
+    """gelu_mlp with options against the reference, on fresh inputs of the shape; requires_grad names the inputs whose
+    gradients are checked (default: all)."""
+    check_parity(functools.partial(gelu_mlp, options=options), gelu_mlp_reference,
+                 *make_inputs(*shape, device, fc_bias=fc_bias, proj_bias=proj_bias), dtype, requires_grad=requires_grad,
+                 torch_context=lambda: tf32_matmuls(device.type == "cuda" and dtype == torch.float32),
+                 approximate=approximate)
 
 
 # --- parity under the interpreter (or on the GPU when there is one) ----------------------------------------------
@@ -73,67 +60,80 @@ def check_parity(device, dtype, shape=ODD, approximate="tanh", fc_bias=True, pro
 @pytest.mark.parametrize("approximate", ["tanh", "none"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 def test_parity(device, dtype, approximate, shape):
-    check_parity(device, dtype, shape, approximate)
+    _check_parity(device, dtype, shape, approximate)
 
 
 @pytest.mark.parametrize("fc_bias,proj_bias", [(False, False), (True, False), (False, True)],
                          ids=["no_biases", "fc_bias_only", "proj_bias_only"])
 def test_parity_without_biases(device, fc_bias, proj_bias):
-    check_parity(device, torch.float16, fc_bias=fc_bias, proj_bias=proj_bias)
+    _check_parity(device, torch.float16, fc_bias=fc_bias, proj_bias=proj_bias)
 
 
 @pytest.mark.parametrize("plain_matmul,recompute_h,dtype", [
     ("triton", False, torch.float32), ("triton", False, torch.float16),
     ("torch", True, torch.float16), ("triton", True, torch.float16)],
     ids=["triton_matmuls-fp32", "triton_matmuls-fp16", "recompute_h-fp16", "triton_matmuls-recompute_h-fp16"])
-def test_parity_variants(device, monkeypatch, plain_matmul, recompute_h, dtype):
+def test_parity_variants(device, plain_matmul, recompute_h, dtype):
     """The alternatives the benchmark measures: the unfused matmuls in Triton, and h recomputed in the backward."""
-    monkeypatch.setattr(mlp_module, "PLAIN_MATMUL", plain_matmul)
-    monkeypatch.setattr(mlp_module, "RECOMPUTE_H", recompute_h)
-    check_parity(device, dtype, approximate="none" if recompute_h else "tanh")
+    options = MLPOptions(plain_matmul=plain_matmul, recompute_h=recompute_h)
+    _check_parity(device, dtype, approximate="none" if recompute_h else "tanh", options=options)
 
 
 @pytest.mark.parametrize("lead", [(), (0,)], ids=["1d_x", "zero_rows"])
 def test_parity_degenerate_rows(device, lead):
-    check_parity(device, torch.float16, (lead, 65, 130, 65))
+    _check_parity(device, torch.float16, (lead, 65, 130, 65))
 
 
 @pytest.mark.parametrize("requires_grad", [("x",), ("fc_weight", "fc_bias", "proj_weight", "proj_bias"),
                                            ("proj_weight",)], ids=["x_only", "weights_only", "proj_weight_only"])
 @pytest.mark.parametrize("recompute_h", [False, True])
-def test_parity_some_gradients(device, monkeypatch, requires_grad, recompute_h):
-    monkeypatch.setattr(mlp_module, "RECOMPUTE_H", recompute_h)
-    check_parity(device, torch.float16, requires_grad=requires_grad)
+def test_parity_some_gradients(device, requires_grad, recompute_h):
+    _check_parity(device, torch.float16, requires_grad=requires_grad, options=MLPOptions(recompute_h=recompute_h))
+
+
+def test_options_take_effect(device, monkeypatch):
+    """The variants' parity holds only if the options reach the implementation: recompute_h keeps h out of what the
+    forward saves, and plain_matmul="triton" sends the four unfused matmuls through the Triton kernel too."""
+    launches = []
+    launch = mlp_module._launch
+    monkeypatch.setattr(mlp_module, "_launch", lambda *args, **kwargs: launches.append(1) or launch(*args, **kwargs))
+    inputs, (dy,) = make_inputs((3,), 8, 32, 8, device)
+    params = [t.requires_grad_() for t in inputs.values()]
+    for options, saved_hidden, matmuls in ((MLPOptions(), 2, 2), (MLPOptions(recompute_h=True), 1, 2),
+                                           (MLPOptions(plain_matmul="triton"), 2, 6)):
+        saved = []
+        launches.clear()
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+            y = gelu_mlp(*params, options=options)
+        torch.autograd.grad(y, params, dy)
+        assert saved.count((3, 32)) == saved_hidden, options
+        assert len(launches) == matmuls, options
 
 
 def test_parity_inference(device):
     """Nothing requires grad: the forward skips storing pre."""
-    check_parity(device, torch.float16, GPT2_LIKE, requires_grad=())
+    _check_parity(device, torch.float16, GPT2_LIKE, requires_grad=())
 
 
 def test_autocast_matches_eager(device):
     """Under autocast, fp32 inputs run in the autocast dtype, as F.linear's would; gradients reach the fp32 leaves."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float16  # (the interpreter's bf16 dot is wrong)
-    inputs, dy = make_inputs(*ODD, device)
-    ref_out, ref_grads = run(gelu_mlp_eager, inputs, dy, torch.float32, "tanh")
+    inputs, upstream = make_inputs(*ODD, device)
+    (ref_out,), ref_grads = forward_backward(gelu_mlp_reference, inputs, upstream)
     with torch.autocast(device.type, dtype=dtype):
-        torch_out, torch_grads = run(gelu_mlp_eager, inputs, dy, torch.float32, "tanh")
-        out, grads = run(gelu_mlp, inputs, dy, torch.float32, "tanh")
+        (torch_out,), torch_grads = forward_backward(gelu_mlp_reference, inputs, upstream)
+        (out,), grads = forward_backward(gelu_mlp, inputs, upstream)
     assert out.dtype == torch_out.dtype == dtype
     assert_parity("output", out, torch_out, ref_out, OUTPUT_FACTOR, dtype)
-    for name in NAMES:
+    assert grads.keys() == ref_grads.keys() == inputs.keys()
+    for name in ref_grads:
         assert grads[name].dtype == torch.float32
-        assert_parity(f"grad {name}", grads[name].to(dtype), torch_grads[name].to(dtype), ref_grads[name],
-                      GRAD_FACTOR, dtype)
+        assert_parity(f"d{name}", grads[name].to(dtype), torch_grads[name].to(dtype), ref_grads[name], GRAD_FACTOR,
+                      dtype)
 
 
 def test_deterministic(device):
-    inputs, dy = make_inputs(*GPT2_LIKE, device)
-    first_out, first = run(gelu_mlp, inputs, dy, torch.float16, "tanh")
-    second_out, second = run(gelu_mlp, inputs, dy, torch.float16, "tanh")
-    assert torch.equal(first_out, second_out)
-    for name in NAMES:
-        assert torch.equal(first[name], second[name]), f"grad {name} differs between two identical runs"
+    assert_deterministic(gelu_mlp, *make_inputs(*GPT2_LIKE, device), dtype=torch.float16)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
@@ -158,7 +158,7 @@ def test_matmul_kernel_strided_operands(device, dtype):
 # --- bad input: one ValueError each --------------------------------------------------------------------------------
 
 def _bad(case, device):
-    (x, w1, b1, w2, b2), _ = make_inputs((3, 5), 8, 32, 8, device)
+    x, w1, b1, w2, b2 = make_inputs((3, 5), 8, 32, 8, device)[0].values()
     approximate = "tanh"
     if case == "approximate":
         approximate = "erf"
@@ -204,12 +204,17 @@ def test_bad_input_raises(device, case, message):
         gelu_mlp(x, w1, b1, w2, b2, approximate=approximate)
 
 
+def test_unknown_plain_matmul_raises():
+    with pytest.raises(ValueError, match="plain_matmul must be 'torch' or 'triton'"):
+        MLPOptions(plain_matmul="cublas")
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal, which needs no GPU present")
 def test_cpu_tensors_without_interpreter_raise(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    (x, w1, b1, w2, b2), _ = make_inputs((3,), 8, 32, 8, "cpu")
+    inputs, _ = make_inputs((3,), 8, 32, 8, "cpu")
     with pytest.raises(ValueError, match="needs CUDA tensors"):
-        gelu_mlp(x, w1, b1, w2, b2)
+        gelu_mlp(*inputs.values())
 
 
 # --- GPU only: bf16, and GPT-2 sizes --------------------------------------------------------------------------------
@@ -220,24 +225,18 @@ def test_cpu_tensors_without_interpreter_raise(monkeypatch):
                          ids=["odd", "gpt2_like_3d", "gpt2_small", "gpt2_xl"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
 def test_parity_gpu(device, dtype, shape, approximate):
-    check_parity(device, dtype, shape, approximate)
+    _check_parity(device, dtype, shape, approximate)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("plain_matmul,recompute_h", [("triton", False), ("torch", True), ("triton", True)],
                          ids=["triton_matmuls", "recompute_h", "triton_matmuls-recompute_h"])
-def test_parity_variants_gpu(device, monkeypatch, plain_matmul, recompute_h):
-    monkeypatch.setattr(mlp_module, "PLAIN_MATMUL", plain_matmul)
-    monkeypatch.setattr(mlp_module, "RECOMPUTE_H", recompute_h)
-    check_parity(device, torch.bfloat16, ((4, 1024), 768, 3072, 768))
-    check_parity(device, torch.bfloat16, ODD)
+def test_parity_variants_gpu(device, plain_matmul, recompute_h):
+    options = MLPOptions(plain_matmul=plain_matmul, recompute_h=recompute_h)
+    _check_parity(device, torch.bfloat16, ((4, 1024), 768, 3072, 768), options=options)
+    _check_parity(device, torch.bfloat16, ODD, options=options)
 
 
 @pytest.mark.gpu
 def test_deterministic_gpu(device):
-    inputs, dy = make_inputs((4, 1024), 1024, 4096, 1024, device)
-    first_out, first = run(gelu_mlp, inputs, dy, torch.bfloat16, "tanh")
-    second_out, second = run(gelu_mlp, inputs, dy, torch.bfloat16, "tanh")
-    assert torch.equal(first_out, second_out)
-    for name in NAMES:
-        assert torch.equal(first[name], second[name]), f"grad {name} differs between two identical runs"
+    assert_deterministic(gelu_mlp, *make_inputs((4, 1024), 1024, 4096, 1024, device), dtype=torch.bfloat16)

@@ -102,6 +102,12 @@ def test_config_rejects_heads_not_dividing_width():
         GPTConfig(attention="cuda")
 
 
+def test_config_takes_an_alternative_only_for_its_op():
+    assert GPTConfig(attention="sdpa").attention == "sdpa"
+    with pytest.raises(ValueError, match=r"layernorm must be one of \('torch', 'triton'\), got 'sdpa'"):
+        GPTConfig(layernorm="sdpa")
+
+
 def test_context_longer_than_block_size_is_refused():
     model = tiny()
     with pytest.raises(ValueError, match="longer than the model's block_size"):

@@ -1,29 +1,35 @@
-"""The whole GPT with each op on its Triton kernel matches the GPT on eager PyTorch (llm.c's whole-model test):
-logits, loss, every parameter's gradient, and the losses over several AdamW steps.
+"""The whole GPT with each op on its Triton kernel (or another implementation from kernels.OPS) matches the GPT on
+the ops' eager PyTorch references (llm.c's whole-model test): logits, loss, every parameter's gradient, and, every op
+on Triton, the losses over several AdamW steps.
 
-The rule is the kernels' (tests/parity.py): against a float64 eager reference, the Triton model's error may be at
+The rule is the kernels' (tests/parity.py): against a float64 eager reference, the tested model's error may be at
 most 2x (outputs) or 3x (gradients) the eager float32 model's own error, plus a small atol. On CPU the kernels run
 in Triton's interpreter, so the model is tiny.
 """
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
 
 from model import GPT, GPTConfig
+from model.config import OP_FIELDS, implementations
 from tests.parity import ATOL, GRAD_FACTOR, OUTPUT_FACTOR, assert_parity
 
-OPS = ("attention", "layernorm", "mlp")
+ALL_TRITON = {op: "triton" for op in OP_FIELDS}
+# Each implementation other than the reference ("torch"), one op at a time, then every op on its Triton kernel.
+VARIANTS = [{op: impl} for op in OP_FIELDS for impl in implementations(op) if impl != "torch"] + [ALL_TRITON]
 
 
-def models(config: GPTConfig, ops: tuple[str, ...], device):
-    """(reference in float64, eager float32, Triton float32) sharing one set of weights."""
+def models(config: GPTConfig, ops: dict[str, str], device):
+    """(reference in float64, eager float32, the tested model: float32 with the ops on the implementations named)
+    sharing one set of weights."""
     torch.manual_seed(0)
     eager = GPT(config).to(device)
-    triton = GPT(config.__class__(**{**config.__dict__, **{op: "triton" for op in ops}})).to(device)
-    triton.load_state_dict(eager.state_dict())
+    tested = GPT(replace(config, **ops)).to(device)
+    tested.load_state_dict(eager.state_dict())
     reference = copy.deepcopy(eager).double()
-    return reference, eager, triton
+    return reference, eager, tested
 
 
 def forward_backward(model, idx, targets):
@@ -33,16 +39,16 @@ def forward_backward(model, idx, targets):
     return logits, loss, {name: p.grad for name, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("ops", [(op,) for op in OPS] + [OPS], ids=[*OPS, "all"])
+@pytest.mark.parametrize("ops", VARIANTS, ids=lambda ops: ",".join(f"{op}={impl}" for op, impl in ops.items()))
 def test_logits_loss_and_every_gradient_match(ops, device):
     config = GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
-    reference, eager, triton = models(config, ops, device)
+    reference, eager, tested = models(config, ops, device)
     idx = torch.randint(0, 64, (2, 16), device=device)
     targets = torch.randint(0, 64, (2, 16), device=device)
 
     ref = forward_backward(reference, idx, targets)
     base = forward_backward(eager, idx, targets)
-    ours = forward_backward(triton, idx, targets)
+    ours = forward_backward(tested, idx, targets)
     assert_parity("logits", ours[0], base[0], ref[0], OUTPUT_FACTOR, torch.float32)
     assert_parity("loss", ours[1], base[1], ref[1], OUTPUT_FACTOR, torch.float32)
     assert set(ours[2]) == set(ref[2])
@@ -52,13 +58,13 @@ def test_logits_loss_and_every_gradient_match(ops, device):
 
 def test_adamw_steps_track_the_eager_model(device):
     config = GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
-    reference, eager, triton = models(config, OPS, device)
+    reference, eager, tested = models(config, ALL_TRITON, device)
     idx = torch.randint(0, 64, (4, 16), device=device)
     targets = torch.randint(0, 64, (4, 16), device=device)
-    optimizers = [m.configure_optimizers(0.1, 1e-2, (0.9, 0.95), device.type) for m in (reference, eager, triton)]
+    optimizers = [m.configure_optimizers(0.1, 1e-2, (0.9, 0.95), device.type) for m in (reference, eager, tested)]
     for step in range(4):
         losses = []
-        for model, optimizer in zip((reference, eager, triton), optimizers):
+        for model, optimizer in zip((reference, eager, tested), optimizers):
             _, loss, _ = forward_backward(model, idx, targets)
             optimizer.step()
             losses.append(loss)
@@ -66,7 +72,7 @@ def test_adamw_steps_track_the_eager_model(device):
         # Each step's loss depends on all earlier updates: gradient tolerance, and atol for Adam's 1/sqrt(v).
         assert_parity(f"loss at step {step}", ours, base, ref, GRAD_FACTOR, torch.float32, atol=10 * ATOL[torch.float32])
     ref_params, eager_params = dict(reference.named_parameters()), dict(eager.named_parameters())
-    for name, p in triton.named_parameters():
+    for name, p in tested.named_parameters():
         assert_parity(f"{name} after the steps", p, eager_params[name], ref_params[name], GRAD_FACTOR, torch.float32,
                       atol=10 * ATOL[torch.float32])
 
@@ -75,14 +81,14 @@ def test_adamw_steps_track_the_eager_model(device):
 def test_bf16_autocast_training_step_matches_eager():
     device = torch.device("cuda")
     config = GPTConfig(vocab_size=512, block_size=256, n_layer=4, n_head=4, n_embd=256, dropout=0.0)
-    reference, eager, triton = models(config, OPS, device)
+    reference, eager, tested = models(config, ALL_TRITON, device)
     reference.float()  # under autocast the reference is the fp32 model
     idx = torch.randint(0, 512, (4, 256), device=device)
     targets = torch.randint(0, 512, (4, 256), device=device)
     ref = forward_backward(reference, idx, targets)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         base = forward_backward(eager, idx, targets)
-        ours = forward_backward(triton, idx, targets)
+        ours = forward_backward(tested, idx, targets)
     assert_parity("logits", ours[0], base[0], ref[0], OUTPUT_FACTOR, torch.bfloat16)
     assert_parity("loss", ours[1], base[1], ref[1], OUTPUT_FACTOR, torch.bfloat16)
     for name in ref[2]:

@@ -1,7 +1,8 @@
 """Where and how the model runs: the device, each op's implementation, and the compute dtype."""
 import torch
 
-from kernels._checks import interpreting
+from kernels._common import interpreting
+from model.config import OP_FIELDS, implementations
 from training.errors import UserError
 
 
@@ -17,19 +18,23 @@ def resolve_device(option: str) -> torch.device:
     return device
 
 
-OPS = ("attention", "layernorm", "mlp")
-IMPL_CHOICES = ("auto", "torch", "triton")
+# What the --attention, --layernorm, ... flags take: auto, or any op's implementation (resolve_impl refuses one that
+# the flag's op lacks).
+IMPL_CHOICES = ("auto", *dict.fromkeys(name for op in OP_FIELDS for name in implementations(op)))
 
 
 def resolve_ops(options, device: torch.device) -> dict[str, str]:
-    """{op: "torch" or "triton"} from the options' attention, layernorm and mlp choices."""
-    return {op: resolve_impl(op, getattr(options, op), device) for op in OPS}
+    """{op: implementation} for the model config's op fields, from the options' choices of the same names."""
+    return {op: resolve_impl(op, getattr(options, op), device) for op in OP_FIELDS}
 
 
 def resolve_impl(op: str, choice: str, device: torch.device) -> str:
-    """auto means the Triton kernel on CUDA and the eager twin on CPU."""
+    """auto means the Triton kernel on CUDA and the reference ("torch") on CPU."""
     if choice == "auto":
         return "triton" if device.type == "cuda" else "torch"
+    if choice not in implementations(op):
+        raise UserError(f"--{op} {choice}: {op} has no such implementation; use one of auto, "
+                        f"{', '.join(implementations(op))}")
     if choice == "triton" and device.type != "cuda" and not interpreting():
         raise UserError(f"--{op} triton needs a CUDA GPU; use --{op} torch on CPU "
                         "(or TRITON_INTERPRET=1 to run the kernels, slowly, in Triton's interpreter)")

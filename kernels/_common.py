@@ -1,0 +1,43 @@
+"""What the Triton ops share: refusing tensors a kernel cannot take, and autotuning that also runs under Triton's
+CPU interpreter. Each op's own shape rules stay in its module, in a function named `_validate`."""
+import os
+
+import torch
+import triton
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels on the CPU through its interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def check_tensors(op: str, **tensors: torch.Tensor | None) -> None:
+    """Refuse tensors a Triton kernel cannot take: wrong dtype, mixed dtypes or devices, or a device Triton cannot run
+    on (the CPU, unless the interpreter is on). None stands for an optional tensor left out, and is skipped."""
+    given = {name: t for name, t in tensors.items() if t is not None}
+    first_name, first = next(iter(given.items()))
+    for name, t in given.items():
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"{op}: {name} has dtype {t.dtype}; supported: float16, bfloat16, float32")
+        if t.dtype != first.dtype:
+            raise ValueError(f"{op}: {name} is {t.dtype} but {first_name} is {first.dtype}; cast them to one dtype")
+        if t.device != first.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but {first_name} is on {first.device}; "
+                             "move them to one device")
+    if first.device.type != "cuda" and not interpreting():
+        raise ValueError(f"{op}: the Triton kernel needs CUDA tensors (got {first.device}); use the 'torch' "
+                         "implementation on CPU, or set TRITON_INTERPRET=1 to run the kernel in Triton's interpreter")
+
+
+def autotune(configs: list[triton.Config], key: list[str], interpreter_config: triton.Config,
+             prune_configs_by: dict | None = None):
+    """triton.autotune over configs, retuned whenever the arguments named in key change (the autotuner adds the
+    tensors' dtypes itself). The interpreter cannot autotune: there the kernel runs interpreter_config alone, and there
+    is nothing to prune."""
+    if interpreting():
+        return triton.autotune([interpreter_config], key=key)
+    return triton.autotune(configs, key=key, prune_configs_by=prune_configs_by)
