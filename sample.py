@@ -7,13 +7,13 @@ from pathlib import Path
 
 import torch
 
-from data.tokenizer import Tokenizer
-from model import GPT, GPTConfig
-from training.checkpoint import load_checkpoint, nonfinite_weights, unpack_tokenizer
-from training.device import IMPL_CHOICES, autocast, compute_dtype, resolve_device, resolve_ops
-from training.errors import UserError
-from training.options import option, parse_options, run_main
-from training.textgen import prompt_ids, stream_text
+from tritongpt.data.tokenizer import Tokenizer
+from tritongpt.model import GPT, GPTConfig
+from tritongpt.checkpoint import load_checkpoint, nonfinite_weights, unpack_tokenizer
+from tritongpt.device import autocast, compute_dtype, impl_choices, resolve_device, resolve_ops
+from tritongpt.errors import UserError
+from tritongpt.options import option, parse_options, run_main
+from tritongpt.textgen import prompt_ids, stream_text
 
 
 @dataclass(frozen=True)
@@ -32,9 +32,9 @@ class SampleOptions:
     dtype: str = option("auto", "auto is bfloat16 on CUDA where supported, float32 on CPU",
                         choices=("auto", "float32", "bfloat16", "float16"))
     attention: str = option("auto", "attention implementation; auto is triton on CUDA, torch on CPU",
-                            choices=IMPL_CHOICES)
-    layernorm: str = option("auto", "LayerNorm implementation; auto as above", choices=IMPL_CHOICES)
-    mlp: str = option("auto", "MLP implementation; auto as above", choices=IMPL_CHOICES)
+                            choices=impl_choices("attention"))
+    layernorm: str = option("auto", "LayerNorm implementation; auto as above", choices=impl_choices("layernorm"))
+    mlp: str = option("auto", "MLP implementation; auto as above", choices=impl_choices("mlp"))
 
 
 def main(argv: list[str] | None = None) -> None:

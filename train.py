@@ -5,8 +5,6 @@
 """
 import dataclasses
 import json
-import os
-import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -15,85 +13,20 @@ import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 from tqdm import tqdm
 
-from data.loader import TokenWindows
-from data.prepare import DEFAULT_VOCAB_SIZE, prepare
-from data.tokenizer import Tokenizer
-from model import GPT, PRESETS, GPTConfig, gpt2_config, load_gpt2, preset
-from training import distributed
-from training.checkpoint import (CHECKPOINT_FILE, load_checkpoint, nonfinite_weights, pack_tokenizer, save_checkpoint,
-                                 tokenizer_bytes)
-from training.device import IMPL_CHOICES, autocast, compute_dtype, resolve_ops
-from training.errors import UserError
-from training.loop import estimate_loss, train_step
-from training.metrics import CONFIG_FILE, CURVE_FILE, METRICS_FILE, MetricsLogger
-from training.options import option, parse_options, run_main
-from training.schedule import learning_rate
-from training.textgen import prompt_ids, stream_text
-
-DEFAULT_DATA_DIR = "data/default"
-RUN_FILES = (CHECKPOINT_FILE, METRICS_FILE, CONFIG_FILE, CURVE_FILE)  # a run's own files in OUT_DIR
-# The model's shape: a checkpoint (--resume) or a GPT-2 directory (--init-from) fixes it.
-SHAPE_OPTIONS = ("model", "n_layer", "n_head", "n_embd", "block_size", "bias")
-
-
-@dataclass(frozen=True)
-class TrainOptions:
-    # Data and output
-    data_dir: str = option(DEFAULT_DATA_DIR, "dataset folder written by data/prepare.py (the default corpus is "
-                           "prepared on first use)")
-    out_dir: str = option("out", "where the checkpoint (ckpt.pt), metrics.jsonl and loss_curve.png go")
-    resume: bool = option(False, "continue the run in OUT_DIR from its ckpt.pt; flags given now override its "
-                          "options, except the model's shape")
-    overwrite: bool = option(False, "start a new run in OUT_DIR although it holds one, deleting that run's "
-                             "checkpoint, metrics and plot first")
-    # Model
-    model: str = option("auto", "shape preset; auto is mini on CPU, small on GPU", choices=("auto", *PRESETS))
-    n_layer: int | None = option(None, "override the preset's layer count")
-    n_head: int | None = option(None, "override the preset's head count")
-    n_embd: int | None = option(None, "override the preset's embedding width")
-    block_size: int | None = option(None, "override the preset's context length (with --init-from: shorten "
-                                    "GPT-2's)")
-    dropout: float = option(0.0, "dropout on embeddings and sub-layer outputs")
-    bias: bool = option(True, "biases in Linear layers and LayerNorms, as GPT-2 (--no-bias or --bias false "
-                        "for none)")
-    attention: str = option("auto", "attention implementation; auto is triton on CUDA, torch on CPU",
-                            choices=IMPL_CHOICES)
-    layernorm: str = option("auto", "LayerNorm implementation; auto as above", choices=IMPL_CHOICES)
-    mlp: str = option("auto", "MLP implementation; auto as above", choices=IMPL_CHOICES)
-    init_from: str | None = option(None, "start from a local Hugging Face GPT-2 directory instead of random weights "
-                                   "(the dataset's tokenizer must have its vocabulary size)")
-    # Optimisation
-    batch_size: int = option(16, "sequences per micro-batch, per process")
-    grad_accum: int | None = option(None, "micro-batches per optimizer step, over all processes together (a "
-                                    "multiple of the process count); none means one per process")
-    max_iters: int = option(300, "optimizer steps in the whole run")
-    learning_rate: float = option(1e-3, "peak learning rate")
-    min_lr: float | None = option(None, "floor of the cosine decay; none means learning_rate / 10")
-    warmup_iters: int | None = option(None, "steps of linear warm-up; none means a tenth of max_iters")
-    lr_decay_iters: int | None = option(None, "step at which the cosine reaches min_lr; none means max_iters")
-    weight_decay: float = option(0.1, "AdamW weight decay on matrices")
-    beta1: float = option(0.9, "AdamW beta1")
-    beta2: float = option(0.95, "AdamW beta2")
-    grad_clip: float = option(1.0, "clip the gradient norm to this; 0 turns clipping off")
-    # Evaluation, logging, checkpoints
-    eval_interval: int = option(100, "steps between train/val loss estimates")
-    eval_iters: int = option(20, "micro-batches per loss estimate")
-    log_interval: int = option(10, "steps between log lines")
-    ckpt_interval: int | None = option(None, "steps between checkpoints; none means eval_interval")
-    sample_tokens: int = option(200, "tokens of text to sample at the end; 0 for none")
-    # System
-    device: str = option("auto", "auto, cpu, cuda or cuda:N")
-    dtype: str = option("auto", "auto is bfloat16 on CUDA where supported (else float16 with a GradScaler), "
-                        "float32 on CPU", choices=("auto", "float32", "bfloat16", "float16"))
-    compile: bool = option(False, "torch.compile the model")
-    seed: int = option(1337, "seed for initialisation, data order and dropout")
-    # Weights & Biases
-    wandb: bool = option(False, "log to Weights & Biases (metrics.jsonl is always written)")
-    wandb_project: str = option("tritongpt", "W&B project")
-    wandb_run_name: str | None = option(None, "W&B run name")
-    wandb_entity: str | None = option(None, "W&B entity (user or team)")
-    wandb_mode: str = option("online", "W&B mode; without a network or login, online falls back to offline",
-                             choices=("online", "offline", "disabled"))
+from tritongpt import distributed
+from tritongpt.checkpoint import CHECKPOINT_FILE, nonfinite_weights, pack_tokenizer, save_checkpoint
+from tritongpt.data.loader import TokenWindows
+from tritongpt.data.prepare import prepare
+from tritongpt.data.tokenizer import Tokenizer
+from tritongpt.device import autocast, compute_dtype
+from tritongpt.errors import UserError
+from tritongpt.loop import estimate_loss, train_step
+from tritongpt.metrics import MetricsLogger
+from tritongpt.model import GPT, GPTConfig, load_gpt2
+from tritongpt.options import parse_options, run_main
+from tritongpt.schedule import learning_rate
+from tritongpt.textgen import prompt_ids, stream_text
+from tritongpt.train_options import RUN_FILES, TrainOptions, check_dataset, check_run, warmup_iters
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -105,156 +38,6 @@ def main(argv: list[str] | None = None) -> None:
         train(opts, config, ckpt, world)
     finally:
         distributed.leave(world)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Checks: every mistake is found here, before any process-group work and before anything is written.
-
-def check_run(opts: "TrainOptions", given: set[str], world: distributed.World):
-    """(options, model config, checkpoint to resume from or None), or a UserError."""
-    out_dir = Path(opts.out_dir)
-    ckpt = None
-    if opts.resume:
-        if opts.overwrite:
-            raise UserError("give --resume (continue the run) or --overwrite (start over), not both")
-        ckpt = load_checkpoint(out_dir / CHECKPOINT_FILE)
-        opts = resumed_options(opts, given, ckpt)
-    check_options(opts)
-    if not opts.resume and not opts.overwrite and (held := [name for name in RUN_FILES if (out_dir / name).exists()]):
-        raise UserError(f"{out_dir} already holds a run ({', '.join(held)}); continue it with --resume (and a "
-                        "larger --max-iters), start over with --overwrite (deletes it), or pass another --out-dir")
-    meta = dataset_meta(Path(opts.data_dir))
-    # The default corpus, before its first use, gets prepare's default vocabulary.
-    vocab_size = meta["vocab_size"] if meta else DEFAULT_VOCAB_SIZE
-    config = model_config(opts, given, vocab_size, world.device, ckpt)
-    compute_dtype(opts.dtype, world.device)  # refuses a dtype the device cannot compute in
-    if meta is not None:
-        check_dataset(opts, config, meta, ckpt, world)
-    check_out_dir(out_dir)
-    return opts, config, ckpt
-
-
-def resumed_options(opts: "TrainOptions", given: set[str], ckpt: dict) -> "TrainOptions":
-    """The checkpoint's options, overridden by those given now."""
-    fixed = sorted(given & {*SHAPE_OPTIONS, "init_from"})
-    if fixed:
-        raise UserError(f"{flag(fixed[0])} cannot change a resumed run: its checkpoint fixes the model's shape; "
-                        "drop it (or start a new run in another --out-dir)")
-    saved = {k: v for k, v in ckpt["options"].items() if k in TrainOptions.__dataclass_fields__}
-    opts = TrainOptions(**{**saved, **{k: getattr(opts, k) for k in given}, "overwrite": False})
-    if opts.max_iters <= ckpt["iter_num"]:
-        raise UserError(f"the run in {opts.out_dir} is already at step {ckpt['iter_num']} (--max-iters "
-                        f"{opts.max_iters}); pass a larger --max-iters to train further")
-    return opts
-
-
-# The smallest value each numeric option takes (options that are none stay unchecked).
-OPTION_MINIMUMS = dict(batch_size=1, max_iters=1, eval_interval=1, eval_iters=1, log_interval=1, grad_accum=1,
-                       ckpt_interval=1, lr_decay_iters=1, n_layer=1, n_head=1, n_embd=1, block_size=1, warmup_iters=0,
-                       weight_decay=0, grad_clip=0, sample_tokens=0, dropout=0, min_lr=0, beta1=0, beta2=0)
-
-
-def check_options(opts: "TrainOptions") -> None:
-    """Values the model, the optimizer or the schedule would refuse, or silently misuse. (Floats are finite:
-    the option parser refuses nan and inf.)"""
-    for name, lowest in OPTION_MINIMUMS.items():
-        value = getattr(opts, name)
-        if value is not None and value < lowest:
-            raise UserError(f"{flag(name)} must be at least {lowest}, got {value}")
-    if opts.learning_rate <= 0:
-        raise UserError(f"--learning-rate must be above 0, got {opts.learning_rate}")
-    for name in ("beta1", "beta2", "dropout"):
-        if not getattr(opts, name) < 1:
-            raise UserError(f"{flag(name)} must be below 1, got {getattr(opts, name)}")
-    if opts.min_lr is not None and opts.min_lr > opts.learning_rate:
-        raise UserError(f"--min-lr ({opts.min_lr}) must not exceed --learning-rate ({opts.learning_rate})")
-    if warmup_iters(opts) > opts.max_iters:
-        raise UserError(f"--warmup-iters ({opts.warmup_iters}) must not exceed --max-iters ({opts.max_iters})")
-    if opts.lr_decay_iters is not None and opts.lr_decay_iters < warmup_iters(opts):
-        raise UserError(f"--lr-decay-iters ({opts.lr_decay_iters}) must be at least the warm-up's "
-                        f"{warmup_iters(opts)} steps")
-
-
-def warmup_iters(opts: "TrainOptions") -> int:
-    return opts.max_iters // 10 if opts.warmup_iters is None else opts.warmup_iters
-
-
-def dataset_meta(data_dir: Path) -> dict | None:
-    """The dataset's meta.json; None for the default corpus before its first use (it is prepared then)."""
-    meta_file = data_dir / "meta.json"
-    if not meta_file.is_file():
-        if data_dir == Path(DEFAULT_DATA_DIR):
-            return None
-        raise UserError(f"no dataset in {data_dir} (meta.json missing); build one with "
-                        f"`python data/prepare.py YOUR_TEXT --out-dir {data_dir}`")
-    try:
-        return json.loads(meta_file.read_text())
-    except ValueError:
-        raise UserError(f"{meta_file} is not valid JSON; rebuild the dataset with `python data/prepare.py`") from None
-
-
-def model_config(opts: "TrainOptions", given: set[str], vocab_size: int, device: torch.device,
-                 ckpt: dict | None) -> GPTConfig:
-    ops = resolve_ops(opts, device)
-    if ckpt is not None:
-        return GPTConfig.from_dict({**ckpt["model_config"], **ops, "dropout": opts.dropout})
-    if opts.init_from:
-        return gpt2_init_config(opts, given, ops)
-    name = opts.model if opts.model != "auto" else ("small" if device.type == "cuda" else "mini")
-    shape = {k: getattr(opts, k) for k in ("n_layer", "n_head", "n_embd", "block_size") if getattr(opts, k)}
-    try:
-        return preset(name, vocab_size=vocab_size, dropout=opts.dropout, bias=opts.bias, **shape, **ops)
-    except ValueError as e:
-        raise UserError(str(e)) from None
-
-
-def gpt2_init_config(opts: "TrainOptions", given: set[str], ops: dict) -> GPTConfig:
-    """--init-from's shape, as its config.json says, with a shorter context if --block-size asks for one."""
-    fixed = sorted(given & set(SHAPE_OPTIONS) - {"block_size"})
-    if fixed:
-        raise UserError(f"{flag(fixed[0])} cannot be used with --init-from: the GPT-2 checkpoint fixes the model's "
-                        "shape; drop it")
-    try:
-        config = gpt2_config(opts.init_from, **ops)
-    except (OSError, ValueError) as e:
-        raise UserError(f"--init-from: {e}") from None
-    if opts.block_size is not None:
-        if opts.block_size > config.block_size:
-            raise UserError(f"--block-size {opts.block_size} is longer than the {config.block_size} positions of "
-                            f"{opts.init_from}; pass {config.block_size} or less")
-        config = replace(config, block_size=opts.block_size)
-    return replace(config, dropout=opts.dropout)
-
-
-def check_dataset(opts: "TrainOptions", config: GPTConfig, meta: dict, ckpt: dict | None,
-                  world: distributed.World) -> tuple[TokenWindows, TokenWindows]:
-    """The dataset's (train, val) windows, once it is known to fit the model: the same vocabulary (and,
-    resuming, the checkpoint's own tokenizer), and splits long enough for the context."""
-    source = "--init-from " + opts.init_from if opts.init_from and ckpt is None else "the checkpoint's model"
-    if config.vocab_size != meta["vocab_size"]:
-        raise UserError(f"{source} has a {config.vocab_size}-token vocabulary but the dataset in {opts.data_dir} "
-                        f"has {meta['vocab_size']}; use a dataset prepared with that model's tokenizer")
-    if ckpt is not None and tokenizer_bytes(ckpt) is not None:
-        if (Path(opts.data_dir) / meta["tokenizer"]).read_bytes() != tokenizer_bytes(ckpt):
-            raise UserError(f"the dataset in {opts.data_dir} was tokenized with another tokenizer than the run in "
-                            f"{opts.out_dir}; resume with the dataset it was trained on (--data-dir)")
-    return open_data(opts, config, meta, world)  # refuses splits shorter than a window, or a bad --grad-accum
-
-
-def check_out_dir(out_dir: Path) -> None:
-    """OUT_DIR is a directory this process can write in (it is created if missing)."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"--out-dir {out_dir} is a file, not a directory; pass another --out-dir")
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out_dir):
-            pass
-    except OSError as e:
-        raise UserError(f"cannot write in --out-dir {out_dir} ({e.strerror}); pass one you can write to") from None
-
-
-def flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -341,14 +124,6 @@ def ensure_dataset(opts: TrainOptions, world: distributed.World) -> dict:
             prepare(out_dir=data_dir)
         distributed.barrier(world)
     return json.loads((data_dir / "meta.json").read_text())
-
-
-def open_data(opts: TrainOptions, config: GPTConfig, meta: dict,
-              world: distributed.World) -> tuple[TokenWindows, TokenWindows]:
-    grad_accum = opts.grad_accum or world.size
-    return tuple(TokenWindows(Path(opts.data_dir) / f"{split}.bin", meta["dtype"], config.block_size, opts.batch_size,
-                              grad_accum, world.rank, world.size, opts.seed, world.device)
-                 for split in ("train", "val"))
 
 
 def tokens_per_step(opts: TrainOptions, config: GPTConfig, world: distributed.World) -> int:

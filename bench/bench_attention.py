@@ -17,7 +17,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from bench.common import (environment, matmul_peak_tflops, median_ms, print_table, require_cuda, rotating,
                           write_results)
-from kernels import attention_reference, flash_attention, sdpa_attention
+from tritongpt.kernels import attention_reference, flash_attention, sdpa_attention
 
 DTYPE = torch.bfloat16
 CAUSAL = True

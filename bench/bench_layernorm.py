@@ -18,7 +18,7 @@ import torch
 
 from bench.common import (copy_bandwidth_gbps, environment, median_ms, print_table, require_cuda, rotating,
                           write_results)
-from kernels.layernorm import add_layer_norm, add_layer_norm_reference, layer_norm, layer_norm_reference
+from tritongpt.kernels.layernorm import add_layer_norm, add_layer_norm_reference, layer_norm, layer_norm_reference
 
 ROWS = 16384
 WIDTHS = (768, 1024, 1600, 4096, 8192)

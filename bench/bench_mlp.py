@@ -164,7 +164,7 @@ def _d_pre_inputs(input_set):
 
 def main():
     device = require_cuda()
-    import kernels.mlp as mlp
+    import tritongpt.kernels.mlp as mlp
     env = environment()
     peak = matmul_peak_tflops()
     compiled = torch.compile(mlp.gelu_mlp_reference, dynamic=False)

@@ -32,8 +32,8 @@ from torch.profiler import ProfilerActivity, profile
 from bench.common import RESULTS_DIR, environment
 from bench.train_throughput import (SEED, VARIANTS, VOCAB_SIZE, StepTimer, build, error_line, free_device_memory,
                                     make_batches, resolve_device, skip_reason, train_step)
-from model.config import preset
-from model.gpt import GPT
+from tritongpt.model.config import preset
+from tritongpt.model.gpt import GPT
 
 TOP_KERNELS = 15
 GEMM = re.compile(r"gemm|nvjet|xmma|cutlass|cublas|wgmma|^sm\d+_|splitk|^aten::(mm|addmm|bmm|matmul|linear)$", re.I)

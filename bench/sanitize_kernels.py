@@ -9,7 +9,7 @@ two, causal and not. The first call of each kernel also runs its autotuner, so e
 import torch
 
 from bench.common import require_cuda
-from kernels import add_layer_norm, flash_attention, gelu_mlp, layer_norm
+from tritongpt.kernels import add_layer_norm, flash_attention, gelu_mlp, layer_norm
 
 
 def main():

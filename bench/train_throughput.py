@@ -11,7 +11,7 @@ Variants (a and b run attention on PyTorch's SDPA and the other ops on their eag
 Each variant starts from the same weights (one model built with a fixed seed, its state_dict loaded into each) and
 trains on the same batches (tokens drawn from a Zipf distribution over the 50257-token vocabulary with a fixed
 generator, so that the loss falls as the model learns the token frequencies and the variants are compared while it
-moves, not on a plateau). The step is train.py's own (training.loop.train_step): bf16 autocast, backward, gradient
+moves, not on a plateau). The step is train.py's own (tritongpt.loop.train_step): bf16 autocast, backward, gradient
 clipping at 1.0, AdamW (fused on CUDA, GPT-2's lr 6e-4, betas (0.9, 0.95), weight decay 0.1). Each step is timed with
 CUDA events and ends with a synchronize, so a step's time is honest; compilation and autotuning fall in the warm-up
 steps. Per variant: tokens/s from the median steady-state step, MFU against the measured cuBLAS bf16 matmul peak
@@ -48,11 +48,11 @@ from typing import NamedTuple
 import torch
 
 from bench.common import environment, matmul_peak_tflops, print_table, require_cuda, write_results
-from kernels._common import interpreting
-from model.config import OP_FIELDS, preset
-from model.gpt import GPT, peak_bf16_flops
-from training.device import autocast
-from training.loop import train_step as trainer_step
+from tritongpt.kernels._common import interpreting
+from tritongpt.model.config import OP_FIELDS, preset
+from tritongpt.model.gpt import GPT, peak_bf16_flops
+from tritongpt.device import autocast
+from tritongpt.loop import train_step as trainer_step
 
 VOCAB_SIZE = 50257
 SEED = 1337
@@ -136,7 +136,7 @@ def build(config, state: dict, variant: Variant, device: torch.device):
 
 
 def train_step(model, runner, optimizer, batch: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """train.py's own optimizer step (training.loop.train_step) on one micro-batch, bf16 needing no gradient
+    """train.py's own optimizer step (tritongpt.loop.train_step) on one micro-batch, bf16 needing no gradient
     scaling; returns the loss (on the device). The step labels its phases for a profile (bench/profile_step.py)."""
     no_scaling = torch.amp.GradScaler(batch.device.type, enabled=False)
     loss, _ = trainer_step(model, runner, optimizer, no_scaling, [(batch[:, :-1], batch[:, 1:])], 1,

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from training.errors import UserError
+from tritongpt.errors import UserError
 
 
 class TokenWindows:

@@ -20,22 +20,17 @@ import io
 import json
 import os
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
-
-if not __package__:
-    # Run as `python data/prepare.py`, sys.path[0] is data/; the imports below need the repository root.
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np
 import sentencepiece as spm
 from tqdm import tqdm
 
-from data.default_corpus import default_corpus
-from data.tokenizer import Tokenizer
-from training.errors import UserError
-from training.options import option, parse_options, run_main
+from tritongpt.data.default_corpus import default_corpus
+from tritongpt.data.tokenizer import Tokenizer
+from tritongpt.errors import UserError
+from tritongpt.options import option, parse_options, run_main
 
 MODEL_TYPES = ("bpe", "unigram", "char")
 DEFAULT_VOCAB_SIZE = 4096

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-from training.errors import UserError
+from tritongpt.errors import UserError
 
 # sentencepiece stores a space as "▁" (U+2581) and decodes every "▁" back to a space, so that character in the text
 # itself would come back as a space. encode() writes it as its three UTF-8 byte tokens instead, which decode to it.

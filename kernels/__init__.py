@@ -6,9 +6,9 @@ This package knows nothing of the model: every op takes plain tensors.
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from kernels.attention import attention_reference, flash_attention, sdpa_attention
-from kernels.layernorm import add_layer_norm, add_layer_norm_reference, layer_norm, layer_norm_reference
-from kernels.mlp import MLPOptions, gelu_mlp, gelu_mlp_reference
+from tritongpt.kernels.attention import attention_reference, flash_attention, sdpa_attention
+from tritongpt.kernels.layernorm import add_layer_norm, add_layer_norm_reference, layer_norm, layer_norm_reference
+from tritongpt.kernels.mlp import MLPOptions, gelu_mlp, gelu_mlp_reference
 
 
 @dataclass(frozen=True)

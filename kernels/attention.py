@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels._common import autotune, check_tensors, interpreting
+from tritongpt.kernels._common import autotune, check_tensors, interpreting
 
 
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
@@ -347,7 +347,7 @@ _INTERPRETER_CONFIGS = {"fwd": (64, 32), "dkdv": (32, 64), "dq": (64, 32)}
 
 
 def _autotune_args(kernel: str) -> dict:
-    """kernels._common.autotune's arguments for one kernel: the shapes of _GPU_CONFIGS[kernel], pruned at launch to the
+    """tritongpt.kernels._common.autotune's arguments for one kernel: the shapes of _GPU_CONFIGS[kernel], pruned at launch to the
     input's class, keyed by head_dim, causality and seq_len_key: seq_len rounded up to a power of two, since generating
     text grows seq_len one token at a time and tuning again at every length would cost more than it gains."""
     by_class = _GPU_CONFIGS[kernel]

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels._common import autotune, check_tensors, interpreting
+from tritongpt.kernels._common import autotune, check_tensors, interpreting
 
 
 @dataclass(frozen=True)

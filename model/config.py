@@ -1,7 +1,7 @@
 """The model's configuration: its shape, and which implementation each op runs on ("torch", "triton", ...)."""
 from dataclasses import dataclass, field, fields
 
-import kernels
+from tritongpt import kernels
 
 
 def op_choice(*ops: str):

@@ -10,8 +10,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import kernels
-from model.config import GPTConfig
+from tritongpt import kernels
+from tritongpt.model.config import GPTConfig
 
 
 class AddLayerNorm(nn.Module):

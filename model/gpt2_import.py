@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-from model.config import GPTConfig
-from model.gpt import GPT
+from tritongpt.model.config import GPTConfig
+from tritongpt.model.gpt import GPT
 
 # Hugging Face's GPT-2 stores these as Conv1D weights, (in_features, out_features): nn.Linear wants the transpose.
 CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")

@@ -35,7 +35,7 @@ TINY_CORPUS = {
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory):
     """A dataset prepared from three small documents (a 400-token vocabulary): fast to train on."""
-    from data.prepare import prepare
+    from tritongpt.data.prepare import prepare
     root = tmp_path_factory.mktemp("corpus")
     for name, text in TINY_CORPUS.items():
         (root / name).parent.mkdir(parents=True, exist_ok=True)

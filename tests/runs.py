@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import sample
 import train
-from training.options import run_main
+from tritongpt.options import run_main
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = ["--model", "tiny", "--batch-size", "4", "--eval-iters", "2", "--log-interval", "1", "--sample-tokens", "0"]

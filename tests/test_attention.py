@@ -7,7 +7,7 @@ The GPU cases add bf16, long sequences and head_dim 256.
 import pytest
 import torch
 
-from kernels import attention_reference, flash_attention, sdpa_attention
+from tritongpt.kernels import attention_reference, flash_attention, sdpa_attention
 from tests.parity import assert_deterministic, check_parity
 
 

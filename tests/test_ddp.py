@@ -98,14 +98,16 @@ def test_resumed_two_rank_run_matches_uninterrupted(tiny_dataset, two_rank_run, 
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_a_mistake_is_one_line_from_rank_0_and_every_rank_exits_2(tiny_dataset, tmp_path):
+def test_a_mistake_is_one_line_from_rank_0_and_no_rank_goes_on(tiny_dataset, tmp_path):
     proc = torchrun("--data-dir", str(tiny_dataset), "--out-dir", str(tmp_path / "out"), *TINY, "--beta2", "1.5")
     output, _ = proc.communicate(timeout=240)
     assert proc.returncode != 0
     assert [line for line in output.splitlines() if line.startswith("error:")] == ["error: --beta2 must be below 1, got 1.5"]
-    # torchrun's failure summary lists each rank's exit status, and no traceback of a user's mistake.
     assert "Traceback" not in output.split("error: --beta2")[0] and "UserError" not in output
-    assert sorted(re.findall(r"^\s+exitcode\s+:\s+(-?\d+)", output, re.MULTILINE)) == ["2", "2"], output[-3000:]
+    # torchrun's failure summary: rank 0 exits 2 with the line above. Rank 1 meets the same mistake and exits 2 when
+    # torchrun stops it, unless torchrun stops it before it got that far (SIGTERM, -15, while still importing).
+    exits = dict(re.findall(r"rank\s+:\s+(\d+) \(local_rank: \d+\)\s+exitcode\s+:\s+(-?\d+)", output))
+    assert exits["0"] == "2" and exits["1"] in ("2", "-15"), output[-3000:]
     assert not (tmp_path / "out").exists()
 
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from model import GPTConfig, load_gpt2
+from tritongpt.model import GPTConfig, load_gpt2
 from tests.runs import TINY, assert_user_error, run
 
 transformers = pytest.importorskip("transformers")

@@ -7,7 +7,7 @@ Under the interpreter the kernel's largest whole-row block is 1024 wide, so widt
 import pytest
 import torch
 
-from kernels import add_layer_norm, add_layer_norm_reference, layer_norm, layer_norm_reference
+from tritongpt.kernels import add_layer_norm, add_layer_norm_reference, layer_norm, layer_norm_reference
 from tests.parity import assert_deterministic, check_parity, forward_backward
 
 

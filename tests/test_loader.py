@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from data.loader import TokenWindows
-from training.errors import UserError
+from tritongpt.data.loader import TokenWindows
+from tritongpt.errors import UserError
 
 BLOCK = 8
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.runs import TINY, run
-from training.metrics import MetricsLogger
+from tritongpt.metrics import MetricsLogger
 
 CONFIG = {"n_layer": 2, "lr": 6e-4, "dataset": "shakespeare_char", "betas": [0.9, 0.95]}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -142,7 +142,7 @@ def test_disabled_or_wandb_off_never_imports_wandb(tmp_path):
     script = textwrap.dedent(f"""
         import sys
         from pathlib import Path
-        from training.metrics import MetricsLogger
+        from tritongpt.metrics import MetricsLogger
 
         tmp = Path({str(tmp_path)!r})
         rank1 = MetricsLogger(tmp / "rank1", config={{}}, wandb=True, enabled=False)

@@ -9,8 +9,8 @@ import re
 import pytest
 import torch
 
-import kernels.mlp as mlp_module  # the module: its kernel launcher
-from kernels import MLPOptions, gelu_mlp, gelu_mlp_reference
+import tritongpt.kernels.mlp as mlp_module  # the module: its kernel launcher
+from tritongpt.kernels import MLPOptions, gelu_mlp, gelu_mlp_reference
 from tests.parity import (GRAD_FACTOR, OUTPUT_FACTOR, assert_deterministic, assert_parity, check_parity,
                           forward_backward, poisoned_allocations, reference_dtype)
 

@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from model import GPT, GPTConfig, preset
-from model.gpt import peak_bf16_flops, sample_next_token
+from tritongpt.model import GPT, GPTConfig, preset
+from tritongpt.model.gpt import peak_bf16_flops, sample_next_token
 
 
 def tiny(**overrides) -> GPT:

@@ -12,8 +12,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from model import GPT, GPTConfig
-from model.config import OP_FIELDS, implementations
+from tritongpt.model import GPT, GPTConfig
+from tritongpt.model.config import OP_FIELDS, implementations
 from tests.parity import ATOL, GRAD_FACTOR, OUTPUT_FACTOR, assert_parity
 
 ALL_TRITON = {op: "triton" for op in OP_FIELDS}

@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data import prepare as prep
-from data.prepare import prepare, token_dtype
-from data.tokenizer import Tokenizer
-from training.errors import UserError
+from tritongpt.data import prepare as prep
+from tritongpt.data.prepare import prepare, token_dtype
+from tritongpt.data.tokenizer import Tokenizer
+from tritongpt.errors import UserError
 
 REPO = Path(__file__).resolve().parent.parent
 VOCAB = 400

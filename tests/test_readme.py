@@ -8,7 +8,7 @@ import pytest
 
 import sample
 import train
-from data import prepare
+from tritongpt.data import prepare
 
 REPO = Path(__file__).resolve().parent.parent
 README = (REPO / "README.md").read_text()

@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from data.prepare import prepare
+from tritongpt.data.prepare import prepare
 from tests.runs import REPO, TINY, assert_user_error, metrics, run, run_process, train_losses
 
 RUN_FILES = ("ckpt.pt", "metrics.jsonl", "config.json", "loss_curve.png")

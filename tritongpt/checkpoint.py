@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-from data.tokenizer import Tokenizer
-from training.errors import UserError
+from tritongpt.data.tokenizer import Tokenizer
+from tritongpt.errors import UserError
 
 CHECKPOINT_FILE = "ckpt.pt"
 REQUIRED_KEYS = ("model", "model_config", "iter_num")

@@ -6,7 +6,7 @@ from collections.abc import Iterable
 import torch
 from torch.profiler import record_function
 
-from training import distributed
+from tritongpt import distributed
 
 
 def train_step(model: torch.nn.Module, net: torch.nn.Module, optimizer: torch.optim.Optimizer,

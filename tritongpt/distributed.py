@@ -12,8 +12,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from training.device import resolve_device
-from training.errors import UserError
+from tritongpt.device import resolve_device
+from tritongpt.errors import UserError
 
 # How long a collective may wait for a missing rank before the job fails instead of hanging. torchrun also ends
 # the whole job as soon as any worker process exits with an error.

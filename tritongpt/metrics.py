@@ -12,7 +12,7 @@ import os
 import time
 from pathlib import Path
 
-from training.errors import UserError
+from tritongpt.errors import UserError
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"

@@ -1,9 +1,9 @@
 """Where and how the model runs: the device, each op's implementation, and the compute dtype."""
 import torch
 
-from kernels._common import interpreting
-from model.config import OP_FIELDS, implementations
-from training.errors import UserError
+from tritongpt.kernels._common import interpreting
+from tritongpt.model.config import OP_FIELDS, implementations
+from tritongpt.errors import UserError
 
 
 def resolve_device(option: str) -> torch.device:
@@ -18,9 +18,9 @@ def resolve_device(option: str) -> torch.device:
     return device
 
 
-# What the --attention, --layernorm, ... flags take: auto, or any op's implementation (resolve_impl refuses one that
-# the flag's op lacks).
-IMPL_CHOICES = ("auto", *dict.fromkeys(name for op in OP_FIELDS for name in implementations(op)))
+def impl_choices(op: str) -> tuple[str, ...]:
+    """What the op's flag (--attention, --layernorm, ...) takes: auto, or one of the op's implementations."""
+    return ("auto", *implementations(op))
 
 
 def resolve_ops(options, device: torch.device) -> dict[str, str]:

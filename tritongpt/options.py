@@ -12,7 +12,7 @@ import tomllib
 import typing
 from pathlib import Path
 
-from training.errors import UserError
+from tritongpt.errors import UserError
 
 
 class _OneLineParser(argparse.ArgumentParser):
