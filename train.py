@@ -21,7 +21,7 @@ from tritongpt.data.tokenizer import Tokenizer
 from tritongpt.device import autocast, compute_dtype
 from tritongpt.errors import UserError
 from tritongpt.loop import estimate_loss, train_step
-from tritongpt.metrics import MetricsLogger
+from tritongpt.metrics import MetricsLogger, mfu
 from tritongpt.model import GPT, GPTConfig, load_gpt2
 from tritongpt.options import parse_options, run_main
 from tritongpt.schedule import learning_rate
@@ -224,13 +224,13 @@ def log_progress(run: Run, loss: torch.Tensor, grad_norm: torch.Tensor, lr: floa
     step_time = (now - clock[0]) / (run.step - clock[1])
     train_loss = distributed.sum_across_ranks(loss, run.world).item() / run.world.size
     tokens_per_sec = tokens_per_step(run.opts, run.config, run.world) / step_time
-    mfu = run.model.estimate_mfu(tokens_per_sec / run.world.size, run.world.device)
+    utilisation = mfu(run.model.flops_per_token(), tokens_per_sec / run.world.size, run.world.device)
     metrics = {"train/loss": train_loss, "lr": lr, "grad_norm": grad_norm.item(), "tokens_per_sec": tokens_per_sec,
-               "mfu": mfu, "step_time_ms": step_time * 1e3}
+               "mfu": utilisation, "step_time_ms": step_time * 1e3}
     if run.world.device.type == "cuda":
         metrics["gpu_peak_mem_gib"] = torch.cuda.max_memory_allocated(run.world.device) / 2**30
     run.logger.log(run.step, metrics)
-    mfu_text = "" if mfu is None else f" | mfu {mfu:.1%}"  # unknown on a CPU or an unlisted GPU: left out
+    mfu_text = "" if utilisation is None else f" | mfu {utilisation:.1%}"  # unknown on a CPU: left out
     run.say(f"step {run.step}/{run.opts.max_iters} | loss {train_loss:.4f} | lr {lr:.2e} | {step_time * 1e3:.1f} ms | "
             f"{tokens_per_sec:,.0f} tok/s{mfu_text}")
     return now, run.step

@@ -176,7 +176,7 @@ def _rotation_length(set_bytes: int) -> int:
 
 
 def _targets(rows) -> dict:
-    """The H100 targets of the plan, as measured here (met or not)."""
+    """The project's H100 targets, as measured here (met or not)."""
     out = {}
     gpt2 = next((r for r in rows if r["backend"] == "triton" and r["seq_len"] == 1024), {})
     if "fwd_bwd_vs_sdpa_flash" in gpt2:

@@ -5,26 +5,20 @@
 # fails or runs out of time is recorded and the next one runs. A summary of the steps comes last.
 #
 #   bash bench/gpu_run.sh STEP...   env tests sanitizer (= memcheck racecheck) kernels (= attention layernorm mlp)
-#                                   throughput profile throughput-medium; none: all (~30 min, over one call's limit)
+#                                   throughput profile throughput-medium; none: all of them (about 30 min on an H100)
 #
-# With the device tool: one call runs at most 10 minutes and a session has 30 minutes of device time, the machine's
-# start (1-2 min) included. Make the calls back to back: the machine goes back 30 s after a call, and the next call
-# then starts a fresh one (and loses the Triton and Inductor caches). Estimates for an H100 (none measured yet):
-#   run(command="bash bench/gpu_run.sh env tests sanitizer", timeout_s=600)    ~7 min; limits 30+330+110+90 s
-#   run(command="bash bench/gpu_run.sh kernels", timeout_s=600)                ~7 min; limits 3 x 180 s
-#   run(command="bash bench/gpu_run.sh throughput profile", timeout_s=600)     ~7 min; limits 390+180 s
-#   run(command="bash bench/gpu_run.sh throughput-medium", timeout_s=600)      ~6 min; only if status shows 8+ min left
-# Each call leaves in $OUT: gpu_run-<steps>.tar.gz (all of bench/results/: the logs, the JSON, profile-*.md; packed
-# again after every step, so a call cut short still brings back what finished), summary.txt, and from the profile
-# step the chrome traces trace-<variant>-<device>.json.gz (to look at, not to commit). Then, here, at the repository
-# root: tar -xzf <files_at>/gpu_run-<steps>.tar.gz, and bench/results/ holds what to commit.
+# On any machine with an NVIDIA GPU, PyTorch and Triton, from the repository root. The project is installed first
+# (`pip install -e .`, without dependencies or network) when `import tritongpt` fails. Each group of steps above takes
+# 5-8 minutes, so they can also run as separate invocations; the Triton and Inductor caches make a second run on the
+# same machine faster. With ARCHIVE_DIR set, bench/results/ is packed into ARCHIVE_DIR/gpu_run-<steps>.tar.gz after
+# every step (with summary.txt beside it, and the profile's chrome traces), to carry the results off a machine that
+# is about to go away; bench/results/ holds what to commit.
 #
-# Liger-Kernel (optional: bench_layernorm compares against it when it imports) is not on the GPU image. To have it,
-# download its wheel here once, as /work/.library/device/README.md says (.whl/ is git-ignored already; liger-kernel
-# is pure Python and needs only torch and triton, which the image has):
+# Liger-Kernel (optional: bench_layernorm compares against it when it imports) is pure Python and needs only torch
+# and triton. On a machine without a network, put its wheel in .whl/ (git-ignored), e.g.
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 -d .whl liger-kernel==0.8.5
-# and add carry=[".whl"] to the kernels call: this script installs .whl/*.whl into /tmp/site when it finds them.
+# and this script installs .whl/*.whl into /tmp/site when it finds them.
 set -u  # not -e: a failing step must not stop the others
 
 cd "$(dirname "$0")/.."       # the repository root, where the benchmarks run as modules
@@ -36,8 +30,12 @@ DEVICE=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n
 DEVICE=${DEVICE:-no-GPU}      # the device part of the benchmarks' file names (bench.common.write_results)
 SKIPPED=99                    # a step's exit status for "could not run here", told apart from a failure
 export PY DEVICE SKIPPED
-[ -n "${OUT:-}" ] && export OUT  # the profile step's traces go there
+[ -n "${ARCHIVE_DIR:-}" ] && export ARCHIVE_DIR  # the profile step's traces go there
 mkdir -p "$RESULTS"
+
+if ! "$PY" -c "import tritongpt.kernels" 2>/dev/null; then
+    "$PY" -m pip install -q --no-deps --no-build-isolation -e . || { echo "cannot install the project"; exit 2; }
+fi
 
 if compgen -G ".whl/*.whl" >/dev/null; then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -57,8 +55,8 @@ if torch.cuda.is_available():
     "$PY" -m pip list 2>/dev/null | grep -iE '^(torch|triton|numpy|sentencepiece|transformers|pytest|liger)' || true
     echo "compute-sanitizer: $(sanitizer_path || echo 'not found')"
     echo "CPU cores: $(nproc)"; free -g; uname -r
-    # Other engineers edit the kernels while results are pending: these hashes say which code was measured.
-    sha256sum kernels/*.py model/*.py bench/*.py
+    # These hashes say which code was measured.
+    sha256sum kernels/*.py model/*.py tritongpt/*.py bench/*.py
     "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else "no CUDA GPU visible to PyTorch")'
 }
 
@@ -87,7 +85,7 @@ step_layernorm() { "$PY" -m bench.bench_layernorm; }
 step_mlp() { "$PY" -m bench.bench_mlp; }
 step_throughput() { "$PY" -m bench.train_throughput --models gpt2; }
 step_throughput_medium() { "$PY" -m bench.train_throughput --models gpt2-medium; }
-step_profile() { "$PY" -m bench.profile_step --model gpt2 --variant c,b ${OUT:+--trace "$OUT"}; }
+step_profile() { "$PY" -m bench.profile_step --model gpt2 --variant c,b ${ARCHIVE_DIR:+--trace "$ARCHIVE_DIR"}; }
 export -f step_env sanitizer_path sanitize step_tests step_memcheck step_racecheck step_attention step_layernorm \
     step_mlp step_throughput step_throughput_medium step_profile
 
@@ -110,10 +108,10 @@ ARCHIVE="gpu_run-$(IFS=_; echo "${STEPS[*]}").tar.gz"
 SUMMARY=()
 FAILED=0
 
-save() {  # what the device tool brings back: only what lies under $OUT
-    [ -n "${OUT:-}" ] || return 0
-    printf '%s\n' "${SUMMARY[@]}" >"$OUT/summary.txt"
-    tar -czf "$OUT/$ARCHIVE" "$RESULTS"
+save() {  # the results so far, packed into ARCHIVE_DIR when it is set
+    [ -n "${ARCHIVE_DIR:-}" ] || return 0
+    printf '%s\n' "${SUMMARY[@]}" >"$ARCHIVE_DIR/summary.txt"
+    tar -czf "$ARCHIVE_DIR/$ARCHIVE" "$RESULTS"
 }
 
 for step in "${STEPS[@]}"; do
@@ -137,6 +135,6 @@ for step in "${STEPS[@]}"; do
 done
 
 echo
-echo "=== summary ($DEVICE)${OUT:+; \$OUT holds $ARCHIVE and summary.txt}"
+echo "=== summary ($DEVICE)${ARCHIVE_DIR:+; $ARCHIVE_DIR holds $ARCHIVE and summary.txt}"
 printf '%s\n' "${SUMMARY[@]}"
 exit $((FAILED > 0))  # 1 when a step failed or ran out of time

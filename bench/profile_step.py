@@ -16,7 +16,7 @@ and the eager MLP's), the loss, optimizer + gradient clipping, memcpy/memset, el
 step time less the kernel time: launch gaps, where the GPU waits on the CPU.
 
 Writes bench/results/profile-<device>.md (a short markdown table, to commit). Chrome traces are large: they go only
-where --trace says (the GPU run puts them in $OUT), never into the repository. --device cpu is a smoke run (CPU
+where --trace says (bench/gpu_run.sh: ARCHIVE_DIR), never into the repository. --device cpu is a smoke run (CPU
 activity, each op's own CPU time in place of kernels; nothing written unless --trace).
 """
 import argparse

@@ -1,7 +1,7 @@
 """GPT-2 training throughput on one GPU, bf16, seq_len 1024: the same model, data and batch trained four ways.
 
     python -m bench.train_throughput                        # GPT-2 124M, variants a, b, c, d
-    python -m bench.train_throughput --models gpt2-medium   # 350M: a separate call (see the time budget below)
+    python -m bench.train_throughput --models gpt2-medium   # 350M: a separate run (see the time budget below)
     TRITON_INTERPRET=1 python -m bench.train_throughput --device cpu --models tiny --batch-size 2 --steps 3 --warmup 1
 
 Variants (a and b run attention on PyTorch's SDPA and the other ops on their eager PyTorch references):
@@ -15,7 +15,7 @@ moves, not on a plateau). The step is train.py's own (tritongpt.loop.train_step)
 clipping at 1.0, AdamW (fused on CUDA, GPT-2's lr 6e-4, betas (0.9, 0.95), weight decay 0.1). Each step is timed with
 CUDA events and ends with a synchronize, so a step's time is honest; compilation and autotuning fall in the warm-up
 steps. Per variant: tokens/s from the median steady-state step, MFU against the measured cuBLAS bf16 matmul peak
-and against the datasheet peak (model.gpt.peak_bf16_flops), peak memory, the loss at every step, the raw step
+and against the datasheet peak (tritongpt.metrics.peak_bf16_flops), peak memory, the loss at every step, the raw step
 times, the graph breaks of a compiled variant, and its error text if it failed (an OOM, a compile or Triton error
 is recorded and the next variant runs: one bad variant must not cost the rest of a GPU session). The final losses
 must agree with variant (a)'s (PASS/FAIL per variant). Writes bench/results/train_throughput-<models>-<device>.json
@@ -24,12 +24,11 @@ after every variant, so a run cut short keeps what it finished.
 Targets on an H100 (a benchmark's, not a test's): (c) or (d) at least 1.1x (b) in tokens/s; MFU at least 50% of the
 datasheet peak.
 
-Time budget (estimates, not measurements: nothing here has run on a GPU yet). GPT-2 124M at batch 16 is 16K tokens a
+Time budget (estimates from FLOP counts, not measurements). GPT-2 124M at batch 16 is 16K tokens a
 step, ~0.86 GFLOP a token, so a step takes ~30-80 ms and 40 steps x 4 variants ~10 s; the rest is start-up: cuBLAS
 peak ~5 s, torch.compile of (b) and (d) ~1-2 min each on a fresh machine (no Inductor cache), the Triton autotuning
 of (c) ~1 min. About 5 min for gpt2 on an H100. gpt2-medium (350M) is ~3x the FLOPs and compiles twice the layers:
-~6 min more, which would push one call past the device tool's 10-minute limit, so it is not in the default; run it
-as its own call (memory is no issue: it fits an 80 GB GPU at batch 16).
+~6 min more, so it is not in the default; run it on its own (memory is no issue: it fits an 80 GB GPU at batch 16).
 
 --device cpu is a smoke run of the logic (fp32, as the project computes on CPU; meaningless numbers, nothing
 written to bench/results). Variants (c) and (d) then need TRITON_INTERPRET=1 set before Python starts (the kernels
@@ -50,7 +49,8 @@ import torch
 from bench.common import environment, matmul_peak_tflops, print_table, require_cuda, write_results
 from tritongpt.kernels._common import interpreting
 from tritongpt.model.config import OP_FIELDS, preset
-from tritongpt.model.gpt import GPT, peak_bf16_flops
+from tritongpt.metrics import mfu, peak_bf16_flops
+from tritongpt.model.gpt import GPT
 from tritongpt.device import autocast
 from tritongpt.loop import train_step as trainer_step
 
@@ -63,7 +63,7 @@ LEARNING_RATE, BETAS, WEIGHT_DECAY, GRAD_CLIP = 6e-4, (0.9, 0.95), 0.1, 1.0
 # by ~1e-3..1e-2 in tens of steps. 0.02 absolute + 1% relative covers that drift; a wrong gradient in any op moves
 # the loss further within 30 steps (and the parity tests hold each op to its twin in any case).
 LOSS_ATOL, LOSS_RTOL = 0.02, 0.01
-VS_B_TARGET, MFU_TARGET = 1.1, 0.5  # the issue's targets on an H100, for (c) or (d)
+VS_B_TARGET, MFU_TARGET = 1.1, 0.5  # the project's targets on an H100, for (c) or (d)
 
 
 class Variant(NamedTuple):
@@ -227,7 +227,7 @@ def run_variant(name: str, reference: GPT, state: dict, batches, args, dtype, de
         row["tokens_per_sec"] = args.batch_size * config.block_size / (row["median_step_ms"] * 1e-3)
         flops_per_sec = reference.flops_per_token() * row["tokens_per_sec"]
         row["mfu_measured_peak"] = None if peak_tflops is None else flops_per_sec / (peak_tflops * 1e12)
-        row["mfu_datasheet"] = reference.estimate_mfu(row["tokens_per_sec"], device)
+        row["mfu_datasheet"] = mfu(reference.flops_per_token(), row["tokens_per_sec"], device)
         row["final_loss"] = row["losses"][-1]
     return row
 
@@ -247,7 +247,7 @@ def compare(rows: list[dict]) -> None:
 
 
 def targets(rows: list[dict]) -> list[dict]:
-    """The issue's targets, for the faster of (c) and (d): one model's rows."""
+    """The targets, for the faster of (c) and (d): one model's rows."""
     ours = [r for r in rows if r["variant"] in ("c", "d") and r["error"] is None]
     if not ours:
         return []
@@ -276,7 +276,7 @@ def main(argv=None):
     args = parse_args(argv)
     device = resolve_device(args.device)
     smoke = device.type == "cpu"
-    dtype = torch.float32 if smoke else torch.bfloat16  # the issue's bf16; the project computes in fp32 on CPU
+    dtype = torch.float32 if smoke else torch.bfloat16  # GPU training runs in bf16; the project computes in fp32 on CPU
     env = environment()
     peak_tflops = None if smoke else matmul_peak_tflops()
     datasheet = peak_bf16_flops(device)

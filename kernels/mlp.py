@@ -14,7 +14,7 @@ Notation: x is (M, D) after flattening its leading dimensions, W1 = fc_weight is
 Every matmul above is one generic Triton kernel, C = A @ B with a constexpr epilogue, that takes strides, so the
 transposed operands (W1^T, d_pre^T, dy^T) are views, never copies. No atomics anywhere: deterministic.
 
-Design decisions. No GPU was at hand when this was written, so these rest on counting bytes and FLOPs; the
+Design decisions. These rest on counting bytes and FLOPs, not yet on GPU measurements; the
 benchmark (bench/bench_mlp.py) measures each alternative so that a GPU run can confirm or overturn them.
 
 * What the forward saves: pre AND h. The forward must write h anyway (it is the projection's input), so keeping it

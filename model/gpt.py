@@ -155,11 +155,6 @@ class GPT(nn.Module):
         c = self.config
         return 6 * self.num_params() + 12 * c.n_layer * c.n_head * c.head_dim * c.block_size
 
-    def estimate_mfu(self, tokens_per_sec: float, device: torch.device) -> float | None:
-        """Model FLOPs utilisation against the device's dense bf16 peak; None when the peak is not known."""
-        peak = peak_bf16_flops(device)
-        return None if peak is None else self.flops_per_token() * tokens_per_sec / peak
-
     @torch.no_grad()
     def generate_tokens(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                         top_k: int | None = None, top_p: float | None = None,
@@ -199,25 +194,3 @@ def sample_next_token(logits: torch.Tensor, temperature: float, top_k: int | Non
         logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
-
-
-# Dense bf16 tensor-core peaks from the vendors' datasheets, matched against the device name in this order.
-PEAK_BF16_FLOPS = (
-    ("H100 PCIe", 756e12),
-    ("H100 NVL", 835e12),
-    ("H100", 989e12),
-    ("H200", 989e12),
-    ("H800", 989e12),
-    ("A100", 312e12),
-    ("A800", 312e12),
-    ("L40S", 362e12),
-    ("L40", 181e12),
-    ("L4", 121e12),
-)
-
-
-def peak_bf16_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in PEAK_BF16_FLOPS if key in name), None)

@@ -7,9 +7,10 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.runs import TINY, run
-from tritongpt.metrics import MetricsLogger
+from tritongpt.metrics import MetricsLogger, mfu
 
 CONFIG = {"n_layer": 2, "lr": 6e-4, "dataset": "shakespeare_char", "betas": [0.9, 0.95]}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -179,3 +180,13 @@ def test_train_py_logs_every_step_and_eval_to_an_offline_wandb_run(tiny_dataset,
         assert row["tokens_per_sec"] == logged[step]["tokens_per_sec"] > 0
         assert {"lr", "grad_norm", "step_time_ms"} <= set(row)
     assert wandb_records.config(run_file)["options"]["max_iters"] == 4
+
+
+@pytest.mark.parametrize("name, peak", [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),
+                                        ("NVIDIA H200", 989e12), ("NVIDIA A100-SXM4-80GB", 312e12),
+                                        ("NVIDIA GeForce RTX 4090", None)])
+def test_mfu_against_the_datasheet_peak(monkeypatch, name, peak):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    expected = None if peak is None else 1e9 * 2e5 / peak
+    assert mfu(1e9, 2e5, torch.device("cuda", 0)) == expected
+    assert mfu(1e9, 2e5, torch.device("cpu")) is None

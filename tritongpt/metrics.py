@@ -12,6 +12,8 @@ import os
 import time
 from pathlib import Path
 
+import torch
+
 from tritongpt.errors import UserError
 
 METRICS_FILE = "metrics.jsonl"
@@ -121,6 +123,35 @@ class MetricsLogger:
         if offline_reason:
             print(f"{offline_reason}: logging offline; upload later with `wandb sync {self._sync_dir}`")
         return run
+
+
+# Dense bf16 tensor-core peaks from the vendors' datasheets, matched against the device name in this order.
+PEAK_BF16_FLOPS = (
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H100", 989e12),
+    ("H200", 989e12),
+    ("H800", 989e12),
+    ("A100", 312e12),
+    ("A800", 312e12),
+    ("L40S", 362e12),
+    ("L40", 181e12),
+    ("L4", 121e12),
+)
+
+
+def peak_bf16_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16_FLOPS if key in name), None)
+
+
+def mfu(flops_per_token: float, tokens_per_sec: float, device: torch.device) -> float | None:
+    """Model FLOPs utilisation: the model's FLOPs per second against the device's dense bf16 peak; None when the
+    peak is not known (a CPU, or a GPU the table does not list)."""
+    peak = peak_bf16_flops(device)
+    return None if peak is None else flops_per_token * tokens_per_sec / peak
 
 
 def _logged_before(line: str, step: int) -> bool:
