@@ -1,11 +1,16 @@
 """train.py and sample.py end to end on a tiny dataset: checkpoints, exact resume, an earlier run never lost, and
 every user mistake one line of error."""
+import fcntl
 import json
 import os
+import pty
+import re
 import shutil
 import signal
+import struct
 import subprocess
 import sys
+import termios
 import time
 
 import pytest
@@ -258,3 +263,32 @@ def test_ctrl_c_names_the_last_checkpoint(tiny_dataset, tmp_path):
     step = torch.load(out / "ckpt.pt", weights_only=True)["iter_num"]
     assert f"the last checkpoint, {out / 'ckpt.pt'}, holds step {step}" in stdout
 
+
+
+@pytest.mark.slow
+def test_log_and_evaluation_lines_never_break_the_progress_bar(tiny_dataset, tmp_path):
+    """On a terminal the progress bar redraws its line in place; a line printed past it would be glued to the bar's
+    text. So every log and evaluation line must start a line of its own."""
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # a new terminal has no width
+    proc = subprocess.Popen([sys.executable, "train.py", "--data-dir", str(tiny_dataset), "--out-dir", str(tmp_path / "out"),
+                             *TINY, "--max-iters", "6", "--eval-interval", "2", "--log-interval", "3"],
+                            cwd=REPO, stdin=follower, stdout=follower, stderr=follower, env={**os.environ, "TERM": "xterm"})
+    os.close(follower)
+    output = b""
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # the terminal closes when the process ends
+            break
+        if not chunk:
+            break
+        output += chunk
+    os.close(leader)
+    assert proc.wait(timeout=240) == 0, output.decode(errors="replace")[-2000:]
+    text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", output.decode(errors="replace"))  # cursor moves, line clears
+    assert "%|" in text  # the bar was drawn
+    pieces = [piece.strip(" ") for piece in re.split(r"[\r\n]", text)]
+    ours = [piece for piece in pieces if "val loss" in piece or "tok/s" in piece]
+    assert len(ours) == 4 + 2, ours  # evaluations at steps 0, 2, 4, 6; log lines at steps 3, 6
+    assert all(piece.startswith("step ") for piece in ours), ours
