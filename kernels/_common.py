@@ -48,13 +48,15 @@ def autotune(configs: list[triton.Config], key: list[str], interpreter_config: t
 def kernel_op(name: str, fake: Callable):
     """Register the decorated function, which launches Triton kernels, as the PyTorch operator tritongpt::name (its
     type annotations are the schema) with `fake` as its fake implementation. `fake` takes the same arguments and
-    returns the outputs as empty tensors; the function allocates its outputs by calling it, so the shapes, dtypes and
-    strides torch.compile plans with are by construction those the kernels write.
+    returns the outputs as empty tensors, made by the same code the function allocates them with (calling `fake`
+    itself, or the helpers it calls), so that the shapes, dtypes and strides torch.compile plans with are those the
+    kernels write; torch.library.opcheck holds the two to each other.
 
     torch.library.custom_op, not triton_op: the operator is opaque to torch.compile, which calls it as it stands and
     traces only its fake. So the launcher stays plain Python: the autotuners' config pruning and heuristics, launch
     configurations cached per shape, device queries and Triton's CPU interpreter all work under the compiler as they
-    do eagerly, at no cost, since Inductor would not fuse anything into a user's Triton kernel either. An op's
+    do eagerly. triton_op would show Inductor the kernels, but Inductor fuses nothing into a user's Triton kernel, and
+    it would have to trace each launcher: its autotuner, and Triton's interpreter, which cannot be traced. An op's
     autograd is registered on its forward operator (register_autograd with setup_context), and its backward calls
     the op's backward operator, registered the same way."""
     def register(launcher: Callable):

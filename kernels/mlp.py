@@ -34,6 +34,7 @@ benchmark (bench/bench_mlp.py) measures each alternative so that a GPU run can c
   torch sum over dy, which is (M, D_out), a quarter the size of d_pre.
 """
 from dataclasses import dataclass
+from typing import List
 
 import torch
 import torch.nn.functional as F
@@ -236,9 +237,14 @@ def _launch(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, epilogue: int, bi
     )
 
 
+def _activation(x: torch.Tensor, fc_weight: torch.Tensor) -> torch.Tensor:
+    """An unwritten (M, H) activation, pre or h."""
+    return torch.empty((x.shape[0], fc_weight.shape[0]), device=x.device, dtype=x.dtype)
+
+
 def _fc_gelu(x: torch.Tensor, fc_weight: torch.Tensor, fc_bias, tanh: bool, pre: torch.Tensor | None) -> torch.Tensor:
     """h = gelu(x @ W1^T + b1), also writing x @ W1^T + b1 into pre when given."""
-    h = torch.empty((x.shape[0], fc_weight.shape[0]), device=x.device, dtype=x.dtype)
+    h = _activation(x, fc_weight)
     _launch(x, fc_weight.t(), h, _BIAS_GELU, bias=fc_bias, aux=pre, tanh=tanh)
     return h
 
@@ -286,9 +292,8 @@ def _forward_outputs(x: torch.Tensor, fc_weight: torch.Tensor, fc_bias: torch.Te
                      proj_weight: torch.Tensor, proj_bias: torch.Tensor | None, tanh: bool, plain_matmul: str,
                      recompute_h: bool):
     """(y, pre, h), unwritten."""
-    hidden = torch.empty((x.shape[0], fc_weight.shape[0]), device=x.device, dtype=x.dtype)
     y = _inference_outputs(x, fc_weight, fc_bias, proj_weight, proj_bias, tanh, plain_matmul)
-    return y, hidden, torch.empty_like(hidden)
+    return y, _activation(x, fc_weight), _activation(x, fc_weight)
 
 
 @kernel_op("gelu_mlp_forward", fake=_forward_outputs)
@@ -297,14 +302,15 @@ def _gelu_mlp_forward(x: torch.Tensor, fc_weight: torch.Tensor, fc_bias: torch.T
                       recompute_h: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y, pre, h) for x (M, D): the output and the two (M, H) activations the backward may save (recompute_h: only
     pre, which setup_context reads)."""
-    pre = torch.empty((x.shape[0], fc_weight.shape[0]), device=x.device, dtype=x.dtype)
+    pre = _activation(x, fc_weight)
     h = _fc_gelu(x, fc_weight, fc_bias, tanh, pre)
     return _mm(h, proj_weight.t(), proj_bias, plain_matmul), pre, h
 
 
 def _gelu_grad_outputs(dy: torch.Tensor, proj_weight: torch.Tensor, pre: torch.Tensor, tanh: bool, want_h: bool,
-                       want_bias_grad: bool) -> list[torch.Tensor]:
-    """[d_pre, then h if want_h, then db1 (fp32) if want_bias_grad], unwritten."""
+                       want_bias_grad: bool) -> List[torch.Tensor]:
+    """[d_pre, then h if want_h, then db1 (fp32) if want_bias_grad], unwritten. (typing.List: the annotation that
+    torch.library's schema inference reads as Tensor[] in every version since torch 2.4.)"""
     outputs = [torch.empty_like(pre)]
     if want_h:
         outputs.append(torch.empty_like(pre))
@@ -315,7 +321,7 @@ def _gelu_grad_outputs(dy: torch.Tensor, proj_weight: torch.Tensor, pre: torch.T
 
 @kernel_op("gelu_grad_matmul", fake=_gelu_grad_outputs)
 def _gelu_grad_matmul(dy: torch.Tensor, proj_weight: torch.Tensor, pre: torch.Tensor, tanh: bool, want_h: bool,
-                      want_bias_grad: bool) -> list[torch.Tensor]:
+                      want_bias_grad: bool) -> List[torch.Tensor]:
     """[d_pre = (dy @ W2) * gelu'(pre), then h = gelu(pre) if want_h, then db1 = the fp32 row-sum of d_pre if
     want_bias_grad]."""
     M, H = pre.shape
@@ -342,15 +348,15 @@ def _backward(ctx, dy, _dpre, _dh):
     need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:5]
     dx = d_w1 = d_b1 = d_w2 = d_b2 = None
     if need_x or need_w1 or need_b1 or (need_w2 and h is None):
-        d_pre, *rest = _gelu_grad_matmul(dy, proj_weight, pre, ctx.tanh, want_h=h is None, want_bias_grad=need_b1)
-        if h is None:
-            h = rest.pop(0)
+        outputs = iter(_gelu_grad_matmul(dy, proj_weight, pre, ctx.tanh, want_h=h is None, want_bias_grad=need_b1))
+        d_pre = next(outputs)
+        h = next(outputs) if h is None else h
         if need_x:
             dx = _mm(d_pre, fc_weight, None, ctx.plain_matmul)
         if need_w1:
             d_w1 = _mm(d_pre.t(), x, None, ctx.plain_matmul)
         if need_b1:
-            d_b1 = rest.pop(0).to(pre.dtype)
+            d_b1 = next(outputs).to(pre.dtype)
     if need_w2:
         d_w2 = _mm(dy.t(), h, None, ctx.plain_matmul)
     if need_b2:
