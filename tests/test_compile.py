@@ -75,6 +75,16 @@ def test_compiled_model_matches_eager(dynamic, autocast, device):
             assert torch.equal(compiled_grads[name], grad), f"seq_len {seq_len}: grad {name} differs"
 
 
+def test_compiled_inference_matches_eager(device):
+    """Without gradients the MLP runs its inference operator (it writes no pre-activation): logits as eager's."""
+    torch.manual_seed(0)
+    model = GPT(CONFIG).to(device)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True, dynamic=False)
+    idx, _ = batch(16, device)
+    with torch.no_grad():
+        assert torch.equal(compiled(idx)[0], model(idx)[0])
+
+
 OPERATORS = ("flash_attention_forward", "flash_attention_backward", "layer_norm_forward", "add_layer_norm_forward",
              "layer_norm_backward", "gelu_mlp_forward", "gelu_mlp_inference", "gelu_grad_matmul", "matmul")
 
