@@ -9,9 +9,9 @@ variant (c) beside the nanoGPT recipe (b) that it is measured against.
 Per variant: warm-up steps (compilation, autotuning), then --steps unprofiled steps timed with CUDA events (the
 step time the percentages are of: the profiler slows the CPU side, not the kernels), then --steps profiled steps.
 Each kernel is attributed to the op that launched it and that op's ancestors (the phase labels of the training
-step, autograd nodes, the kernels' autograd Functions), which places it in a category: attention fwd / bwd,
+step, autograd nodes, the kernels' operators tritongpt::*), which places it in a category: attention fwd / bwd,
 layernorm (with its fused residual add), the MLP's fused Triton matmuls, the MLP's cuBLAS matmuls (seen only where
-the MLP runs as this project's autograd Function: variant (c)), other matmuls (QKV and output projections, LM head;
+the MLP runs as this project's operators: variant (c)), other matmuls (QKV and output projections, LM head;
 and the eager MLP's), the loss, optimizer + gradient clipping, memcpy/memset, elementwise/other. GPU idle is the
 step time less the kernel time: launch gaps, where the GPU waits on the CPU.
 
@@ -51,7 +51,7 @@ def category(name: str, context: tuple[str, ...]) -> str:
         return "attention bwd" if backward else "attention fwd"
     if "_matmul_kernel" in name:
         return "mlp: Triton fused matmul"
-    if "GeluMLP" in where or "gelu" in name.lower():  # inside the Triton MLP's autograd Function, or a GELU kernel
+    if re.search(r"gelu_mlp|gelu_grad", where) or "gelu" in name.lower():  # inside the Triton MLP, or a GELU kernel
         return "mlp: cuBLAS matmul" if GEMM.search(name) else "mlp: other"
     if GEMM.search(name):
         return "other matmul (cuBLAS)"

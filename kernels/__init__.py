@@ -1,6 +1,9 @@
 """Triton kernels for a GPT's hot paths, one module per op, each beside its reference: the plain PyTorch math the
 tests hold the kernel to. OPS registers every op's implementations under one name.
 
+Each Triton op runs as PyTorch custom operators, torch.ops.tritongpt.* (its forward, with its autograd, and its
+backward; see _common.kernel_op), so torch.compile takes it into its graph.
+
 This package knows nothing of the model: every op takes plain tensors.
 """
 from collections.abc import Callable, Mapping

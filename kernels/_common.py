@@ -1,6 +1,8 @@
-"""What the Triton ops share: refusing tensors a kernel cannot take, and autotuning that also runs under Triton's
-CPU interpreter. Each op's own shape rules stay in its module, in a function named `_validate`."""
+"""What the Triton ops share: refusing tensors a kernel cannot take, autotuning that also runs under Triton's CPU
+interpreter, and registering a kernel's launcher as a PyTorch operator. Each op's own shape rules stay in its module,
+in a function named `_validate`."""
 import os
+from collections.abc import Callable
 
 import torch
 import triton
@@ -41,3 +43,24 @@ def autotune(configs: list[triton.Config], key: list[str], interpreter_config: t
     if interpreting():
         return triton.autotune([interpreter_config], key=key)
     return triton.autotune(configs, key=key, prune_configs_by=prune_configs_by)
+
+
+def kernel_op(name: str, fake: Callable):
+    """Register the decorated function, which launches Triton kernels, as the PyTorch operator tritongpt::name (its
+    type annotations are the schema) with `fake` as its fake implementation. `fake` takes the same arguments and
+    returns the outputs as empty tensors, made by the same code the function allocates them with (calling `fake`
+    itself, or the helpers it calls), so that the shapes, dtypes and strides torch.compile plans with are those the
+    kernels write; torch.library.opcheck holds the two to each other.
+
+    torch.library.custom_op, not triton_op: the operator is opaque to torch.compile, which calls it as it stands and
+    traces only its fake. So the launcher stays plain Python: the autotuners' config pruning and heuristics, launch
+    configurations cached per shape, device queries and Triton's CPU interpreter all work under the compiler as they
+    do eagerly. triton_op would show Inductor the kernels, but Inductor fuses nothing into a user's Triton kernel, and
+    it would have to trace each launcher: its autotuner, and Triton's interpreter, which cannot be traced. An op's
+    autograd is registered on its forward operator (register_autograd with setup_context), and its backward calls
+    the op's backward operator, registered the same way."""
+    def register(launcher: Callable):
+        op = torch.library.custom_op(f"tritongpt::{name}", launcher, mutates_args=())
+        op.register_fake(fake)
+        return op
+    return register

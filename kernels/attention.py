@@ -1,5 +1,5 @@
 """Multi-head attention: the plain-math reference, PyTorch's SDPA as a named alternative, and the Triton
-flash-attention kernels with their autograd Function.
+flash-attention kernels, registered as PyTorch operators with their autograd.
 
 q, k, v and the output are (batch, heads, seq_len, head_dim), with any strides. Notation, per (batch, head):
 S = scale · Q Kᵀ, P = softmax(S) row by row (causal: S_ij = -inf for j > i), O = P V.
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from tritongpt.kernels._common import autotune, check_tensors, interpreting
+from tritongpt.kernels._common import autotune, check_tensors, interpreting, kernel_op
 
 
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
@@ -381,41 +381,70 @@ def _launch_params(q: torch.Tensor) -> dict:
             "DOT_PRECISION": "ieee" if q.dtype == torch.float32 else "tf32"}
 
 
-class _FlashAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, causal, softmax_scale):
-        batch, heads, seq_len, _ = q.shape
-        o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        lse = torch.empty((batch, heads, seq_len), dtype=torch.float32, device=q.device)
-        seq_len_key = triton.next_power_of_2(seq_len)
-        _attn_fwd[lambda meta: (triton.cdiv(seq_len, meta["BLOCK_M"]), heads, batch)](
-            q, k, v, o, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-            seq_len, seq_len_key, softmax_scale * math.log2(math.e), CAUSAL=causal, **_launch_params(q))
-        ctx.save_for_backward(q, k, v, o, lse)
-        ctx.causal, ctx.softmax_scale = causal, softmax_scale
-        return o
+def _forward_outputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, softmax_scale: float):
+    """The forward's outputs, unwritten: O (contiguous, like q) and the base-2 log-sum-exp (batch, heads, seq_len)."""
+    batch, heads, seq_len, _ = q.shape
+    return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
+            torch.empty((batch, heads, seq_len), dtype=torch.float32, device=q.device))
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, do):
-        q, k, v, o, lse = ctx.saved_tensors
-        batch, heads, seq_len, _ = q.shape
-        seq_len_key = triton.next_power_of_2(seq_len)
-        params = _launch_params(q)
-        delta = torch.empty_like(lse)
-        _attn_bwd_delta[(triton.cdiv(seq_len, _DELTA_BLOCK_M), heads, batch)](
-            o, do, delta, *o.stride(), *do.stride(), seq_len,
-            HEAD_DIM=params["HEAD_DIM"], BLOCK_D=params["BLOCK_D"], BLOCK_M=_DELTA_BLOCK_M)
-        dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
-        qk_scale = ctx.softmax_scale * math.log2(math.e)
-        _attn_bwd_dkdv[lambda meta: (triton.cdiv(seq_len, meta["BLOCK_N"]), heads, batch)](
-            q, k, v, do, dk, dv, lse, delta, *q.stride(), *k.stride(), *v.stride(), *do.stride(),
-            *dk.stride(), *dv.stride(), seq_len, seq_len_key, qk_scale, ctx.softmax_scale,
-            CAUSAL=ctx.causal, **params)
-        _attn_bwd_dq[lambda meta: (triton.cdiv(seq_len, meta["BLOCK_M"]), heads, batch)](
-            q, k, v, do, dq, lse, delta, *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
-            seq_len, seq_len_key, qk_scale, ctx.softmax_scale, CAUSAL=ctx.causal, **params)
-        return dq, dk, dv, None, None
+
+# Operators rather than an autograd Function, so that torch.compile keeps the kernels in its graph (kernel_op says why
+# custom_op: here the autotuner prunes its configs per input class at launch, which Dynamo cannot trace).
+@kernel_op("flash_attention_forward", fake=_forward_outputs)
+def _flash_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+                             softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    o, lse = _forward_outputs(q, k, v, causal, softmax_scale)
+    batch, heads, seq_len, _ = q.shape
+    seq_len_key = triton.next_power_of_2(seq_len)
+    _attn_fwd[lambda meta: (triton.cdiv(seq_len, meta["BLOCK_M"]), heads, batch)](
+        q, k, v, o, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+        seq_len, seq_len_key, softmax_scale * math.log2(math.e), CAUSAL=causal, **_launch_params(q))
+    return o, lse
+
+
+def _backward_outputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+                      do: torch.Tensor, causal: bool, softmax_scale: float):
+    """dq, dk, dv, unwritten and contiguous."""
+    return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+
+
+@kernel_op("flash_attention_backward", fake=_backward_outputs)
+def _flash_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+                              do: torch.Tensor, causal: bool,
+                              softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dq, dk, dv = _backward_outputs(q, k, v, o, lse, do, causal, softmax_scale)
+    batch, heads, seq_len, _ = q.shape
+    seq_len_key = triton.next_power_of_2(seq_len)
+    params = _launch_params(q)
+    delta = torch.empty_like(lse)
+    _attn_bwd_delta[(triton.cdiv(seq_len, _DELTA_BLOCK_M), heads, batch)](
+        o, do, delta, *o.stride(), *do.stride(), seq_len,
+        HEAD_DIM=params["HEAD_DIM"], BLOCK_D=params["BLOCK_D"], BLOCK_M=_DELTA_BLOCK_M)
+    qk_scale = softmax_scale * math.log2(math.e)
+    _attn_bwd_dkdv[lambda meta: (triton.cdiv(seq_len, meta["BLOCK_N"]), heads, batch)](
+        q, k, v, do, dk, dv, lse, delta, *q.stride(), *k.stride(), *v.stride(), *do.stride(),
+        *dk.stride(), *dv.stride(), seq_len, seq_len_key, qk_scale, softmax_scale, CAUSAL=causal, **params)
+    _attn_bwd_dq[lambda meta: (triton.cdiv(seq_len, meta["BLOCK_M"]), heads, batch)](
+        q, k, v, do, dq, lse, delta, *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
+        seq_len, seq_len_key, qk_scale, softmax_scale, CAUSAL=causal, **params)
+    return dq, dk, dv
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, causal, softmax_scale = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse)
+    ctx.causal, ctx.softmax_scale = causal, softmax_scale
+    ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)  # lse gets no gradient: none is allocated for it
+
+
+def _backward(ctx, do, _dlse):
+    q, k, v, o, lse = ctx.saved_tensors
+    return *_flash_attention_backward(q, k, v, o, lse, do, ctx.causal, ctx.softmax_scale), None, None
+
+
+_flash_attention_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _validate(q, k, v) -> None:
@@ -443,4 +472,5 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     _validate(q, k, v)
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(q.shape[-1])
-    return _FlashAttention.apply(q, k, v, bool(causal), float(softmax_scale))
+    o, _ = _flash_attention_forward(q, k, v, bool(causal), float(softmax_scale))
+    return o

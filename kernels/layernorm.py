@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from tritongpt.kernels._common import check_tensors
+from tritongpt.kernels._common import check_tensors, kernel_op
 
 
 def layer_norm_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -213,59 +213,127 @@ def _as_rows(t: torch.Tensor, N: int) -> torch.Tensor:
     return t if t.stride(-1) == 1 or N == 1 else t.contiguous()
 
 
-class _LayerNormFn(torch.autograd.Function):
-    """LayerNorm(x), or with a residual (LayerNorm(x + residual), x + residual); one kernel each way."""
-
-    @staticmethod
-    def forward(ctx, x, residual, weight, bias, eps):
-        shape, N = x.shape, x.shape[-1]
-        x2 = _as_rows(x, N)
-        n_rows = x2.shape[0]
-        has_residual = residual is not None
-        r2 = _as_rows(residual, N) if has_residual else x2
-        y = torch.empty((n_rows, N), dtype=x.dtype, device=x.device)
-        summed = torch.empty_like(y) if has_residual else x2
-        mean = torch.empty(n_rows, dtype=torch.float32, device=x.device)
-        rstd = torch.empty_like(mean)
+def _normalize(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None,
+               eps: float, y: torch.Tensor, summed: torch.Tensor | None, mean: torch.Tensor, rstd: torch.Tensor) -> None:
+    """Write y = LayerNorm(x (+ residual)) and each row's mean and rstd, and summed = x + residual when there is a
+    residual."""
+    N = x.shape[-1]
+    x2 = _as_rows(x, N)
+    n_rows = x2.shape[0]
+    r2 = _as_rows(residual, N) if residual is not None else x2
+    if n_rows:
         cfg = _launch_config(N, n_rows, x.is_cuda)
-        if n_rows:
-            _layer_norm_fwd_kernel[(triton.cdiv(n_rows, cfg["BLOCK_M"]),)](
-                x2, r2, weight, bias if bias is not None else weight, y, summed, mean, rstd,
-                x2.stride(0), r2.stride(0), n_rows, N, eps,
-                HAS_RESIDUAL=has_residual, HAS_BIAS=bias is not None, **cfg)
-        ctx.save_for_backward(summed, weight, mean, rstd)
-        ctx.has_residual, ctx.has_bias, ctx.cfg = has_residual, bias is not None, cfg
-        ctx.set_materialize_grads(False)
-        if has_residual:
-            return y.view(shape), summed.view(shape)
-        return y.view(shape)
+        _layer_norm_fwd_kernel[(triton.cdiv(n_rows, cfg["BLOCK_M"]),)](
+            x2, r2, weight, bias if bias is not None else weight, y, summed if summed is not None else y, mean, rstd,
+            x2.stride(0), r2.stride(0), n_rows, N, eps,
+            HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None, **cfg)
 
-    @staticmethod
-    def backward(ctx, dy, dsummed=None):
-        summed, weight, mean, rstd = ctx.saved_tensors
-        n_rows, N = summed.shape
-        if dy is None:  # only `summed` was used: the norm contributes nothing
-            return dsummed, dsummed, None, None, None
-        shape = dy.shape
-        dy2 = _as_rows(dy, N)
-        ds2 = _as_rows(dsummed, N) if dsummed is not None else dy2
-        cfg = ctx.cfg
-        programs = _backward_programs(dy.device, triton.cdiv(n_rows, cfg["BLOCK_M"])) if n_rows else 0
-        # A chunked row adds into its partial sums, so they start at zero; a whole row stores them once.
-        alloc = torch.empty if cfg["SINGLE_BLOCK"] else torch.zeros
-        dw_partial = alloc((programs, N), dtype=torch.float32, device=dy.device)
-        db_partial = alloc((programs, N), dtype=torch.float32, device=dy.device)
-        dx = torch.empty((n_rows, N), dtype=summed.dtype, device=summed.device)
-        if n_rows:
-            _layer_norm_bwd_kernel[(programs,)](
-                summed, weight, mean, rstd, dy2, ds2, dx, dw_partial, db_partial,
-                summed.stride(0), dy2.stride(0), ds2.stride(0), n_rows, N,
-                HAS_DSUMMED=dsummed is not None, **cfg)
-        dweight = dw_partial.sum(dim=0).to(weight.dtype)
-        dbias = db_partial.sum(dim=0).to(weight.dtype) if ctx.has_bias else None
-        dx = dx.view(shape)
-        # x and residual enter the sum alike, so they receive the same gradient (one tensor, as for x + r).
-        return dx, (dx if ctx.has_residual else None), dweight, dbias, None
+
+# Operators rather than an autograd Function, so that torch.compile keeps the kernels in its graph (kernel_op says why
+# custom_op: here the launch configuration is cached per shape and the backward's grid is sized by the SM count).
+# The forward has two operators, since an operator's outputs never alias its inputs: layer_norm saves its input x for
+# the backward, add_layer_norm the sum it returns. Both save fp32 mean and rstd, and share one backward operator.
+def _layer_norm_outputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float):
+    """(y, mean, rstd), unwritten."""
+    mean = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device), mean, torch.empty_like(mean)
+
+
+@kernel_op("layer_norm_forward", fake=_layer_norm_outputs)
+def _layer_norm_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                        eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    y, mean, rstd = _layer_norm_outputs(x, weight, bias, eps)
+    _normalize(x, None, weight, bias, eps, y, None, mean, rstd)
+    return y, mean, rstd
+
+
+def _add_layer_norm_outputs(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                            eps: float):
+    """(y, summed, mean, rstd), unwritten."""
+    y, mean, rstd = _layer_norm_outputs(x, weight, bias, eps)
+    return y, torch.empty_like(y), mean, rstd
+
+
+@kernel_op("add_layer_norm_forward", fake=_add_layer_norm_outputs)
+def _add_layer_norm_forward(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                            eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    y, summed, mean, rstd = _add_layer_norm_outputs(x, residual, weight, bias, eps)
+    _normalize(x, residual, weight, bias, eps, y, summed, mean, rstd)
+    return y, summed, mean, rstd
+
+
+def _backward_outputs(dy: torch.Tensor, dsummed: torch.Tensor | None, summed: torch.Tensor, weight: torch.Tensor,
+                      mean: torch.Tensor, rstd: torch.Tensor):
+    """(dx, dweight, dbias), unwritten; dbias is weight's shape and dtype, as bias's would be."""
+    return (torch.empty(summed.shape, dtype=summed.dtype, device=summed.device), torch.empty_like(weight),
+            torch.empty_like(weight))
+
+
+@kernel_op("layer_norm_backward", fake=_backward_outputs)
+def _layer_norm_backward(dy: torch.Tensor, dsummed: torch.Tensor | None, summed: torch.Tensor, weight: torch.Tensor,
+                         mean: torch.Tensor, rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients of the norm's input (plus dsummed, the gradient arriving at add_layer_norm's `summed`), weight and
+    bias."""
+    N = summed.shape[-1]
+    s2, dy2 = _as_rows(summed, N), _as_rows(dy, N)
+    ds2 = _as_rows(dsummed, N) if dsummed is not None else dy2
+    n_rows = s2.shape[0]
+    cfg = _launch_config(N, n_rows, dy.is_cuda)
+    programs = _backward_programs(dy.device, triton.cdiv(n_rows, cfg["BLOCK_M"])) if n_rows else 0
+    # A chunked row adds into its partial sums, so they start at zero; a whole row stores them once.
+    alloc = torch.empty if cfg["SINGLE_BLOCK"] else torch.zeros
+    dw_partial = alloc((programs, N), dtype=torch.float32, device=dy.device)
+    db_partial = alloc((programs, N), dtype=torch.float32, device=dy.device)
+    dx, _, _ = _backward_outputs(dy, dsummed, summed, weight, mean, rstd)
+    if n_rows:
+        _layer_norm_bwd_kernel[(programs,)](
+            s2, weight, mean, rstd, dy2, ds2, dx, dw_partial, db_partial,
+            s2.stride(0), dy2.stride(0), ds2.stride(0), n_rows, N,
+            HAS_DSUMMED=dsummed is not None, **cfg)
+    return dx, dw_partial.sum(dim=0).to(weight.dtype), db_partial.sum(dim=0).to(weight.dtype)
+
+
+def _save(ctx, summed, weight, bias, mean, rstd) -> None:
+    ctx.save_for_backward(summed, weight, mean, rstd)
+    ctx.has_bias = bias is not None
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.set_materialize_grads(False)  # a gradient left out (an unused output) stays None: no zeros are made for it
+
+
+def _layer_norm_setup_context(ctx, inputs, output) -> None:
+    x, weight, bias, _ = inputs
+    _, mean, rstd = output
+    _save(ctx, x, weight, bias, mean, rstd)
+
+
+def _add_layer_norm_setup_context(ctx, inputs, output) -> None:
+    _, _, weight, bias, _ = inputs
+    _, summed, mean, rstd = output
+    _save(ctx, summed, weight, bias, mean, rstd)
+
+
+def _norm_grads(ctx, dy, dsummed):
+    """The gradients of (the norm's input, weight, bias), the norm's input's including dsummed."""
+    if dy is None:  # only `summed` was used: the norm contributes nothing
+        return dsummed, None, None
+    summed, weight, mean, rstd = ctx.saved_tensors
+    dx, dweight, dbias = _layer_norm_backward(dy, dsummed, summed, weight, mean, rstd)
+    return dx, dweight, (dbias if ctx.has_bias else None)
+
+
+def _layer_norm_autograd(ctx, dy, _dmean, _drstd):
+    dx, dweight, dbias = _norm_grads(ctx, dy, None)
+    return dx, dweight, dbias, None
+
+
+def _add_layer_norm_autograd(ctx, dy, dsummed, _dmean, _drstd):
+    dx, dweight, dbias = _norm_grads(ctx, dy, dsummed)
+    # x and residual enter the sum alike, so they receive the same gradient (one tensor, as for x + r).
+    return dx, dx, dweight, dbias, None
+
+
+_layer_norm_forward.register_autograd(_layer_norm_autograd, setup_context=_layer_norm_setup_context)
+_add_layer_norm_forward.register_autograd(_add_layer_norm_autograd, setup_context=_add_layer_norm_setup_context)
 
 
 def _validate(op: str, x, weight, bias, residual=None) -> None:
@@ -289,7 +357,8 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
                eps: float = 1e-5) -> torch.Tensor:
     """LayerNorm over the last dimension of x (any leading shape), in Triton; differentiable."""
     _validate("layer_norm", x, weight, bias)
-    return _LayerNormFn.apply(x, None, *_unit_stride(weight, bias), float(eps))
+    y, _, _ = _layer_norm_forward(x, *_unit_stride(weight, bias), float(eps))
+    return y
 
 
 def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
@@ -297,4 +366,5 @@ def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor
     """(LayerNorm(x + residual), x + residual) from one pass over x and residual, in Triton; differentiable in
     both outputs."""
     _validate("add_layer_norm", x, weight, bias, residual)
-    return _LayerNormFn.apply(x, residual, *_unit_stride(weight, bias), float(eps))
+    y, summed, _, _ = _add_layer_norm_forward(x, residual, *_unit_stride(weight, bias), float(eps))
+    return y, summed

@@ -1,5 +1,5 @@
-"""The transformer MLP, y = gelu(x @ W1^T + b1) @ W2^T + b2: the Triton kernels, their autograd Function, and the
-reference.
+"""The transformer MLP, y = gelu(x @ W1^T + b1) @ W2^T + b2: the Triton kernels, registered as PyTorch operators with
+their autograd, and the reference.
 
 Notation: x is (M, D) after flattening its leading dimensions, W1 = fc_weight is (H, D), W2 = proj_weight is
 (D_out, H) (nn.Linear layout), pre = x @ W1^T + b1 and h = gelu(pre) are (M, H).
@@ -34,13 +34,14 @@ benchmark (bench/bench_mlp.py) measures each alternative so that a GPU run can c
   torch sum over dy, which is (M, D_out), a quarter the size of d_pre.
 """
 from dataclasses import dataclass
+from typing import List
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from tritongpt.kernels._common import autotune, check_tensors, interpreting
+from tritongpt.kernels._common import autotune, check_tensors, interpreting, kernel_op
 
 
 @dataclass(frozen=True)
@@ -236,64 +237,134 @@ def _launch(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, epilogue: int, bi
     )
 
 
-def _fc_gelu(x: torch.Tensor, fc_weight: torch.Tensor, fc_bias, tanh: bool, save_pre: bool):
-    """(h, pre) = (gelu(x @ W1^T + b1), x @ W1^T + b1); pre is None unless save_pre."""
-    h = torch.empty((x.shape[0], fc_weight.shape[0]), device=x.device, dtype=x.dtype)
-    pre = torch.empty_like(h) if save_pre else None
+def _activation(x: torch.Tensor, fc_weight: torch.Tensor) -> torch.Tensor:
+    """An unwritten (M, H) activation, pre or h."""
+    return torch.empty((x.shape[0], fc_weight.shape[0]), device=x.device, dtype=x.dtype)
+
+
+def _fc_gelu(x: torch.Tensor, fc_weight: torch.Tensor, fc_bias, tanh: bool, pre: torch.Tensor | None) -> torch.Tensor:
+    """h = gelu(x @ W1^T + b1), also writing x @ W1^T + b1 into pre when given."""
+    h = _activation(x, fc_weight)
     _launch(x, fc_weight.t(), h, _BIAS_GELU, bias=fc_bias, aux=pre, tanh=tanh)
-    return h, pre
-
-
-def _gelu_grad_matmul(dy: torch.Tensor, proj_weight: torch.Tensor, pre: torch.Tensor, tanh: bool,
-                      want_h: bool, want_bias_grad: bool):
-    """(d_pre, h, db1) = ((dy @ W2) * gelu'(pre), gelu(pre) if want_h, fp32 row-sum of d_pre if want_bias_grad)."""
-    M, H = pre.shape
-    d_pre = torch.empty_like(pre)
-    h = torch.empty_like(pre) if want_h else None
-    partials = (torch.empty((triton.cdiv(M, _BIAS_GRAD_ROWS), H), device=pre.device, dtype=torch.float32)
-                if want_bias_grad else None)
-    _launch(dy, proj_weight, d_pre, _GELU_GRAD, aux=pre, h=h, bias_grad=partials, tanh=tanh)
-    return d_pre, h, (partials.sum(0) if want_bias_grad else None)
+    return h
 
 
 def _mm(a: torch.Tensor, b: torch.Tensor, bias, plain_matmul: str) -> torch.Tensor:
     """a @ b (+ bias) for a matmul with nothing to fuse: cuBLAS (plain_matmul "torch") or the Triton kernel."""
     if plain_matmul == "triton":
-        c = torch.empty((a.shape[0], b.shape[1]), device=a.device, dtype=a.dtype)
-        _launch(a, b, c, _NONE, bias=bias)
-        return c
+        return _triton_matmul(a, b, bias)
     return torch.mm(a, b) if bias is None else torch.addmm(bias, a, b)
 
 
-class _GeluMLP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, fc_weight, fc_bias, proj_weight, proj_bias, tanh, options):
-        h, pre = _fc_gelu(x, fc_weight, fc_bias, tanh, save_pre=True)
-        y = _mm(h, proj_weight.t(), proj_bias, options.plain_matmul)
-        ctx.tanh, ctx.plain_matmul = tanh, options.plain_matmul
-        ctx.save_for_backward(x, fc_weight, proj_weight, pre, None if options.recompute_h else h)
-        return y
+# Operators rather than an autograd Function, so that torch.compile keeps the kernels in its graph (kernel_op says why
+# custom_op: here the matmul's autotuner runs a heuristic per launch). Training and inference have their own forward
+# operators, since only training writes pre. The backward's operator is its fused GELU' matmul alone; the plain
+# matmuls around it stay torch.mm (or the Triton matmul's operator) in the traced backward, where the compiler sees
+# them.
+def _matmul_outputs(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.empty((a.shape[0], b.shape[1]), device=a.device, dtype=a.dtype)
 
-    @staticmethod
-    def backward(ctx, dy):
-        x, fc_weight, proj_weight, pre, h = ctx.saved_tensors
-        need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:5]
-        dx = d_w1 = d_b1 = d_w2 = d_b2 = None
-        if need_x or need_w1 or need_b1 or (need_w2 and h is None):
-            d_pre, h_again, d_b1 = _gelu_grad_matmul(dy, proj_weight, pre, ctx.tanh, want_h=h is None,
-                                                     want_bias_grad=need_b1)
-            h = h_again if h is None else h
-            if need_x:
-                dx = _mm(d_pre, fc_weight, None, ctx.plain_matmul)
-            if need_w1:
-                d_w1 = _mm(d_pre.t(), x, None, ctx.plain_matmul)
-            if need_b1:
-                d_b1 = d_b1.to(pre.dtype)
-        if need_w2:
-            d_w2 = _mm(dy.t(), h, None, ctx.plain_matmul)
-        if need_b2:
-            d_b2 = dy.sum(0, dtype=torch.float32).to(dy.dtype)
-        return dx, d_w1, d_b1, d_w2, d_b2, None, None
+
+@kernel_op("matmul", fake=_matmul_outputs)
+def _triton_matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """a @ b (+ bias) through the Triton kernel, a and b with any strides."""
+    c = _matmul_outputs(a, b, bias)
+    _launch(a, b, c, _NONE, bias=bias)
+    return c
+
+
+def _inference_outputs(x: torch.Tensor, fc_weight: torch.Tensor, fc_bias: torch.Tensor | None,
+                       proj_weight: torch.Tensor, proj_bias: torch.Tensor | None, tanh: bool,
+                       plain_matmul: str) -> torch.Tensor:
+    """y, unwritten."""
+    return torch.empty((x.shape[0], proj_weight.shape[0]), device=x.device, dtype=x.dtype)
+
+
+@kernel_op("gelu_mlp_inference", fake=_inference_outputs)
+def _gelu_mlp_inference(x: torch.Tensor, fc_weight: torch.Tensor, fc_bias: torch.Tensor | None,
+                        proj_weight: torch.Tensor, proj_bias: torch.Tensor | None, tanh: bool,
+                        plain_matmul: str) -> torch.Tensor:
+    """y for x (M, D), without writing pre, which only the backward needs."""
+    return _mm(_fc_gelu(x, fc_weight, fc_bias, tanh, pre=None), proj_weight.t(), proj_bias, plain_matmul)
+
+
+def _forward_outputs(x: torch.Tensor, fc_weight: torch.Tensor, fc_bias: torch.Tensor | None,
+                     proj_weight: torch.Tensor, proj_bias: torch.Tensor | None, tanh: bool, plain_matmul: str,
+                     recompute_h: bool):
+    """(y, pre, h), unwritten."""
+    y = _inference_outputs(x, fc_weight, fc_bias, proj_weight, proj_bias, tanh, plain_matmul)
+    return y, _activation(x, fc_weight), _activation(x, fc_weight)
+
+
+@kernel_op("gelu_mlp_forward", fake=_forward_outputs)
+def _gelu_mlp_forward(x: torch.Tensor, fc_weight: torch.Tensor, fc_bias: torch.Tensor | None,
+                      proj_weight: torch.Tensor, proj_bias: torch.Tensor | None, tanh: bool, plain_matmul: str,
+                      recompute_h: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, pre, h) for x (M, D): the output and the two (M, H) activations the backward may save (recompute_h: only
+    pre, which setup_context reads)."""
+    pre = _activation(x, fc_weight)
+    h = _fc_gelu(x, fc_weight, fc_bias, tanh, pre)
+    return _mm(h, proj_weight.t(), proj_bias, plain_matmul), pre, h
+
+
+def _gelu_grad_outputs(dy: torch.Tensor, proj_weight: torch.Tensor, pre: torch.Tensor, tanh: bool, want_h: bool,
+                       want_bias_grad: bool) -> List[torch.Tensor]:
+    """[d_pre, then h if want_h, then db1 (fp32) if want_bias_grad], unwritten. (typing.List: the annotation that
+    torch.library's schema inference reads as Tensor[] in every version since torch 2.4.)"""
+    outputs = [torch.empty_like(pre)]
+    if want_h:
+        outputs.append(torch.empty_like(pre))
+    if want_bias_grad:
+        outputs.append(torch.empty(pre.shape[1], device=pre.device, dtype=torch.float32))
+    return outputs
+
+
+@kernel_op("gelu_grad_matmul", fake=_gelu_grad_outputs)
+def _gelu_grad_matmul(dy: torch.Tensor, proj_weight: torch.Tensor, pre: torch.Tensor, tanh: bool, want_h: bool,
+                      want_bias_grad: bool) -> List[torch.Tensor]:
+    """[d_pre = (dy @ W2) * gelu'(pre), then h = gelu(pre) if want_h, then db1 = the fp32 row-sum of d_pre if
+    want_bias_grad]."""
+    M, H = pre.shape
+    outputs = _gelu_grad_outputs(dy, proj_weight, pre, tanh, want_h, want_bias_grad)
+    d_pre, h = outputs[0], (outputs[1] if want_h else None)
+    partials = (torch.empty((triton.cdiv(M, _BIAS_GRAD_ROWS), H), device=pre.device, dtype=torch.float32)
+                if want_bias_grad else None)
+    _launch(dy, proj_weight, d_pre, _GELU_GRAD, aux=pre, h=h, bias_grad=partials, tanh=tanh)
+    if want_bias_grad:
+        torch.sum(partials, 0, out=outputs[-1])
+    return outputs
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, fc_weight, _, proj_weight, _, tanh, plain_matmul, recompute_h = inputs
+    _, pre, h = output
+    ctx.tanh, ctx.plain_matmul = tanh, plain_matmul
+    ctx.save_for_backward(x, fc_weight, proj_weight, pre, None if recompute_h else h)
+    ctx.mark_non_differentiable(pre, h)
+
+
+def _backward(ctx, dy, _dpre, _dh):
+    x, fc_weight, proj_weight, pre, h = ctx.saved_tensors
+    need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:5]
+    dx = d_w1 = d_b1 = d_w2 = d_b2 = None
+    if need_x or need_w1 or need_b1 or (need_w2 and h is None):
+        outputs = iter(_gelu_grad_matmul(dy, proj_weight, pre, ctx.tanh, want_h=h is None, want_bias_grad=need_b1))
+        d_pre = next(outputs)
+        h = next(outputs) if h is None else h
+        if need_x:
+            dx = _mm(d_pre, fc_weight, None, ctx.plain_matmul)
+        if need_w1:
+            d_w1 = _mm(d_pre.t(), x, None, ctx.plain_matmul)
+        if need_b1:
+            d_b1 = next(outputs).to(pre.dtype)
+    if need_w2:
+        d_w2 = _mm(dy.t(), h, None, ctx.plain_matmul)
+    if need_b2:
+        d_b2 = dy.sum(0, dtype=torch.float32).to(dy.dtype)
+    return dx, d_w1, d_b1, d_w2, d_b2, None, None, None
+
+
+_gelu_mlp_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _validate(x, fc_weight, fc_bias, proj_weight, proj_bias, approximate) -> None:
@@ -337,8 +408,8 @@ def gelu_mlp(x: torch.Tensor, fc_weight: torch.Tensor, fc_bias: torch.Tensor | N
     x2d = x.reshape(-1, x.shape[-1])
     params = (x, fc_weight, fc_bias, proj_weight, proj_bias)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in params):
-        y = _GeluMLP.apply(x2d, fc_weight, fc_bias, proj_weight, proj_bias, tanh, options)
-    else:  # inference: pre is not needed
-        h, _ = _fc_gelu(x2d, fc_weight, fc_bias, tanh, save_pre=False)
-        y = _mm(h, proj_weight.t(), proj_bias, options.plain_matmul)
+        y, _, _ = _gelu_mlp_forward(x2d, fc_weight, fc_bias, proj_weight, proj_bias, tanh, options.plain_matmul,
+                                    options.recompute_h)
+    else:
+        y = _gelu_mlp_inference(x2d, fc_weight, fc_bias, proj_weight, proj_bias, tanh, options.plain_matmul)
     return y.reshape(*x.shape[:-1], proj_weight.shape[0])
