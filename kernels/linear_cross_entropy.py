@@ -176,7 +176,7 @@ class _LinearCrossEntropyFn(torch.autograd.Function):
     """x (N, D) with unit column stride, weight (V, D) contiguous, targets (N,) contiguous int64."""
 
     @staticmethod
-    def forward(ctx, x, weight, targets, ignore_index):
+    def forward(ctx, x, weight, targets, ignore_index, loss_dtype):
         N, D = x.shape
         V = weight.shape[0]
         cfg = _launch_config(D, x.dtype, x.is_cuda)
@@ -190,7 +190,7 @@ class _LinearCrossEntropyFn(torch.autograd.Function):
         ctx.save_for_backward(x, weight, targets, lse, count)
         ctx.ignore_index, ctx.cfg = ignore_index, cfg
         # With every target ignored this is 0 / 0 = nan, as F.cross_entropy's mean.
-        return (row_loss.sum() / count).to(x.dtype)
+        return (row_loss.sum() / count).to(loss_dtype)
 
     @staticmethod
     def backward(ctx, grad_loss):
@@ -210,7 +210,7 @@ class _LinearCrossEntropyFn(torch.autograd.Function):
         if need_weight:
             grid = (triton.cdiv(V, cfg["BLOCK_V"]), triton.cdiv(D, cfg["BLOCK_DOUT"]))
             _grad_weight_kernel[grid](*args, dweight, x.stride(0), N, V, D, ctx.ignore_index, **cfg)
-        return dx, dweight, None, None
+        return dx, dweight, None, None, None
 
 
 def _validate(x, weight, targets) -> None:
@@ -242,10 +242,11 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
     adds to the loss nor counts in the mean). Equals F.cross_entropy(F.linear(x, weight).flatten(0, -2),
     targets.flatten(), ignore_index=ignore_index), nan included when every target is ignored (the gradients are
     zero then). Float16, bfloat16 or float32, on one CUDA device (or the CPU under TRITON_INTERPRET=1). Under
-    torch.autocast, float32 inputs are cast to the autocast dtype first, as F.linear would. Raises ValueError on
-    bad input."""
+    torch.autocast, float32 inputs are cast to the autocast dtype first, as F.linear would, and the loss is float32,
+    as autocast's F.cross_entropy; otherwise the loss has x's dtype. Raises ValueError on bad input."""
     device_type = x.device.type if isinstance(x, torch.Tensor) else None
-    if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):
+    autocasting = device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type)
+    if autocasting:
         dtype = torch.get_autocast_dtype(device_type)
         x, weight = (t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype == torch.float32 else t
                      for t in (x, weight))
@@ -253,4 +254,5 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
     x2 = x.reshape(-1, x.shape[-1])
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    return _LinearCrossEntropyFn.apply(x2, weight.contiguous(), targets.reshape(-1).contiguous(), int(ignore_index))
+    return _LinearCrossEntropyFn.apply(x2, weight.contiguous(), targets.reshape(-1).contiguous(), int(ignore_index),
+                                       torch.float32 if autocasting else x.dtype)

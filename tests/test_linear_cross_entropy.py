@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from tritongpt.kernels import linear_cross_entropy, linear_cross_entropy_reference
-from tests.parity import assert_deterministic, check_parity, forward_backward
+from tests.parity import GRAD_FACTOR, OUTPUT_FACTOR, assert_deterministic, assert_parity, check_parity, forward_backward
 
 
 def _inputs(leading, vocab, width, dtype, device, logit_scale=3.0):
@@ -106,6 +106,22 @@ def test_tied_weight_gradients_add_up(device):
 
     check_parity(tied(linear_cross_entropy), tied(linear_cross_entropy_reference), {"weight": weight},
                  [torch.tensor(0.8)], torch.float16, ("loss",), idx=idx, targets=targets)
+
+
+def test_autocast(device):
+    """Under autocast, float32 inputs run in the autocast dtype and the loss is float32, as with F.linear and
+    F.cross_entropy; the gradients reach the float32 leaves."""
+    torch.manual_seed(10)
+    inputs, targets = _inputs((2, 15), 99, 32, torch.float32, device), _targets((2, 15), 99, device)
+    truth = forward_backward(linear_cross_entropy_reference, inputs, [None], targets=targets)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        eager = forward_backward(linear_cross_entropy_reference, inputs, [None], targets=targets)
+        ours = forward_backward(linear_cross_entropy, inputs, [None], targets=targets)
+    assert ours[0][0].dtype == eager[0][0].dtype == torch.float32
+    assert_parity("loss", ours[0][0], eager[0][0], truth[0][0], OUTPUT_FACTOR, torch.bfloat16)
+    for name in inputs:
+        assert ours[1][name].dtype == torch.float32
+        assert_parity(f"d{name}", ours[1][name], eager[1][name], truth[1][name], GRAD_FACTOR, torch.bfloat16)
 
 
 def test_deterministic(device):
