@@ -68,10 +68,11 @@ def _softmax_minus_onehot(z, lse, targets, cols, counted, col_mask):
 @triton.jit
 def _forward_kernel(X, W, Targets, LSE, RowLoss, stride_x, N, V, D, ignore_index,
                     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-                    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
+                    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, INDEX_64: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
-    rows = rows.to(tl.int64)  # rows * stride can pass 2**31 elements
+    if INDEX_64:
+        rows = rows.to(tl.int64)
     targets = tl.load(Targets + rows, mask=row_mask, other=ignore_index)
     running_max = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
     running_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -79,7 +80,9 @@ def _forward_kernel(X, W, Targets, LSE, RowLoss, stride_x, N, V, D, ignore_index
     for v in range(0, V, BLOCK_V):
         cols = v + tl.arange(0, BLOCK_V)
         col_mask = cols < V
-        z = _logits_tile(X, W, rows, cols.to(tl.int64), row_mask, col_mask, stride_x, D,
+        if INDEX_64:
+            cols = cols.to(tl.int64)
+        z = _logits_tile(X, W, rows, cols, row_mask, col_mask, stride_x, D,
                          BLOCK_N, BLOCK_V, BLOCK_D, DOT_FP32, PRECISION)
         z = tl.where(col_mask[None, :], z, float("-inf"))
         new_max = tl.maximum(running_max, tl.max(z, axis=1))  # finite: every block holds a real column
@@ -98,10 +101,11 @@ def _forward_kernel(X, W, Targets, LSE, RowLoss, stride_x, N, V, D, ignore_index
 @triton.jit
 def _grad_x_kernel(X, W, Targets, LSE, GradScale, DX, stride_x, N, V, D, ignore_index,
                    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DOUT: tl.constexpr,
-                   DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
+                   DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, INDEX_64: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
-    rows = rows.to(tl.int64)
+    if INDEX_64:
+        rows = rows.to(tl.int64)
     targets = tl.load(Targets + rows, mask=row_mask, other=ignore_index)
     lse = tl.load(LSE + rows, mask=row_mask, other=0.0)
     counted = row_mask & (targets != ignore_index)
@@ -111,7 +115,8 @@ def _grad_x_kernel(X, W, Targets, LSE, GradScale, DX, stride_x, N, V, D, ignore_
     for v in range(0, V, BLOCK_V):
         cols = v + tl.arange(0, BLOCK_V)
         col_mask = cols < V
-        cols = cols.to(tl.int64)
+        if INDEX_64:
+            cols = cols.to(tl.int64)
         z = _logits_tile(X, W, rows, cols, row_mask, col_mask, stride_x, D,
                          BLOCK_N, BLOCK_V, BLOCK_D, DOT_FP32, PRECISION)
         g = _softmax_minus_onehot(z, lse, targets, cols, counted, col_mask).to(W.dtype.element_ty)
@@ -130,17 +135,20 @@ def _grad_x_kernel(X, W, Targets, LSE, GradScale, DX, stride_x, N, V, D, ignore_
 @triton.jit
 def _grad_weight_kernel(X, W, Targets, LSE, GradScale, DW, stride_x, N, V, D, ignore_index,
                         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-                        BLOCK_DOUT: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
+                        BLOCK_DOUT: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+                        INDEX_64: tl.constexpr):
     cols = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
     col_mask = cols < V
-    cols = cols.to(tl.int64)
+    if INDEX_64:
+        cols = cols.to(tl.int64)
     out_cols = tl.program_id(1) * BLOCK_DOUT + tl.arange(0, BLOCK_DOUT)
     out_mask = out_cols < D
     dw = tl.zeros((BLOCK_V, BLOCK_DOUT), dtype=tl.float32)
     for n in range(0, N, BLOCK_N):
         rows = n + tl.arange(0, BLOCK_N)
         row_mask = rows < N
-        rows = rows.to(tl.int64)
+        if INDEX_64:
+            rows = rows.to(tl.int64)
         targets = tl.load(Targets + rows, mask=row_mask, other=ignore_index)
         lse = tl.load(LSE + rows, mask=row_mask, other=0.0)
         counted = row_mask & (targets != ignore_index)
@@ -158,18 +166,23 @@ def _grad_weight_kernel(X, W, Targets, LSE, GradScale, DW, stride_x, N, V, D, ig
              mask=col_mask[:, None] & out_mask[None, :])
 
 
-def _launch_config(D: int, dtype: torch.dtype, on_gpu: bool) -> dict:
+def _launch_config(x: torch.Tensor, weight: torch.Tensor) -> dict:
     """Tile sizes, fixed by the shape and dtype so that every run sums in the same order. On a GPU: 128-wide
-    vocabulary tiles and 64-deep D chunks for the tensor cores, and backward outputs in chunks of up to 256 columns
-    of D, which bounds the fp32 accumulator (64 x 256 per program) at any D, at the cost of recomputing z once per
-    chunk. Under the interpreter, whose cost is per operation rather than per element, small tiles, so that the
-    tests' small shapes still span several blocks of rows, vocabulary and D."""
-    if on_gpu:
-        blocks = dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=64, BLOCK_DOUT=min(256, max(16, triton.next_power_of_2(D))))
+    vocabulary tiles and 64-deep D chunks for the tensor cores, and backward outputs in chunks of up to 128 columns
+    of D, which bounds the fp32 accumulators (64 x 128 for dx, 128 x 128 for dW per program) at any D, at the cost of
+    recomputing z once per chunk. Under the interpreter, whose cost is per operation rather than per element, small
+    tiles, so that the tests' small shapes still span several blocks of rows, vocabulary and D. Offsets are 32-bit
+    (fewer registers per pointer) unless some element, counting the blocks' overhang, lies 2**31 or more away."""
+    (N, D), V = x.shape, weight.shape[0]
+    if x.is_cuda:
+        blocks = dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=64, BLOCK_DOUT=min(128, max(16, triton.next_power_of_2(D))),
+                      num_warps=8, num_stages=3)
     else:
-        blocks = dict(BLOCK_N=16, BLOCK_V=64, BLOCK_D=32, BLOCK_DOUT=32)
-    return dict(**blocks, DOT_FP32=interpreting() and dtype == torch.bfloat16,
-                PRECISION="ieee" if dtype == torch.float32 else "tf32")
+        blocks = dict(BLOCK_N=16, BLOCK_V=64, BLOCK_D=32, BLOCK_DOUT=32, num_warps=4, num_stages=1)
+    rows, vocab = N + blocks["BLOCK_N"], V + blocks["BLOCK_V"]
+    index_64 = max(rows * max(x.stride(0), D), vocab * D) + D >= 2**31
+    return dict(**blocks, DOT_FP32=interpreting() and x.dtype == torch.bfloat16,
+                PRECISION="ieee" if x.dtype == torch.float32 else "tf32", INDEX_64=index_64)
 
 
 class _LinearCrossEntropyFn(torch.autograd.Function):
@@ -179,11 +192,11 @@ class _LinearCrossEntropyFn(torch.autograd.Function):
     def forward(ctx, x, weight, targets, ignore_index, loss_dtype):
         N, D = x.shape
         V = weight.shape[0]
-        cfg = _launch_config(D, x.dtype, x.is_cuda)
+        cfg = _launch_config(x, weight)
         lse = torch.empty(N, dtype=torch.float32, device=x.device)
         row_loss = torch.empty(N, dtype=torch.float32, device=x.device)
         if N:
-            fwd = {k: cfg[k] for k in ("BLOCK_N", "BLOCK_V", "BLOCK_D", "DOT_FP32", "PRECISION")}
+            fwd = {k: v for k, v in cfg.items() if k != "BLOCK_DOUT"}
             _forward_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](
                 x, weight, targets, lse, row_loss, x.stride(0), N, V, D, ignore_index, **fwd)
         count = (targets != ignore_index).sum()
