@@ -19,6 +19,12 @@ over the whole vocabulary; dW by a kernel whose programs each own a block of the
 looping over every row. The price is recomputing z: once in the forward, and in each backward kernel once per
 chunk of D its programs split D into. The tile sizes depend only on the shape and dtype (no autotuning), and each
 sum runs in a fixed order, so the results are bitwise identical from run to run.
+
+Cost, by counting (bench/bench_linear_cross_entropy.py measures it). Memory: at GPT-2's head in bf16 (N = 16,384
+tokens, V = 50,257, D = 768) the op adds 128 KiB to its inputs and gradients, where eager PyTorch holds the logits
+(1.6 GB), their fp32 log-softmax (3.3 GB) and the logits' gradient. Work: with k chunks of D in the backward, the op
+computes (3 + 2k) N V D multiply-adds, eager 3 N V D (one matmul forward, two backward): 9 against 3 at D = 768
+(k = 3), all in tensor-core dots, while eager's softmax passes over the N x V logits are bound by memory.
 """
 import torch
 import torch.nn.functional as F
