@@ -5,13 +5,15 @@ Notation: x is (N, D) after flattening its leading dimensions, W = weight is (V,
 token embedding), t (N,) the targets, z = x @ W^T the (N, V) logits, c the number of counted targets (those not
 equal to ignore_index), and counted(n) says whether row n's target counts.
 
-    forward   lse_n   = log sum_v exp(z_nv)                 online over blocks of V, fp32
-              loss    = sum over counted n of (lse_n - z_n,t_n) / c
-    backward  G_nv    = counted(n) * (exp(z_nv - lse_n) - [v = t_n])      (softmax minus one-hot)
+    forward   m_n     = max_v z_nv,  l_n = log sum_v exp(z_nv - m_n)      online over blocks of V, fp32
+              loss    = sum over counted n of ((m_n - z_n,t_n) + l_n) / c
+    backward  G_nv    = counted(n) * (exp((z_nv - m_n) - l_n) - [v = t_n])   (softmax minus one-hot)
               dx      = (g / c) * G @ W,   dW = (g / c) * G^T @ x          (g: the loss's upstream gradient)
 
 Each kernel recomputes its (rows x vocabulary) tiles of z from x and W, so nothing of size N x V is ever stored:
-besides the gradients themselves, the op keeps the per-row lse and per-row losses, fp32 vectors of length N.
+besides the gradients themselves, the op keeps m, l and the per-row losses, fp32 vectors of length N. (m and l
+are kept apart rather than as the log-sum-exp m + l: with large logits that sum would round to the ulp of m, while
+z - m and m - z are exact where the softmax is not negligible, as in PyTorch's log-softmax.)
 Every tile of z is a dot over D in chunks, accumulated in fp32.
 
 No atomics: dx is written by a kernel whose programs each own a block of rows (and a chunk of D's columns), looping
@@ -21,7 +23,7 @@ chunk of D its programs split D into. The tile sizes depend only on the shape an
 sum runs in a fixed order, so the results are bitwise identical from run to run.
 
 Cost, by counting (bench/bench_linear_cross_entropy.py measures it). Memory: at GPT-2's head in bf16 (N = 16,384
-tokens, V = 50,257, D = 768) the op adds 128 KiB to its inputs and gradients, where eager PyTorch holds the logits
+tokens, V = 50,257, D = 768) the op adds 192 KiB to its inputs and gradients, where eager PyTorch holds the logits
 (1.6 GB), their fp32 log-softmax (3.3 GB) and the logits' gradient. Work: with k chunks of D in the backward, the op
 computes (3 + 2k) N V D multiply-adds, eager 3 N V D (one matmul forward, two backward): 9 against 3 at D = 768
 (k = 3), all in tensor-core dots, while eager's softmax passes over the N x V logits are bound by memory.
@@ -61,18 +63,18 @@ def _logits_tile(X, W, rows, cols, row_mask, col_mask, stride_x, D,
 
 
 @triton.jit
-def _softmax_minus_onehot(z, lse, targets, cols, counted, col_mask):
-    """G's tile: exp(z - lse) - [col = target] on counted rows and real columns, zero elsewhere."""
-    g = tl.exp(z - lse[:, None]) - tl.where(cols[None, :] == targets[:, None], 1.0, 0.0)
+def _softmax_minus_onehot(z, row_max, log_sum, targets, cols, counted, col_mask):
+    """G's tile: exp((z - m) - l) - [col = target] on counted rows and real columns, zero elsewhere."""
+    g = tl.exp((z - row_max[:, None]) - log_sum[:, None]) - tl.where(cols[None, :] == targets[:, None], 1.0, 0.0)
     return tl.where(counted[:, None] & col_mask[None, :], g, 0.0)
 
 
 # Forward. Each program takes BLOCK_N rows and sweeps the vocabulary block by block, keeping per row the running
 # maximum m and the sum s of exp(z - m): a new block with maximum m' updates them to max(m, m') and
-# s * exp(m - max(m, m')) + sum exp(z - max(m, m')), so lse = m + log(s) never overflows. The target's logit is
-# picked out of whichever block holds it. Stores lse and each row's loss (zero for an ignored target).
+# s * exp(m - max(m, m')) + sum exp(z - max(m, m')), which never overflows; l = log(s). The target's logit is
+# picked out of whichever block holds it. Stores m, l and each row's loss (zero for an ignored target).
 @triton.jit
-def _forward_kernel(X, W, Targets, LSE, RowLoss, stride_x, N, V, D, ignore_index,
+def _forward_kernel(X, W, Targets, RowMax, LogSum, RowLoss, stride_x, N, V, D, ignore_index,
                     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
                     DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, INDEX_64: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -95,17 +97,19 @@ def _forward_kernel(X, W, Targets, LSE, RowLoss, stride_x, N, V, D, ignore_index
         running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(z - new_max[:, None]), axis=1)
         running_max = new_max
         target_logit += tl.sum(tl.where(cols[None, :] == targets[:, None], z, 0.0), axis=1)
-    lse = running_max + tl.log(running_sum)
-    tl.store(LSE + rows, lse, mask=row_mask)
-    tl.store(RowLoss + rows, tl.where(targets != ignore_index, lse - target_logit, 0.0), mask=row_mask)
+    log_sum = tl.log(running_sum)
+    tl.store(RowMax + rows, running_max, mask=row_mask)
+    tl.store(LogSum + rows, log_sum, mask=row_mask)
+    row_loss = (running_max - target_logit) + log_sum
+    tl.store(RowLoss + rows, tl.where(targets != ignore_index, row_loss, 0.0), mask=row_mask)
 
 
 # dx = (g / c) * G @ W. Program (i, j) owns rows block i and columns chunk j of dx: it sweeps the vocabulary,
-# recomputing each tile of z over all of D, turning it into G's tile with the saved lse, and accumulating
+# recomputing each tile of z over all of D, turning it into G's tile with the saved m and l, and accumulating
 # G_tile @ W[tile, chunk j] in fp32. G is rounded to the input dtype for the dot, as PyTorch's own gradient of the
 # logits is; the scale g / c is applied once at the end, so small factors cannot underflow in float16.
 @triton.jit
-def _grad_x_kernel(X, W, Targets, LSE, GradScale, DX, stride_x, N, V, D, ignore_index,
+def _grad_x_kernel(X, W, Targets, RowMax, LogSum, GradScale, DX, stride_x, N, V, D, ignore_index,
                    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DOUT: tl.constexpr,
                    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, INDEX_64: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -113,7 +117,8 @@ def _grad_x_kernel(X, W, Targets, LSE, GradScale, DX, stride_x, N, V, D, ignore_
     if INDEX_64:
         rows = rows.to(tl.int64)
     targets = tl.load(Targets + rows, mask=row_mask, other=ignore_index)
-    lse = tl.load(LSE + rows, mask=row_mask, other=0.0)
+    row_max = tl.load(RowMax + rows, mask=row_mask, other=0.0)
+    log_sum = tl.load(LogSum + rows, mask=row_mask, other=0.0)
     counted = row_mask & (targets != ignore_index)
     out_cols = tl.program_id(1) * BLOCK_DOUT + tl.arange(0, BLOCK_DOUT)
     out_mask = out_cols < D
@@ -125,7 +130,7 @@ def _grad_x_kernel(X, W, Targets, LSE, GradScale, DX, stride_x, N, V, D, ignore_
             cols = cols.to(tl.int64)
         z = _logits_tile(X, W, rows, cols, row_mask, col_mask, stride_x, D,
                          BLOCK_N, BLOCK_V, BLOCK_D, DOT_FP32, PRECISION)
-        g = _softmax_minus_onehot(z, lse, targets, cols, counted, col_mask).to(W.dtype.element_ty)
+        g = _softmax_minus_onehot(z, row_max, log_sum, targets, cols, counted, col_mask).to(W.dtype.element_ty)
         w = tl.load(W + cols[:, None] * D + out_cols[None, :], mask=col_mask[:, None] & out_mask[None, :], other=0.0)
         if DOT_FP32:
             g = g.to(tl.float32)
@@ -139,7 +144,7 @@ def _grad_x_kernel(X, W, Targets, LSE, GradScale, DX, stride_x, N, V, D, ignore_
 # dW = (g / c) * G^T @ x. Program (i, j) owns vocabulary block i and columns chunk j of dW: it sweeps the rows,
 # recomputing each tile of z over all of D and accumulating G_tile^T @ x[rows, chunk j] in fp32, as above.
 @triton.jit
-def _grad_weight_kernel(X, W, Targets, LSE, GradScale, DW, stride_x, N, V, D, ignore_index,
+def _grad_weight_kernel(X, W, Targets, RowMax, LogSum, GradScale, DW, stride_x, N, V, D, ignore_index,
                         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
                         BLOCK_DOUT: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
                         INDEX_64: tl.constexpr):
@@ -156,11 +161,12 @@ def _grad_weight_kernel(X, W, Targets, LSE, GradScale, DW, stride_x, N, V, D, ig
         if INDEX_64:
             rows = rows.to(tl.int64)
         targets = tl.load(Targets + rows, mask=row_mask, other=ignore_index)
-        lse = tl.load(LSE + rows, mask=row_mask, other=0.0)
+        row_max = tl.load(RowMax + rows, mask=row_mask, other=0.0)
+        log_sum = tl.load(LogSum + rows, mask=row_mask, other=0.0)
         counted = row_mask & (targets != ignore_index)
         z = _logits_tile(X, W, rows, cols, row_mask, col_mask, stride_x, D,
                          BLOCK_N, BLOCK_V, BLOCK_D, DOT_FP32, PRECISION)
-        g = _softmax_minus_onehot(z, lse, targets, cols, counted, col_mask).to(X.dtype.element_ty)
+        g = _softmax_minus_onehot(z, row_max, log_sum, targets, cols, counted, col_mask).to(X.dtype.element_ty)
         x = tl.load(X + rows[:, None] * stride_x + out_cols[None, :], mask=row_mask[:, None] & out_mask[None, :],
                     other=0.0)
         if DOT_FP32:
@@ -204,21 +210,22 @@ class _LinearCrossEntropyFn(torch.autograd.Function):
         N, D = x.shape
         V = weight.shape[0]
         cfg = _launch_config(x, weight)
-        lse = torch.empty(N, dtype=torch.float32, device=x.device)
+        row_max = torch.empty(N, dtype=torch.float32, device=x.device)
+        log_sum = torch.empty_like(row_max)
         row_loss = torch.empty(N, dtype=torch.float32, device=x.device)
         if N:
             fwd = {k: v for k, v in cfg.items() if k != "BLOCK_DOUT"}
             _forward_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](
-                x, weight, targets, lse, row_loss, x.stride(0), N, V, D, ignore_index, **fwd)
+                x, weight, targets, row_max, log_sum, row_loss, x.stride(0), N, V, D, ignore_index, **fwd)
         count = (targets != ignore_index).sum()
-        ctx.save_for_backward(x, weight, targets, lse, count)
+        ctx.save_for_backward(x, weight, targets, row_max, log_sum, count)
         ctx.ignore_index, ctx.cfg = ignore_index, cfg
         # With every target ignored this is 0 / 0 = nan, as F.cross_entropy's mean.
         return (row_loss.sum() / count).to(loss_dtype)
 
     @staticmethod
     def backward(ctx, grad_loss):
-        x, weight, targets, lse, count = ctx.saved_tensors
+        x, weight, targets, row_max, log_sum, count = ctx.saved_tensors
         N, D = x.shape
         V = weight.shape[0]
         cfg = ctx.cfg
@@ -227,7 +234,7 @@ class _LinearCrossEntropyFn(torch.autograd.Function):
         need_x, need_weight = ctx.needs_input_grad[:2]
         dx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_x else None
         dweight = torch.empty_like(weight) if need_weight else None
-        args = (x, weight, targets, lse, grad_scale)
+        args = (x, weight, targets, row_max, log_sum, grad_scale)
         if need_x and N:
             grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(D, cfg["BLOCK_DOUT"]))
             _grad_x_kernel[grid](*args, dx, x.stride(0), N, V, D, ctx.ignore_index, **cfg)
