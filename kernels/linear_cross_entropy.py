@@ -183,11 +183,11 @@ def _launch_config(x: torch.Tensor, weight: torch.Tensor) -> dict:
 
     On a GPU: 64 rows x 64 vocabulary entries per tile of z, 8 warps, and the backward's outputs in chunks of 256
     columns of D (128 for float32, whose tiles take twice the registers), which bounds the fp32 accumulators at any D
-    at the cost of recomputing z once per chunk: 3 times at GPT-2's D = 768. With these sizes, compiled for sm_90,
-    the 16-bit kernels use at most 237 registers a thread with no spills, whatever D. Under the interpreter, whose cost is per operation rather than
-    per element, small tiles, so that the tests' small shapes still span several blocks of rows, vocabulary and D.
-    Offsets are 32-bit (fewer registers per pointer) unless some element, counting the blocks' overhang, lies
-    2**31 or more away."""
+    at the cost of recomputing z once per chunk: 3 times at GPT-2's D = 768. Compiled for sm_90 with these sizes,
+    the kernels spill no registers (float32's forward: 8 bytes), whatever D; with D a multiple of 16 (aligned rows)
+    their loads are also pipelined. Under the interpreter, whose cost is per operation rather than per element, small
+    tiles, so that the tests' small shapes still span several blocks of rows, vocabulary and D. Offsets are 32-bit
+    (fewer registers per pointer) unless some element, counting the blocks' overhang, lies 2**31 or more away."""
     (N, D), V = x.shape, weight.shape[0]
     if x.is_cuda:
         wide = x.dtype == torch.float32
