@@ -139,7 +139,7 @@ def describe(run: Run) -> None:
     grad_accum = opts.grad_accum or world.size
     run.say(f"model: {run.model.num_params() / 1e6:.2f}M parameters, {c.n_layer} layers, {c.n_head} heads, "
             f"width {c.n_embd}, context {c.block_size}; ops: attention={c.attention}, layernorm={c.layernorm}, "
-            f"mlp={c.mlp}{' under torch.compile' if opts.compile else ''}; {world.device}, "
+            f"mlp={c.mlp}, loss={c.loss}{' under torch.compile' if opts.compile else ''}; {world.device}, "
             f"{str(run.dtype).removeprefix('torch.')}")
     run.say(f"global batch: {plural(opts.batch_size, 'sequence', 'sequences')} x "
             f"{plural(grad_accum, 'micro-batch', 'micro-batches')} x {c.block_size} tokens = "

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from tritongpt.kernels.attention import attention_reference, flash_attention, sdpa_attention
 from tritongpt.kernels.layernorm import add_layer_norm, add_layer_norm_reference, layer_norm, layer_norm_reference
+from tritongpt.kernels.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
 from tritongpt.kernels.mlp import MLPOptions, gelu_mlp, gelu_mlp_reference
 
 
@@ -33,6 +34,7 @@ OPS = {
     "layer_norm": Op(triton=layer_norm, reference=layer_norm_reference),
     "add_layer_norm": Op(triton=add_layer_norm, reference=add_layer_norm_reference),
     "gelu_mlp": Op(triton=gelu_mlp, reference=gelu_mlp_reference),
+    "linear_cross_entropy": Op(triton=linear_cross_entropy, reference=linear_cross_entropy_reference),
 }
 
 __all__ = [
@@ -40,4 +42,5 @@ __all__ = [
     "flash_attention", "attention_reference", "sdpa_attention",
     "layer_norm", "layer_norm_reference", "add_layer_norm", "add_layer_norm_reference",
     "gelu_mlp", "gelu_mlp_reference", "MLPOptions",
+    "linear_cross_entropy", "linear_cross_entropy_reference",
 ]

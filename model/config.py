@@ -22,6 +22,7 @@ class GPTConfig:
     attention: str = op_choice("attention")
     layernorm: str = op_choice("layer_norm", "add_layer_norm")
     mlp: str = op_choice("gelu_mlp")
+    loss: str = op_choice("linear_cross_entropy")  # the LM head and the cross-entropy after it
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):

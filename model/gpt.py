@@ -1,14 +1,14 @@
 """A GPT-2 language model, readable top to bottom.
 
-Each op (attention, LayerNorm, MLP) runs on the implementation the config names from kernels.OPS: "torch", the
-plain PyTorch reference in `kernels/`, "triton", the Triton kernel beside it, or a named alternative ("sdpa":
-PyTorch's fused attention). All compute the same function; the parity tests hold them to the reference.
+Each op (attention, LayerNorm, MLP, and the LM head with its cross-entropy loss) runs on the implementation the
+config names from kernels.OPS: "torch", the plain PyTorch reference in `kernels/`, "triton", the Triton kernel beside
+it, or a named alternative ("sdpa": PyTorch's fused attention). All compute the same function; the parity tests hold
+them to the reference.
 """
 import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from tritongpt import kernels
 from tritongpt.model.config import GPTConfig
@@ -96,6 +96,7 @@ class GPT(nn.Module):
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # tied input and output embeddings, as GPT-2
+        self.linear_cross_entropy = kernels.OPS["linear_cross_entropy"].implementations[config.loss]
 
         # GPT-2 initialisation: N(0, 0.02) everywhere, and the projections that write into the residual stream
         # scaled by 1/sqrt(2 * n_layer) so the stream's variance does not grow with depth.
@@ -113,9 +114,8 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
-        """Logits (B, T, vocab) for token ids idx (B, T), and the mean cross-entropy against targets when given
-        (target -1 is ignored)."""
+    def hidden_states(self, idx: torch.Tensor) -> torch.Tensor:
+        """The final LayerNorm's output (B, T, n_embd) for token ids idx (B, T): what the LM head reads."""
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(f"sequence of length {T} is longer than the model's block_size "
@@ -126,10 +126,20 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             x, update = block(x, update)
         h, _ = self.transformer.ln_f(x, update)
-        logits = self.lm_head(h)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return h
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, return_logits: bool | None = None):
+        """(logits, loss) for token ids idx (B, T).
+
+        logits: (B, T, vocab), or None when return_logits is false. loss: the mean cross-entropy against targets
+        (B, T) (target -1 is ignored), or None without targets. return_logits defaults to `targets is None`: a
+        training or evaluation step gets the loss alone, which the "triton" loss computes without ever forming the
+        logits; asking for both costs a second LM-head matmul."""
+        h = self.hidden_states(idx)
+        if return_logits is None:
+            return_logits = targets is None
+        logits = self.lm_head(h) if return_logits else None
+        loss = None if targets is None else self.linear_cross_entropy(h, self.lm_head.weight, targets, ignore_index=-1)
         return logits, loss
 
     def num_params(self, non_embedding: bool = True) -> int:
@@ -163,8 +173,8 @@ class GPT(nn.Module):
         to the last block_size tokens. temperature 0 picks the most likely token."""
         for _ in range(max_new_tokens):
             context = idx[:, -self.config.block_size:]
-            logits, _ = self(context)
-            next_token = sample_next_token(logits[:, -1, :].float(), temperature, top_k, top_p, generator)
+            logits = self.lm_head(self.hidden_states(context)[:, -1, :])  # the last position's alone
+            next_token = sample_next_token(logits.float(), temperature, top_k, top_p, generator)
             idx = torch.cat([idx, next_token[:, None]], dim=1)
             yield next_token
 

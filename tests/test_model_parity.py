@@ -1,6 +1,6 @@
 """The whole GPT with each op on its Triton kernel (or another implementation from kernels.OPS) matches the GPT on
-the ops' eager PyTorch references (llm.c's whole-model test): logits, loss, every parameter's gradient, and, every op
-on Triton, the losses over several AdamW steps.
+the ops' eager PyTorch references (llm.c's whole-model test): logits, loss, every parameter's gradient (the tied
+embedding's included), and, every op on Triton, the losses over several AdamW steps.
 
 The rule is the kernels' (tests/parity.py): against a float64 eager reference, the tested model's error may be at
 most 2x (outputs) or 3x (gradients) the eager float32 model's own error, plus a small atol. On CPU the kernels run
@@ -34,7 +34,7 @@ def models(config: GPTConfig, ops: dict[str, str], device):
 
 def forward_backward(model, idx, targets):
     model.zero_grad(set_to_none=True)
-    logits, loss = model(idx, targets)
+    logits, loss = model(idx, targets, return_logits=True)
     loss.backward()
     return logits, loss, {name: p.grad for name, p in model.named_parameters()}
 
@@ -45,6 +45,7 @@ def test_logits_loss_and_every_gradient_match(ops, device):
     reference, eager, tested = models(config, ops, device)
     idx = torch.randint(0, 64, (2, 16), device=device)
     targets = torch.randint(0, 64, (2, 16), device=device)
+    targets[0, :5] = -1  # ignored
 
     ref = forward_backward(reference, idx, targets)
     base = forward_backward(eager, idx, targets)
@@ -75,6 +76,20 @@ def test_adamw_steps_track_the_eager_model(device):
     for name, p in tested.named_parameters():
         assert_parity(f"{name} after the steps", p, eager_params[name], ref_params[name], GRAD_FACTOR, torch.float32,
                       atol=10 * ATOL[torch.float32])
+
+
+def test_fused_loss_forms_no_logits(device):
+    """With the Triton loss, a step given targets returns the loss alone, and the LM head never runs."""
+    config = GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=32, loss="triton")
+    torch.manual_seed(0)
+    model = GPT(config).to(device)
+    head_calls = []
+    model.lm_head.register_forward_hook(lambda *args: head_calls.append(args))
+    idx = torch.randint(0, 64, (2, 16), device=device)
+    logits, loss = model(idx, idx)
+    assert logits is None and loss.isfinite() and not head_calls
+    logits, loss = model(idx)
+    assert logits.shape == (2, 16, 64) and loss is None and len(head_calls) == 1
 
 
 @pytest.mark.gpu

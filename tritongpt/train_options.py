@@ -47,6 +47,8 @@ class TrainOptions:
                             choices=impl_choices("attention"))
     layernorm: str = option("auto", "LayerNorm implementation; auto as above", choices=impl_choices("layernorm"))
     mlp: str = option("auto", "MLP implementation; auto as above", choices=impl_choices("mlp"))
+    loss: str = option("auto", "LM head + cross-entropy implementation (triton: fused, without storing the "
+                       "logits); auto as above", choices=impl_choices("loss"))
     init_from: str | None = option(None, "start from a local Hugging Face GPT-2 directory instead of random weights "
                                    "(the dataset's tokenizer must have its vocabulary size)")
     # Optimisation
