@@ -28,12 +28,14 @@ tokens, V = 50,257, D = 768) the op adds 192 KiB to its inputs and gradients, wh
 computes (3 + 2k) N V D multiply-adds, eager 3 N V D (one matmul forward, two backward): 9 against 3 at D = 768
 (k = 3), all in tensor-core dots, while eager's softmax passes over the N x V logits are bound by memory.
 """
+from typing import List
+
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from tritongpt.kernels._common import check_tensors, interpreting
+from tritongpt.kernels._common import check_tensors, interpreting, kernel_op
 
 
 def linear_cross_entropy_reference(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -202,46 +204,86 @@ def _launch_config(x: torch.Tensor, weight: torch.Tensor) -> dict:
                 PRECISION="ieee" if x.dtype == torch.float32 else "tf32", INDEX_64=index_64)
 
 
-class _LinearCrossEntropyFn(torch.autograd.Function):
-    """x (N, D) with unit column stride, weight (V, D) contiguous, targets (N,) contiguous int64."""
+# Operators rather than an autograd Function, so that torch.compile keeps the kernels in its graph (kernel_op says why
+# custom_op). x (N, D) with unit column stride, weight (V, D) contiguous, targets (N,) contiguous int64.
 
-    @staticmethod
-    def forward(ctx, x, weight, targets, ignore_index, loss_dtype):
-        N, D = x.shape
-        V = weight.shape[0]
-        cfg = _launch_config(x, weight)
-        row_max = torch.empty(N, dtype=torch.float32, device=x.device)
-        log_sum = torch.empty_like(row_max)
-        row_loss = torch.empty(N, dtype=torch.float32, device=x.device)
+def _forward_outputs(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int,
+                     loss_dtype: torch.dtype):
+    """(loss, row_max, log_sum, count), unwritten: the loss in loss_dtype, the per-row fp32 statistics the backward
+    recomputes the softmax from, and the number of counted targets."""
+    row_max = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
+    return (torch.empty((), dtype=loss_dtype, device=x.device), row_max, torch.empty_like(row_max),
+            torch.empty((), dtype=torch.int64, device=x.device))
+
+
+@kernel_op("linear_cross_entropy_forward", fake=_forward_outputs)
+def _forward(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int,
+             loss_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    N, D = x.shape
+    V = weight.shape[0]
+    _, row_max, log_sum, _ = _forward_outputs(x, weight, targets, ignore_index, loss_dtype)
+    row_loss = torch.empty(N, dtype=torch.float32, device=x.device)
+    if N:
+        fwd = {k: v for k, v in _launch_config(x, weight).items() if k != "BLOCK_DOUT"}
+        _forward_kernel[(triton.cdiv(N, fwd["BLOCK_N"]),)](
+            x, weight, targets, row_max, log_sum, row_loss, x.stride(0), N, V, D, ignore_index, **fwd)
+    count = (targets != ignore_index).sum()
+    # With every target ignored this is 0 / 0 = nan, as F.cross_entropy's mean.
+    return (row_loss.sum() / count).to(loss_dtype), row_max, log_sum, count
+
+
+def _backward_outputs(grad_loss: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                      row_max: torch.Tensor, log_sum: torch.Tensor, count: torch.Tensor, ignore_index: int,
+                      want_x: bool, want_weight: bool) -> List[torch.Tensor]:
+    """[dx if want_x, then dweight if want_weight], unwritten. (typing.List: the annotation torch.library's schema
+    inference reads as Tensor[] in every version since torch 2.4.)"""
+    outputs = []
+    if want_x:
+        outputs.append(torch.empty_like(x, memory_format=torch.contiguous_format))
+    if want_weight:
+        outputs.append(torch.empty_like(weight))
+    return outputs
+
+
+@kernel_op("linear_cross_entropy_backward", fake=_backward_outputs)
+def _backward(grad_loss: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+              row_max: torch.Tensor, log_sum: torch.Tensor, count: torch.Tensor, ignore_index: int, want_x: bool,
+              want_weight: bool) -> List[torch.Tensor]:
+    N, D = x.shape
+    V = weight.shape[0]
+    cfg = _launch_config(x, weight)
+    outputs = _backward_outputs(grad_loss, x, weight, targets, row_max, log_sum, count, ignore_index, want_x,
+                                want_weight)
+    # g / c on the device (no synchronisation); with no counted target G is zero and so are the gradients.
+    grad_scale = (grad_loss.float() / count.clamp(min=1)).reshape(1)
+    args = (x, weight, targets, row_max, log_sum, grad_scale)
+    grads = iter(outputs)
+    if want_x:
+        dx = next(grads)
         if N:
-            fwd = {k: v for k, v in cfg.items() if k != "BLOCK_DOUT"}
-            _forward_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](
-                x, weight, targets, row_max, log_sum, row_loss, x.stride(0), N, V, D, ignore_index, **fwd)
-        count = (targets != ignore_index).sum()
-        ctx.save_for_backward(x, weight, targets, row_max, log_sum, count)
-        ctx.ignore_index, ctx.cfg = ignore_index, cfg
-        # With every target ignored this is 0 / 0 = nan, as F.cross_entropy's mean.
-        return (row_loss.sum() / count).to(loss_dtype)
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        x, weight, targets, row_max, log_sum, count = ctx.saved_tensors
-        N, D = x.shape
-        V = weight.shape[0]
-        cfg = ctx.cfg
-        # g / c on the device (no synchronisation); with no counted target G is zero and so are the gradients.
-        grad_scale = (grad_loss.float() / count.clamp(min=1)).reshape(1)
-        need_x, need_weight = ctx.needs_input_grad[:2]
-        dx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_x else None
-        dweight = torch.empty_like(weight) if need_weight else None
-        args = (x, weight, targets, row_max, log_sum, grad_scale)
-        if need_x and N:
             grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(D, cfg["BLOCK_DOUT"]))
-            _grad_x_kernel[grid](*args, dx, x.stride(0), N, V, D, ctx.ignore_index, **cfg)
-        if need_weight:
-            grid = (triton.cdiv(V, cfg["BLOCK_V"]), triton.cdiv(D, cfg["BLOCK_DOUT"]))
-            _grad_weight_kernel[grid](*args, dweight, x.stride(0), N, V, D, ctx.ignore_index, **cfg)
-        return dx, dweight, None, None, None
+            _grad_x_kernel[grid](*args, dx, x.stride(0), N, V, D, ignore_index, **cfg)
+    if want_weight:
+        grid = (triton.cdiv(V, cfg["BLOCK_V"]), triton.cdiv(D, cfg["BLOCK_DOUT"]))
+        _grad_weight_kernel[grid](*args, next(grads), x.stride(0), N, V, D, ignore_index, **cfg)
+    return outputs
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, weight, targets, ignore_index, _ = inputs
+    _, row_max, log_sum, count = output
+    ctx.save_for_backward(x, weight, targets, row_max, log_sum, count)
+    ctx.ignore_index = ignore_index
+    ctx.mark_non_differentiable(row_max, log_sum, count)
+
+
+def _autograd(ctx, grad_loss, _drow_max, _dlog_sum, _dcount):
+    want_x, want_weight = ctx.needs_input_grad[:2]
+    grads = iter(_backward(grad_loss, *ctx.saved_tensors, ctx.ignore_index, want_x, want_weight))
+    return (next(grads) if want_x else None), (next(grads) if want_weight else None), None, None, None
+
+
+_forward.register_autograd(_autograd, setup_context=_setup_context)
 
 
 def _validate(x, weight, targets) -> None:
@@ -285,5 +327,6 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
     x2 = x.reshape(-1, x.shape[-1])
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    return _LinearCrossEntropyFn.apply(x2, weight.contiguous(), targets.reshape(-1).contiguous(), int(ignore_index),
-                                       torch.float32 if autocasting else x.dtype)
+    loss, _, _, _ = _forward(x2, weight.contiguous(), targets.reshape(-1).contiguous(), int(ignore_index),
+                             torch.float32 if autocasting else x.dtype)
+    return loss

@@ -86,7 +86,8 @@ def test_compiled_inference_matches_eager(device):
 
 
 OPERATORS = ("flash_attention_forward", "flash_attention_backward", "layer_norm_forward", "add_layer_norm_forward",
-             "layer_norm_backward", "gelu_mlp_forward", "gelu_mlp_inference", "gelu_grad_matmul", "matmul")
+             "layer_norm_backward", "gelu_mlp_forward", "gelu_mlp_inference", "gelu_grad_matmul", "matmul",
+             "linear_cross_entropy_forward", "linear_cross_entropy_backward")
 
 
 def operator_cases(device) -> dict[str, tuple]:
@@ -104,6 +105,11 @@ def operator_cases(device) -> dict[str, tuple]:
     # Weights scaled so that the GELU's input is O(1).
     mlp_x, fc_weight, fc_bias = rand(5, 8, grad=True), rand(32, 8, scale=8 ** -0.5, grad=True), rand(32, grad=True)
     proj_weight, proj_bias = rand(8, 32, scale=32 ** -0.5, grad=True), rand(8, grad=True)
+    # An odd vocabulary, and one ignored target.
+    ce_x, head = rand(6, 16, grad=True), rand(37, 16, scale=0.25, grad=True)
+    targets = torch.tensor([3, -1, 36, 0, 17, 5], device=device)
+    _, row_max, log_sum, count = torch.ops.tritongpt.linear_cross_entropy_forward(
+        ce_x.detach(), head.detach(), targets, -1, torch.float32)
     return {
         "flash_attention_forward": (q, k, v, True, 0.25),
         "flash_attention_backward": (q.detach(), k.detach(), v.detach(), o, lse, rand(1, 2, 8, 16), True, 0.25),
@@ -115,6 +121,9 @@ def operator_cases(device) -> dict[str, tuple]:
                                False, "triton"),
         "gelu_grad_matmul": (rand(5, 8), proj_weight.detach(), rand(5, 32), True, True, True),
         "matmul": (rand(5, 8), rand(16, 8).t(), rand(16)),
+        "linear_cross_entropy_forward": (ce_x, head, targets, -1, torch.float32),
+        "linear_cross_entropy_backward": (rand(()), ce_x.detach(), head.detach(), targets, row_max, log_sum, count, -1,
+                                          True, True),
     }
 
 
