@@ -35,8 +35,6 @@ class SampleOptions:
                             choices=impl_choices("attention"))
     layernorm: str = option("auto", "LayerNorm implementation; auto as above", choices=impl_choices("layernorm"))
     mlp: str = option("auto", "MLP implementation; auto as above", choices=impl_choices("mlp"))
-    loss: str = option("auto", "LM head + cross-entropy implementation (sampling computes no loss); auto as above",
-                       choices=impl_choices("loss"))
 
 
 def main(argv: list[str] | None = None) -> None:

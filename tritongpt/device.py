@@ -24,8 +24,9 @@ def impl_choices(op: str) -> tuple[str, ...]:
 
 
 def resolve_ops(options, device: torch.device) -> dict[str, str]:
-    """{op: implementation} for the model config's op fields, from the options' choices of the same names."""
-    return {op: resolve_impl(op, getattr(options, op), device) for op in OP_FIELDS}
+    """{op: implementation} for the model config's op fields, from the options' choices of the same names; an op a
+    script offers no choice for (sample.py computes no loss) is auto."""
+    return {op: resolve_impl(op, getattr(options, op, "auto"), device) for op in OP_FIELDS}
 
 
 def resolve_impl(op: str, choice: str, device: torch.device) -> str:
