@@ -345,12 +345,13 @@ def _bar(docs: list[Document], desc: str, progress: bool) -> tqdm:
 @dataclass(frozen=True)
 class PrepareOptions:
     inputs: tuple[str, ...] = option((), "text files or directories (searched recursively); with none, the Python "
-                                     "documentation and standard library sources", positional=True)
+                                     "documentation and standard library sources", positional=True, metavar="INPUT")
     out_dir: str | None = option(None, "where to write the dataset; none means data/default with no INPUT, "
-                                 "data/custom with some")
-    vocab_size: int = option(DEFAULT_VOCAB_SIZE, "tokenizer vocabulary size")
-    model_type: str = option("bpe", "sentencepiece model type", choices=MODEL_TYPES)
-    val_fraction: float = option(0.05, "share of the documents held out for validation, drawn across every folder")
+                                 "data/custom with some", metavar="DIR")
+    vocab_size: int = option(DEFAULT_VOCAB_SIZE, "tokenizer vocabulary size", metavar="TOKENS")
+    model_type: str = option("bpe", "sentencepiece model type", choices=MODEL_TYPES, metavar="TYPE")
+    val_fraction: float = option(0.05, "share of the documents held out for validation, drawn across every folder",
+                                 metavar="SHARE")
     workers: int | None = option(None, "threads that encode; none means one per CPU core")
     overwrite: bool = option(False, "replace a dataset in OUT_DIR that was built from other inputs or options")
 
