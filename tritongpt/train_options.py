@@ -13,12 +13,12 @@ from tritongpt.data.loader import TokenWindows
 from tritongpt.data.prepare import DEFAULT_VOCAB_SIZE
 from tritongpt.device import compute_dtype, impl_choices, resolve_ops
 from tritongpt.errors import UserError
-from tritongpt.metrics import CONFIG_FILE, CURVE_FILE, METRICS_FILE
+from tritongpt.metrics import CONFIG_FILE, CURVES_FILE, METRICS_FILE
 from tritongpt.model import PRESETS, GPTConfig, gpt2_config, preset
 from tritongpt.options import option
 
 DEFAULT_DATA_DIR = "data/default"
-RUN_FILES = (CHECKPOINT_FILE, METRICS_FILE, CONFIG_FILE, CURVE_FILE)  # a run's own files in OUT_DIR
+RUN_FILES = (CHECKPOINT_FILE, METRICS_FILE, CONFIG_FILE, CURVES_FILE)  # a run's own files in OUT_DIR
 # The model's shape: a checkpoint (--resume) or a GPT-2 directory (--init-from) fixes it.
 SHAPE_OPTIONS = ("model", "n_layer", "n_head", "n_embd", "block_size", "bias")
 
@@ -27,7 +27,7 @@ SHAPE_OPTIONS = ("model", "n_layer", "n_head", "n_embd", "block_size", "bias")
 class TrainOptions:
     data_dir: str = option(DEFAULT_DATA_DIR, "dataset folder written by data/prepare.py (the default corpus is "
                            "prepared on first use)", metavar="DIR", group="data and output")
-    out_dir: str = option("out", "where the checkpoint (ckpt.pt), metrics.jsonl and loss_curve.png go",
+    out_dir: str = option("out", "where the checkpoint (ckpt.pt), metrics.jsonl and training_curves.png go",
                           metavar="DIR")
     resume: bool = option(False, "continue the run in OUT_DIR from its ckpt.pt; flags given now override its "
                           "options, except the model's shape")
