@@ -33,7 +33,7 @@ class _HelpFormatter(argparse.HelpFormatter):
         lines = text.splitlines()
         if len(lines) > 1 and lines[-1].startswith("(default") and len(lines[-2]) + 3 + len(lines[-1]) <= width:
             lines[-2:] = [f"{lines[-2]}   {lines[-1]}"]
-        return [wrapped for line in lines for wrapped in textwrap.wrap(line, width) or [""]]
+        return [wrapped for line in lines for wrapped in textwrap.wrap(line, width, break_on_hyphens=False) or [""]]
 
 
 def _flag(name: str) -> str:
@@ -141,7 +141,9 @@ def build_parser(cls, description: str, with_config_file: bool = True) -> argpar
         if f.metadata.get("positional"):  # its help says what none of it means
             group.add_argument(f.name, nargs="*", metavar=metavar, help=help_text)
             continue
-        help_text += f"\n{' | '.join(choices) + '   ' if choices else ''}(default: {_shown(f.default)})"
+        if choices:
+            help_text += "\n" + " | ".join(choices)
+        help_text += f"\n(default: {_shown(f.default)})"
         if kind is bool:
             group.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, help=help_text)
         else:
