@@ -45,6 +45,8 @@ def test_train_writes_a_checkpoint_that_sample_reads(tiny_dataset, tmp_path):
     assert (out / "ckpt.pt").is_file() and (out / "training_curves.png").is_file()
     assert sorted(train_losses(out)) == [1, 2, 3, 4]
     assert [m["step"] for m in metrics(out) if "val/loss" in m] == [0, 2, 4]
+    last_val = [m["val/loss"] for m in metrics(out) if "val/loss" in m][-1]
+    assert f"final val loss {last_val:.3f}" in result.stdout
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     assert ckpt["iter_num"] == 4 and ckpt["model_config"]["n_layer"] == 2
 

@@ -76,7 +76,7 @@ def draw(runs: list[Run], png_path: str | Path) -> None:
     from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
 
     fig = Figure(figsize=(12, 8), layout="constrained")
-    axes = fig.subplots(2, 2, sharex=True).flat
+    axes = fig.subplots(2, 2, sharex=True).ravel()
     for ax, (key, title, log_scale) in zip(axes, PANELS):
         for i, run in enumerate(runs):
             color = f"C{i % 10}"
