@@ -18,23 +18,27 @@ from tritongpt.textgen import prompt_ids, stream_text
 
 @dataclass(frozen=True)
 class SampleOptions:
-    checkpoint: str = option("out/ckpt.pt", "checkpoint written by train.py, or the --out-dir holding it")
+    checkpoint: str = option("out/ckpt.pt", "checkpoint written by train.py, or the --out-dir holding it",
+                             metavar="PATH", group="sampling")
     prompt: str = option("", "text to continue (empty: start a new document)")
-    prompt_file: str | None = option(None, "read the prompt from this file instead")
+    prompt_file: str | None = option(None, "read the prompt from this file instead", metavar="FILE")
     num_samples: int = option(1, "how many samples to draw")
     max_new_tokens: int = option(200, "tokens to generate per sample (fewer if the document ends)")
-    temperature: float = option(0.8, "softmax temperature; 0 always picks the most likely token")
-    top_k: int | None = option(200, "sample among the k most likely tokens only; none for all")
-    top_p: float | None = option(None, "sample among the most likely tokens whose probability reaches p; none for all")
-    seed: int = option(1337, "random seed")
-    tokenizer: str | None = option(None, "tokenizer model file to use instead of the one the checkpoint carries")
-    device: str = option("auto", "auto, cpu, cuda or cuda:N")
+    temperature: float = option(0.8, "softmax temperature; 0 always picks the most likely token", metavar="T")
+    top_k: int | None = option(200, "sample among the k most likely tokens only; none for all", metavar="K")
+    top_p: float | None = option(None, "sample among the most likely tokens whose probability reaches p; none for all",
+                                 metavar="P")
+    seed: int = option(1337, "random seed", metavar="SEED")
+    tokenizer: str | None = option(None, "tokenizer model file to use instead of the one the checkpoint carries",
+                                   metavar="FILE")
+    device: str = option("auto", "auto, cpu, cuda or cuda:N", metavar="DEVICE", group="system")
     dtype: str = option("auto", "auto is bfloat16 on CUDA where supported, float32 on CPU",
-                        choices=("auto", "float32", "bfloat16", "float16"))
+                        choices=("auto", "float32", "bfloat16", "float16"), metavar="DTYPE")
     attention: str = option("auto", "attention implementation; auto is triton on CUDA, torch on CPU",
-                            choices=impl_choices("attention"))
-    layernorm: str = option("auto", "LayerNorm implementation; auto as above", choices=impl_choices("layernorm"))
-    mlp: str = option("auto", "MLP implementation; auto as above", choices=impl_choices("mlp"))
+                            choices=impl_choices("attention"), metavar="IMPL")
+    layernorm: str = option("auto", "LayerNorm implementation; auto as above", choices=impl_choices("layernorm"),
+                            metavar="IMPL")
+    mlp: str = option("auto", "MLP implementation; auto as above", choices=impl_choices("mlp"), metavar="IMPL")
 
 
 def main(argv: list[str] | None = None) -> None:

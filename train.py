@@ -6,7 +6,7 @@
 import dataclasses
 import json
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -21,7 +21,7 @@ from tritongpt.data.tokenizer import Tokenizer
 from tritongpt.device import autocast, compute_dtype
 from tritongpt.errors import UserError
 from tritongpt.loop import estimate_loss, train_step
-from tritongpt.metrics import MetricsLogger, mfu
+from tritongpt.metrics import CURVES_FILE, MetricsLogger, mfu
 from tritongpt.model import GPT, GPTConfig, load_gpt2
 from tritongpt.options import parse_options, run_main
 from tritongpt.schedule import learning_rate
@@ -64,6 +64,7 @@ class Run:
     checkpoint_step: int | None      # the step of the last checkpoint written (or resumed from)
     first_nonfinite_step: torch.Tensor  # on the device: the first step whose loss or gradient was inf/nan, else a
                                         # step past the end (tracked without waiting for the device)
+    eval_losses: dict[str, float] = field(default_factory=dict)  # the last evaluation's, by split
 
     @property
     def checkpoint_path(self) -> Path:
@@ -105,7 +106,8 @@ def set_up(opts: TrainOptions, config: GPTConfig, ckpt: dict | None, world: dist
     eval_model = torch.compile(model) if opts.compile else model
     logger = MetricsLogger(
         opts.out_dir, config={"options": dataclasses.asdict(opts), "model": dataclasses.asdict(config),
-                              "world_size": world.size, "tokens_per_step": tokens_per_step(opts, config, world)},
+                              "num_params": model.num_params(), "world_size": world.size,
+                              "tokens_per_step": tokens_per_step(opts, config, world)},
         wandb=opts.wandb, project=opts.wandb_project, run_name=opts.wandb_run_name, entity=opts.wandb_entity,
         mode=opts.wandb_mode, resume_run_id=ckpt.get("wandb_run_id") if ckpt else None,
         resume_step=step + 1 if ckpt else None,  # the checkpoint's own step was logged before it was written
@@ -162,6 +164,9 @@ def train(opts: TrainOptions, config: GPTConfig, ckpt: dict | None, world: distr
         raise
     finally:
         run.logger.finish()
+    if run.eval_losses:
+        run.say(f"final val loss {run.eval_losses['val']:.3f} (train {run.eval_losses['train']:.3f}); "
+                f"the curves are in {Path(opts.out_dir) / CURVES_FILE}")
     if world.is_main and opts.sample_tokens > 0:
         closing_sample(run)
 
@@ -244,6 +249,7 @@ def evaluate(run: Run) -> None:
         batches = (data.fetch(starts) for starts in data.eval_batches(run.opts.eval_iters))
         losses[split] = estimate_loss(run.eval_model, batches, run.autocast, run.world)
     run.say(f"step {run.step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+    run.eval_losses = losses
     run.logger.log(run.step, {"val/loss": losses["val"], "train/eval_loss": losses["train"]})
 
 

@@ -7,7 +7,8 @@ to the output directory:
 
     tokenizer.model     the sentencepiece model; data/tokenizer.py loads it
     train.bin, val.bin  raw little-endian token ids, uint16 when the vocabulary fits, uint32 otherwise
-    meta.json           vocab_size, dtype, eot_id, token and document counts, the tokenizer file, inputs_hash
+    meta.json           vocab_size, dtype, eot_id, token and document counts, the tokenizer file, the split rule,
+                        what the default corpus left out and why, inputs_hash
 
 Run again on the same inputs and options, it reuses what is there; a dataset built from other inputs or options is
 replaced only with --overwrite (checkpoints trained on it depend on its tokenizer). Every file is written under a
@@ -39,6 +40,8 @@ CHUNK_BYTES = 1 << 18  # documents are encoded in pieces of about this size, so 
 BATCH_CHUNKS = 4  # chunks per thread in each batch encoded at once
 SNIFF_BYTES = 8192  # a file is taken for text when this much of its start is UTF-8 with no NUL (as git does)
 MAX_SENTENCE_CHARS = 4096  # longer lines are cut into pieces this long for tokenizer training
+# How split_documents picks val; it enters inputs_hash, so a dataset split another way is rebuilt.
+VAL_SPLIT = "documents evenly spaced along the corpus ordered by folder, then by a hash of the name"
 
 # Options for every tokenizer; they enter inputs_hash, so changing one here rebuilds the datasets.
 SENTENCEPIECE_OPTIONS = dict(
@@ -86,8 +89,8 @@ def prepare(inputs: list[str] | None = None, out_dir: str | Path = "data/default
     if workers < 1:
         raise UserError(f"{workers} workers; pass --workers 1 or more")
     out_dir = Path(out_dir)
-    docs = find_documents(inputs, skip=out_dir)
-    options = dict(vocab_size=vocab_size, model_type=model_type, val_fraction=val_fraction,
+    docs, left_out = find_documents(inputs, skip=out_dir)
+    options = dict(vocab_size=vocab_size, model_type=model_type, val_fraction=val_fraction, val_split=VAL_SPLIT,
                    sentencepiece=SENTENCEPIECE_OPTIONS)
     digest = inputs_hash(docs, options, progress)
     if _reusable(out_dir, digest):
@@ -97,6 +100,9 @@ def prepare(inputs: list[str] | None = None, out_dir: str | Path = "data/default
     if (out_dir / "meta.json").exists() and not overwrite:
         raise UserError(f"{out_dir} holds a dataset built from other inputs or options, and checkpoints trained on it "
                         "need its tokenizer; pass --overwrite to replace it, or another --out-dir")
+    if left_out and progress:
+        print(f"left out {len(left_out)} machine-made sources ({sum(doc['bytes'] for doc in left_out) / 1e6:.1f} MB), "
+              "mostly data literals; meta.json lists them")
 
     model = train_tokenizer(docs, vocab_size, model_type, progress)
     _make_out_dir(out_dir)
@@ -112,8 +118,8 @@ def prepare(inputs: list[str] | None = None, out_dir: str | Path = "data/default
             train_tokens=counts["train_tokens"], val_tokens=counts["val_tokens"], documents=len(docs),
             # Documents per split, each followed by eot_id (a single input document is split in two).
             train_documents=counts["train_documents"], val_documents=counts["val_documents"],
-            tokenizer=TOKENIZER_FILE, model_type=model_type, val_fraction=val_fraction, inputs_hash=digest,
-            files={name: temp[name].stat().st_size for name in names[:-1]},
+            tokenizer=TOKENIZER_FILE, model_type=model_type, val_fraction=val_fraction, val_split=VAL_SPLIT,
+            left_out=left_out, inputs_hash=digest, files={name: temp[name].stat().st_size for name in names[:-1]},
         )
         temp["meta.json"].write_text(json.dumps(meta, indent=2) + "\n")
         # Remove the old meta.json first: a crash between the renames then leaves no dataset (the next run rebuilds
@@ -136,11 +142,13 @@ def _make_out_dir(out_dir: Path):
         raise UserError(f"cannot write to {out_dir}; pass an --out-dir you can write to")
 
 
-def find_documents(inputs: list[str] | None, skip: Path | None = None) -> list[Document]:
-    """The documents of the inputs, in order (directories walked in sorted order), or the default corpus. A folder
-    `skip` (the output directory, which may lie inside an input) is left out."""
+def find_documents(inputs: list[str] | None, skip: Path | None = None) -> tuple[list[Document], list[dict]]:
+    """(the documents of the inputs, in order (directories walked in sorted order), or of the default corpus; the
+    sources the default corpus leaves out, and why). A folder `skip` (the output directory, which may lie inside an
+    input) is left out."""
     if not inputs:
-        return [Document(*doc) for doc in default_corpus()]
+        docs, left_out = default_corpus()
+        return [Document(*doc) for doc in docs], left_out
     docs = []
     for arg in inputs:
         path = Path(arg)
@@ -158,7 +166,7 @@ def find_documents(inputs: list[str] | None, skip: Path | None = None) -> list[D
     if not docs:
         raise UserError(f"no text in {' '.join(inputs)}: no non-empty UTF-8 files found; pass text files or "
                         "directories that contain some (or no inputs, for the default corpus)")
-    return docs
+    return docs, []
 
 
 def _walk(folder: Path, skip: Path | None) -> list[Path]:
@@ -256,12 +264,21 @@ def split_documents(docs: list[Document], val_fraction: float) -> list[tuple[str
         with doc.open() as f:
             cut = _char_start(f, max(1, int(doc.size * (1 - val_fraction))))
         return [("train", doc, 0, cut), ("val", doc, cut, doc.size)]
-    # The documents whose names hash lowest go to val: the same ones on every run, whatever order the inputs come
-    # in, and at least one document in each split.
+    # Val takes documents evenly spaced along the corpus ordered by folder, so every kind of text (every folder) gives
+    # val its share; within a folder the order is by a hash of the name. The same documents on every run, whatever
+    # order the inputs come in, and at least one document in each split.
     n_val = min(len(docs) - 1, max(1, round(val_fraction * len(docs))))
-    by_hash = sorted(range(len(docs)), key=lambda i: (hashlib.sha256(docs[i].name.encode()).digest(), i))
-    val = set(by_hash[:n_val])
+    order = sorted(range(len(docs)), key=lambda i: (_folder(docs[i].name), _name_hash(docs[i].name), i))
+    val = {order[int((k + 0.5) * len(docs) / n_val)] for k in range(n_val)}
     return [("val" if i in val else "train", doc, 0, doc.size) for i, doc in enumerate(docs)]
+
+
+def _folder(name: str) -> str:
+    return name.rpartition("/")[0]
+
+
+def _name_hash(name: str) -> bytes:
+    return hashlib.sha256(name.encode()).digest()
 
 
 def _char_start(f, pos: int) -> int:
@@ -328,12 +345,13 @@ def _bar(docs: list[Document], desc: str, progress: bool) -> tqdm:
 @dataclass(frozen=True)
 class PrepareOptions:
     inputs: tuple[str, ...] = option((), "text files or directories (searched recursively); with none, the Python "
-                                     "documentation and standard library sources", positional=True)
+                                     "documentation and standard library sources", positional=True, metavar="INPUT")
     out_dir: str | None = option(None, "where to write the dataset; none means data/default with no INPUT, "
-                                 "data/custom with some")
-    vocab_size: int = option(DEFAULT_VOCAB_SIZE, "tokenizer vocabulary size")
-    model_type: str = option("bpe", "sentencepiece model type", choices=MODEL_TYPES)
-    val_fraction: float = option(0.05, "share of the documents held out for validation")
+                                 "data/custom with some", metavar="DIR")
+    vocab_size: int = option(DEFAULT_VOCAB_SIZE, "tokenizer vocabulary size", metavar="TOKENS")
+    model_type: str = option("bpe", "sentencepiece model type", choices=MODEL_TYPES, metavar="TYPE")
+    val_fraction: float = option(0.05, "share of the documents held out for validation, drawn across every folder",
+                                 metavar="SHARE")
     workers: int | None = option(None, "threads that encode; none means one per CPU core")
     overwrite: bool = option(False, "replace a dataset in OUT_DIR that was built from other inputs or options")
 

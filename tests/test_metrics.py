@@ -1,4 +1,4 @@
-"""The metrics logger: metrics.jsonl, config.json and loss_curve.png always; W&B offline runs read back from their
+"""The metrics logger: metrics.jsonl, config.json and training_curves.png always; W&B offline runs read back from their
 run file. Nothing here uses the network: W&B runs are offline, or online with no API key (which falls back)."""
 import json
 import subprocess
@@ -44,7 +44,7 @@ def wandb_records(tmp_path, monkeypatch):
     wandb.teardown()
 
 
-def test_jsonl_config_and_loss_curve(tmp_path):
+def test_jsonl_config_and_training_curves(tmp_path):
     out = tmp_path / "out"
     logger = MetricsLogger(out, config=CONFIG)
     assert logger.run_id is None
@@ -64,12 +64,12 @@ def test_jsonl_config_and_loss_curve(tmp_path):
     assert json.loads((out / "config.json").read_text()) == CONFIG
 
     logger.finish()
-    png = (out / "loss_curve.png").read_bytes()
+    png = (out / "training_curves.png").read_bytes()
     assert png.startswith(PNG_MAGIC) and len(png) > 10_000
     logger.finish()  # a second finish() does nothing
     logger.log(60, {"train/loss": 1.0})  # neither does logging after it
     assert len(read_lines(out)) == 9
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "loss_curve.png", "metrics.jsonl"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "metrics.jsonl", "training_curves.png"]
 
 
 def test_resume_keeps_lines_before_resume_step_and_appends(tmp_path):
@@ -155,7 +155,7 @@ def test_disabled_or_wandb_off_never_imports_wandb(tmp_path):
             logger = MetricsLogger(tmp / name, config={{}}, **kwargs)
             logger.log(1, {{"train/loss": 1.0}})
             logger.finish()
-            assert logger.run_id is None and (tmp / name / "loss_curve.png").exists()
+            assert logger.run_id is None and (tmp / name / "training_curves.png").exists()
         assert "wandb" not in sys.modules
     """)
     root = Path(__file__).resolve().parents[1]

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from tritongpt.data import prepare as prep
+from tritongpt.data.default_corpus import CAP_BYTES, data_share, default_corpus
 from tritongpt.data.prepare import prepare, token_dtype
 from tritongpt.data.tokenizer import Tokenizer
 from tritongpt.errors import UserError
@@ -250,3 +251,51 @@ def test_cli_help_lists_options_and_defaults():
     for option in ("--out-dir", "--vocab-size", "--model-type", "--val-fraction", "--workers"):
         assert option in result.stdout
     assert "(default: 4096)" in result.stdout and "(default: bpe)" in result.stdout
+
+
+def test_default_corpus_leaves_out_generated_tables_and_keeps_ordinary_modules():
+    docs, left_out = default_corpus()
+    kept = {name for name, _, _ in docs}
+    why = {doc["name"]: doc["why"] for doc in left_out}
+    # A generated codec table (a 256-entry string literal) and the generated keyword list.
+    assert "data literals" in why["stdlib/encodings/cp1252.py"] and "stdlib/keyword.py" in why
+    assert "stdlib/encodings/cp1252.py" not in kept
+    for module in ("abc.py", "argparse.py", "base64.py", "encodings/idna.py", "json/decoder.py"):
+        assert f"stdlib/{module}" in kept
+    assert not kept & set(why)
+    assert any(name.startswith("pydoc_data.topics/") for name in kept)
+    assert sum(size for _, _, size in docs) <= CAP_BYTES
+
+
+def test_data_share_tells_a_table_from_code():
+    table = "decoding_table = (\n" + "".join(f"    '\\x{i:02x}'  # 0x{i:02X} -> CHAR {i}\n" for i in range(256)) + ")\n"
+    aliases = "aliases = {\n" + "".join(f"    'alias{i}': 'codec_{i}',\n" for i in range(50)) + "}\n"
+    code = Path(textwrap.__file__).read_text()
+    assert data_share(table) > 0.9 and data_share(aliases) > 0.9
+    assert data_share(code) < 0.1
+    docstring_only = '"""A package."""\n\nfrom .mod import f\n'
+    assert data_share(docstring_only) == 0
+
+
+def _docs(names: list[str]) -> list[prep.Document]:
+    return [prep.Document(name, name.encode(), len(name)) for name in names]
+
+
+def test_val_split_draws_from_every_folder_whatever_the_input_order():
+    names = [f"{folder}/doc{i}.py" for folder in ("code", "docs", "tables", "tests") for i in range(25)]
+    pieces = prep.split_documents(_docs(names), val_fraction=0.08)
+    val = [doc.name for split, doc, _, _ in pieces if split == "val"]
+    assert len(val) == 8
+    assert Counter(name.split("/")[0] for name in val) == dict.fromkeys(("code", "docs", "tables", "tests"), 2)
+    shuffled = names[::-1]
+    again = [doc.name for split, doc, _, _ in prep.split_documents(_docs(shuffled), 0.08) if split == "val"]
+    assert sorted(again) == sorted(val)
+
+
+def test_a_changed_split_rule_is_another_dataset(built, tmp_path, monkeypatch):
+    root, _, _ = built
+    out = tmp_path / "out"
+    prepare([str(root)], out, vocab_size=VOCAB, workers=1, progress=False)
+    monkeypatch.setattr(prep, "VAL_SPLIT", "the last documents")
+    with pytest.raises(UserError, match="other inputs or options"):
+        prepare([str(root)], out, vocab_size=VOCAB, workers=1, progress=False)

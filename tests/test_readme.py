@@ -1,4 +1,6 @@
-"""The README documents every option of the three scripts, and CI runs the README's test command."""
+"""The README documents every option of the scripts as their --help groups them, and CI runs the README's test
+command; --help shows each option's placeholder, choices and default."""
+import dataclasses
 import io
 import re
 from contextlib import redirect_stdout, suppress
@@ -8,24 +10,31 @@ import pytest
 
 import sample
 import train
+from tritongpt import plot
 from tritongpt.data import prepare
+from tritongpt.train_options import TrainOptions
 
 REPO = Path(__file__).resolve().parent.parent
 README = (REPO / "README.md").read_text()
 
 
-def help_flags(main) -> set[str]:
+def help_text(main) -> str:
     out = io.StringIO()
     with redirect_stdout(out), suppress(SystemExit):  # (torchrun's @record on train.main returns on exit 0)
         main(["--help"])
-    flags = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", out.getvalue())) - {"--help"}
+    return out.getvalue()
+
+
+def help_flags(main) -> set[str]:
+    flags = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", help_text(main))) - {"--help"}
     return {f for f in flags if not (f.startswith("--no-") and "--" + f[5:] in flags)}
 
 
-@pytest.mark.parametrize("main", [train.main, sample.main, prepare.main], ids=["train", "sample", "prepare"])
+@pytest.mark.parametrize("main", [train.main, sample.main, prepare.main, plot.main],
+                         ids=["train", "sample", "prepare", "plot"])
 def test_readme_documents_every_option(main):
     flags = help_flags(main)
-    assert len(flags) > 4
+    assert flags
     missing = sorted(f for f in flags if f"`{f}" not in README)
     assert not missing, f"README.md does not document {missing}"
 
@@ -34,3 +43,31 @@ def test_ci_runs_the_readme_test_command():
     command = 'pip install -e ".[test]" && python -m pytest'
     assert command in README
     assert command in (REPO / ".ci" / "run").read_text()
+
+
+@pytest.mark.parametrize("main, options", [(train.main, TrainOptions), (sample.main, sample.SampleOptions),
+                                           (prepare.main, prepare.PrepareOptions)], ids=["train", "sample", "prepare"])
+def test_help_shows_groups_placeholders_choices_and_defaults(main, options):
+    text = help_text(main)
+    assert not re.search(r"\b(STR|INT|FLOAT)\b", text), "placeholders say what goes there"
+    for f in dataclasses.fields(options):
+        if f.metadata["positional"]:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        # The option's lines: its flag's, and the indented ones under it.
+        block = re.search(rf"^  {flag}(?![\w-]).*\n(?:   .*\n)*", text, re.M)
+        assert block, f"{flag} missing from --help"
+        block = block.group(0)
+        assert "(default: " in block, flag
+        for choice in f.metadata["choices"] or ():
+            assert re.search(rf"(?<![\w-]){re.escape(choice)}(?![\w-])", block), f"{flag} does not list {choice}"
+    groups = [f.metadata["group"] for f in dataclasses.fields(options) if f.metadata["group"]]
+    headings = [line[:-1] for line in text.splitlines() if line.endswith(":") and not line.startswith(" ")]
+    assert [h for h in headings if h in groups] == groups
+
+
+def test_readme_groups_train_options_as_help_does():
+    groups = [f.metadata["group"] for f in dataclasses.fields(TrainOptions) if f.metadata["group"]]
+    assert len(groups) == 6
+    positions = [README.find(f"| **{group}** |") for group in groups]
+    assert -1 not in positions and positions == sorted(positions), groups

@@ -19,7 +19,7 @@ import torch
 from tritongpt.data.prepare import prepare
 from tests.runs import REPO, TINY, assert_user_error, metrics, run, run_process, train_losses
 
-RUN_FILES = ("ckpt.pt", "metrics.jsonl", "config.json", "loss_curve.png")
+RUN_FILES = ("ckpt.pt", "metrics.jsonl", "config.json", "training_curves.png")
 
 
 def snapshot(out) -> dict[str, bytes]:
@@ -47,9 +47,11 @@ def test_train_writes_a_checkpoint_that_sample_reads(tiny_dataset, tmp_path):
     assert "global batch: 4 sequences x 1 micro-batch x 64 tokens" in result.stdout
     assert "(1 process x 1 micro-batch each)" in result.stdout
     assert "mfu" not in result.stdout  # no known peak on a CPU: the column is left out
-    assert (out / "ckpt.pt").is_file() and (out / "loss_curve.png").is_file()
+    assert (out / "ckpt.pt").is_file() and (out / "training_curves.png").is_file()
     assert sorted(train_losses(out)) == [1, 2, 3, 4]
     assert [m["step"] for m in metrics(out) if "val/loss" in m] == [0, 2, 4]
+    last_val = [m["val/loss"] for m in metrics(out) if "val/loss" in m][-1]
+    assert f"final val loss {last_val:.3f}" in result.stdout
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     assert ckpt["iter_num"] == 4 and ckpt["model_config"]["n_layer"] == 2
 

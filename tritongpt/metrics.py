@@ -1,8 +1,9 @@
-"""The training run's metrics: a JSON-lines file always, Weights & Biases when asked for, a loss-curve PNG at the end.
+"""The training run's metrics: a JSON-lines file always, Weights & Biases when asked for, a PNG of the training curves
+at the end (tritongpt.plot).
 
 out_dir/metrics.jsonl is the record that does not depend on anything: one line per log call, flushed at once, so
 it survives a crash and needs no service or network. W&B mirrors it when --wandb is on. `wandb` is imported only
-then (the GPU image does not ship it), and matplotlib only in finish() (it is slow to import).
+then (the GPU image does not ship it), and matplotlib only when the curves are drawn (it is slow to import).
 """
 from __future__ import annotations
 
@@ -15,10 +16,7 @@ from pathlib import Path
 import torch
 
 from tritongpt.errors import UserError
-
-METRICS_FILE = "metrics.jsonl"
-CONFIG_FILE = "config.json"
-CURVE_FILE = "loss_curve.png"
+from tritongpt.plot import CONFIG_FILE, CURVES_FILE, METRICS_FILE, draw_run
 # wandb.init waits 90 s by default. With an API key but no network it waits that long before failing; a shorter
 # wait keeps the offline fallback quick, and a slow network that misses it loses nothing (the run syncs later).
 WANDB_INIT_TIMEOUT_S = 30.0
@@ -61,13 +59,13 @@ class MetricsLogger:
             self._run.log({key: value for key, value in values.items() if value is not None}, step=step)
 
     def finish(self) -> None:
-        """Closes metrics.jsonl, draws loss_curve.png from it and finishes the W&B run. Safe to call twice."""
+        """Closes metrics.jsonl, draws training_curves.png from it and finishes the W&B run. Safe to call twice."""
         if self._file is None:
             return
         self._file.close()
         self._file = None
         try:
-            _plot_losses(self.out_dir / METRICS_FILE, self.out_dir / CURVE_FILE)
+            draw_run(self.out_dir)
         finally:
             if self._run is not None:
                 import wandb
@@ -169,28 +167,3 @@ def _write_atomically(path: Path, text: str) -> None:
     tmp.write_text(text)
     os.replace(tmp, path)
 
-
-def _plot_losses(metrics_path: Path, png_path: Path) -> None:
-    """Draws train/loss and val/loss against step, log-scale y, from metrics.jsonl."""
-    try:
-        # A bare Figure renders with Agg without pyplot: no GUI backend and no global figure state.
-        from matplotlib.figure import Figure
-    except ImportError:
-        print(f"{png_path.name} not written: matplotlib is not installed")
-        return
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines()]
-    fig = Figure(figsize=(8, 5), layout="constrained")
-    ax = fig.subplots()
-    for key in ("train/loss", "val/loss"):
-        points = [(row["step"], row[key]) for row in rows if row.get(key) is not None]
-        if points:
-            ax.plot(*zip(*points), label=key, marker="o" if key == "val/loss" else None)
-    ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.grid(True, which="both", alpha=0.3)
-    if ax.lines:
-        ax.legend()
-    tmp = png_path.with_name(png_path.name + ".tmp")
-    fig.savefig(tmp, format="png", dpi=120)
-    os.replace(tmp, png_path)

@@ -1,5 +1,6 @@
 """Command-line options built from a dataclass: its defaults, overridden by an optional config file (JSON or TOML),
-overridden by flags. `--help` lists every field with its default; a mistake is one line on stderr and exit 2."""
+overridden by flags. `--help` lists the fields by group, each with a placeholder that says what goes there, its
+choices and its default; a mistake is one line on stderr and exit 2."""
 import argparse
 import dataclasses
 import json
@@ -7,6 +8,7 @@ import math
 import os
 import signal
 import sys
+import textwrap
 import time
 import tomllib
 import typing
@@ -18,6 +20,20 @@ from tritongpt.errors import UserError
 class _OneLineParser(argparse.ArgumentParser):
     def error(self, message):  # argparse prints the whole usage first; one line is what a user needs
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Wraps each line of a help text by itself, and puts a last line that only gives the default at the end of the
+    line before when both fit."""
+
+    def __init__(self, prog):
+        super().__init__(prog, max_help_position=28)
+
+    def _split_lines(self, text, width):
+        lines = text.splitlines()
+        if len(lines) > 1 and lines[-1].startswith("(default") and len(lines[-2]) + 3 + len(lines[-1]) <= width:
+            lines[-2:] = [f"{lines[-2]}   {lines[-1]}"]
+        return [wrapped for line in lines for wrapped in textwrap.wrap(line, width, break_on_hyphens=False) or [""]]
 
 
 def _flag(name: str) -> str:
@@ -89,31 +105,51 @@ def _optional(kind):
     return parse
 
 
+# Placeholders for fields that name none: what a number of that type stands for.
+METAVARS = {int: "N", float: "X", str: "TEXT"}
+
+
+def _shown(default) -> str:
+    """A default as it is typed on the command line."""
+    if default is None:
+        return "none"
+    if isinstance(default, bool):
+        return str(default).lower()
+    return str(default) if default != "" else '""'
+
+
 def build_parser(cls, description: str, with_config_file: bool = True) -> argparse.ArgumentParser:
     # SUPPRESS keeps flags that were not given out of the parsed namespace, so they do not overwrite a config
     # file's values with defaults; each help text states its default itself.
     # No abbreviations: a shortened flag keeps meaning one option only until another option shares its prefix.
-    parser = _OneLineParser(description=description, argument_default=argparse.SUPPRESS, allow_abbrev=False)
+    # The usage line names the positional arguments only: the options follow, grouped, each with its placeholder.
+    positional = [f for f in dataclasses.fields(cls) if f.metadata.get("positional")]
+    usage = "%(prog)s [OPTIONS]" + "".join(f" [{f.metadata['metavar']} ...]" for f in positional)
+    parser = _OneLineParser(description=description, usage=usage, argument_default=argparse.SUPPRESS,
+                            allow_abbrev=False, formatter_class=_HelpFormatter)
+    group = parser
     if with_config_file:
-        parser.add_argument("--config", metavar="FILE", help="a JSON or TOML file of option values; "
-                            "flags given here override it (default: none)")
+        parser.add_argument("--config", metavar="FILE", help="a JSON or TOML file of option values; flags given "
+                            "here override it\n(default: none)")
     for f in dataclasses.fields(cls):
+        if f.metadata.get("group"):  # this field starts a group, and the fields after it belong to it
+            group = parser.add_argument_group(f.metadata["group"])
         kind = _field_type(cls, f)
         choices = f.metadata.get("choices")
-        help_text = f.metadata.get("help", "")
-        if choices:
-            help_text += f"; one of {', '.join(choices)}"
+        metavar = f.metadata.get("metavar") or METAVARS.get(kind)
+        help_text = f.metadata.get("help", "").replace("%", "%%")
         if f.metadata.get("positional"):  # its help says what none of it means
-            parser.add_argument(f.name, nargs="*", metavar=f.name.rstrip("s").upper(), help=help_text)
+            group.add_argument(f.name, nargs="*", metavar=metavar, help=help_text)
             continue
-        help_text = f"{help_text} (default: {'none' if f.default is None else f.default})".replace("%", "%%")
+        if choices:
+            help_text += "\n" + " | ".join(choices)
+        help_text += f"\n(default: {_shown(f.default)})"
         if kind is bool:
-            parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, help=help_text)
+            group.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, help=help_text)
         else:
             kind = finite_float if kind is float else kind
             parse = _optional(kind) if type(None) in typing.get_args(typing.get_type_hints(cls)[f.name]) else kind
-            parser.add_argument(_flag(f.name), type=parse, metavar=kind.__name__.upper(), choices=choices,
-                                help=help_text)
+            group.add_argument(_flag(f.name), type=parse, metavar=metavar, choices=choices, help=help_text)
     return parser
 
 
@@ -166,10 +202,13 @@ def parse_options(cls, description: str, argv: list[str] | None = None, with_con
     return cls(**{**_defaults(cls), **values}), set(values)
 
 
-def option(default, help: str, choices: tuple | None = None, positional: bool = False):
-    """A dataclass field with its --help text (and allowed values). A positional field is a tuple of strings taken
-    from the arguments that are no flags."""
-    return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "positional": positional})
+def option(default, help: str, choices: tuple | None = None, positional: bool = False, metavar: str | None = None,
+           group: str | None = None):
+    """A dataclass field with its --help text, allowed values and placeholder (metavar: what goes there, e.g. DIR).
+    A field with a group starts that group in --help; the fields after it belong to it until the next group. A
+    positional field is a tuple of strings taken from the arguments that are no flags."""
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "positional": positional,
+                                                        "metavar": metavar, "group": group})
 
 
 def run_main(main) -> None:

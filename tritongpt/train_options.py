@@ -13,76 +13,77 @@ from tritongpt.data.loader import TokenWindows
 from tritongpt.data.prepare import DEFAULT_VOCAB_SIZE
 from tritongpt.device import compute_dtype, impl_choices, resolve_ops
 from tritongpt.errors import UserError
-from tritongpt.metrics import CONFIG_FILE, CURVE_FILE, METRICS_FILE
+from tritongpt.metrics import CONFIG_FILE, CURVES_FILE, METRICS_FILE
 from tritongpt.model import PRESETS, GPTConfig, gpt2_config, preset
 from tritongpt.options import option
 
 DEFAULT_DATA_DIR = "data/default"
-RUN_FILES = (CHECKPOINT_FILE, METRICS_FILE, CONFIG_FILE, CURVE_FILE)  # a run's own files in OUT_DIR
+RUN_FILES = (CHECKPOINT_FILE, METRICS_FILE, CONFIG_FILE, CURVES_FILE)  # a run's own files in OUT_DIR
 # The model's shape: a checkpoint (--resume) or a GPT-2 directory (--init-from) fixes it.
 SHAPE_OPTIONS = ("model", "n_layer", "n_head", "n_embd", "block_size", "bias")
 
 
 @dataclass(frozen=True)
 class TrainOptions:
-    # Data and output
     data_dir: str = option(DEFAULT_DATA_DIR, "dataset folder written by data/prepare.py (the default corpus is "
-                           "prepared on first use)")
-    out_dir: str = option("out", "where the checkpoint (ckpt.pt), metrics.jsonl and loss_curve.png go")
+                           "prepared on first use)", metavar="DIR", group="data and output")
+    out_dir: str = option("out", "where the checkpoint (ckpt.pt), metrics.jsonl and training_curves.png go",
+                          metavar="DIR")
     resume: bool = option(False, "continue the run in OUT_DIR from its ckpt.pt; flags given now override its "
                           "options, except the model's shape")
     overwrite: bool = option(False, "start a new run in OUT_DIR although it holds one, deleting that run's "
                              "checkpoint, metrics and plot first")
-    # Model
-    model: str = option("auto", "shape preset; auto is mini on CPU, small on GPU", choices=("auto", *PRESETS))
+    model: str = option("auto", "shape preset; auto is mini on CPU, small on GPU", choices=("auto", *PRESETS),
+                        metavar="PRESET", group="model")
     n_layer: int | None = option(None, "override the preset's layer count")
     n_head: int | None = option(None, "override the preset's head count")
     n_embd: int | None = option(None, "override the preset's embedding width")
     block_size: int | None = option(None, "override the preset's context length (with --init-from: shorten "
-                                    "GPT-2's)")
-    dropout: float = option(0.0, "dropout on embeddings and sub-layer outputs")
+                                    "GPT-2's)", metavar="TOKENS")
+    dropout: float = option(0.0, "dropout on embeddings and sub-layer outputs", metavar="P")
     bias: bool = option(True, "biases in Linear layers and LayerNorms, as GPT-2 (--no-bias or --bias false "
                         "for none)")
     attention: str = option("auto", "attention implementation; auto is triton on CUDA, torch on CPU",
-                            choices=impl_choices("attention"))
-    layernorm: str = option("auto", "LayerNorm implementation; auto as above", choices=impl_choices("layernorm"))
-    mlp: str = option("auto", "MLP implementation; auto as above", choices=impl_choices("mlp"))
+                            choices=impl_choices("attention"), metavar="IMPL")
+    layernorm: str = option("auto", "LayerNorm implementation; auto as above", choices=impl_choices("layernorm"),
+                            metavar="IMPL")
+    mlp: str = option("auto", "MLP implementation; auto as above", choices=impl_choices("mlp"), metavar="IMPL")
     loss: str = option("auto", "LM head + cross-entropy implementation (triton: fused, without storing the "
-                       "logits); auto as above", choices=impl_choices("loss"))
+                       "logits); auto as above", choices=impl_choices("loss"), metavar="IMPL")
     init_from: str | None = option(None, "start from a local Hugging Face GPT-2 directory instead of random weights "
-                                   "(the dataset's tokenizer must have its vocabulary size)")
-    # Optimisation
-    batch_size: int = option(16, "sequences per micro-batch, per process")
+                                   "(the dataset's tokenizer must have its vocabulary size)", metavar="DIR")
+    batch_size: int = option(16, "sequences per micro-batch, per process", group="optimisation")
     grad_accum: int | None = option(None, "micro-batches per optimizer step, over all processes together (a "
                                     "multiple of the process count); none means one per process")
-    max_iters: int = option(300, "optimizer steps in the whole run")
-    learning_rate: float = option(1e-3, "peak learning rate")
-    min_lr: float | None = option(None, "floor of the cosine decay; none means learning_rate / 10")
-    warmup_iters: int | None = option(None, "steps of linear warm-up; none means a tenth of max_iters")
-    lr_decay_iters: int | None = option(None, "step at which the cosine reaches min_lr; none means max_iters")
+    max_iters: int = option(300, "optimizer steps in the whole run", metavar="STEPS")
+    learning_rate: float = option(1e-3, "peak learning rate", metavar="LR")
+    min_lr: float | None = option(None, "floor of the cosine decay; none means learning_rate / 10", metavar="LR")
+    warmup_iters: int | None = option(None, "steps of linear warm-up; none means a tenth of max_iters",
+                                      metavar="STEPS")
+    lr_decay_iters: int | None = option(None, "step at which the cosine reaches min_lr; none means max_iters",
+                                        metavar="STEP")
     weight_decay: float = option(0.1, "AdamW weight decay on matrices")
     beta1: float = option(0.9, "AdamW beta1")
     beta2: float = option(0.95, "AdamW beta2")
-    grad_clip: float = option(1.0, "clip the gradient norm to this; 0 turns clipping off")
-    # Evaluation, logging, checkpoints
-    eval_interval: int = option(100, "steps between train/val loss estimates")
+    grad_clip: float = option(1.0, "clip the gradient norm to this; 0 turns clipping off", metavar="NORM")
+    eval_interval: int = option(100, "steps between train/val loss estimates", metavar="STEPS",
+                                group="evaluation, logging and checkpoints")
     eval_iters: int = option(20, "micro-batches per loss estimate")
-    log_interval: int = option(10, "steps between log lines")
-    ckpt_interval: int | None = option(None, "steps between checkpoints; none means eval_interval")
+    log_interval: int = option(10, "steps between log lines", metavar="STEPS")
+    ckpt_interval: int | None = option(None, "steps between checkpoints; none means eval_interval", metavar="STEPS")
     sample_tokens: int = option(200, "tokens of text to sample at the end; 0 for none")
-    # System
-    device: str = option("auto", "auto, cpu, cuda or cuda:N")
+    device: str = option("auto", "auto, cpu, cuda or cuda:N", metavar="DEVICE", group="system")
     dtype: str = option("auto", "auto is bfloat16 on CUDA where supported (else float16 with a GradScaler), "
-                        "float32 on CPU", choices=("auto", "float32", "bfloat16", "float16"))
+                        "float32 on CPU", choices=("auto", "float32", "bfloat16", "float16"), metavar="DTYPE")
     compile: bool = option(False, "torch.compile the model")
-    seed: int = option(1337, "seed for initialisation, data order and dropout")
-    # Weights & Biases
-    wandb: bool = option(False, "log to Weights & Biases (metrics.jsonl is always written)")
-    wandb_project: str = option("tritongpt", "W&B project")
-    wandb_run_name: str | None = option(None, "W&B run name")
-    wandb_entity: str | None = option(None, "W&B entity (user or team)")
+    seed: int = option(1337, "seed for initialisation, data order and dropout", metavar="SEED")
+    wandb: bool = option(False, "log to Weights & Biases (metrics.jsonl is always written)",
+                         group="Weights & Biases")
+    wandb_project: str = option("tritongpt", "W&B project", metavar="PROJECT")
+    wandb_run_name: str | None = option(None, "W&B run name", metavar="NAME")
+    wandb_entity: str | None = option(None, "W&B entity (user or team)", metavar="ENTITY")
     wandb_mode: str = option("online", "W&B mode; without a network or login, online falls back to offline",
-                             choices=("online", "offline", "disabled"))
+                             choices=("online", "offline", "disabled"), metavar="MODE")
 
 
 def check_run(opts: TrainOptions, given: set[str], world: distributed.World):
