@@ -14,7 +14,8 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from tqdm import tqdm
 
 from tritongpt import distributed
-from tritongpt.checkpoint import CHECKPOINT_FILE, nonfinite_weights, pack_tokenizer, save_checkpoint
+from tritongpt.checkpoint import (CHECKPOINT_FILE, interrupts_deferred, nonfinite_weights, pack_tokenizer,
+                                  save_checkpoint)
 from tritongpt.data.loader import TokenWindows
 from tritongpt.data.prepare import prepare
 from tritongpt.data.tokenizer import Tokenizer
@@ -261,16 +262,17 @@ def save(run: Run) -> None:
         raise UserError(f"training diverged: the weights at step {run.step} hold inf or nan; {last_checkpoint(run)} "
                         "(try a lower --learning-rate)")
     rng = distributed.gather_objects(rng_state(run.world.device), run.world)
-    if run.world.is_main:
-        save_checkpoint(run.checkpoint_path, {
-            "model": state, "optimizer": run.optimizer.state_dict(),
-            "scaler": run.scaler.state_dict(), "model_config": dataclasses.asdict(run.config),
-            "options": dataclasses.asdict(run.opts), "tokenizer": pack_tokenizer(run.tokenizer),
-            "iter_num": run.step, "data": run.train_data.state_dict(), "rng": rng,
-            "wandb_run_id": run.logger.run_id,
-        })
-    distributed.barrier(run.world)  # no rank runs ahead of (or exits before) the write
-    run.checkpoint_step = run.step
+    with interrupts_deferred():  # Ctrl-C meanwhile would leave a checkpoint on disk that the run does not know of
+        if run.world.is_main:
+            save_checkpoint(run.checkpoint_path, {
+                "model": state, "optimizer": run.optimizer.state_dict(),
+                "scaler": run.scaler.state_dict(), "model_config": dataclasses.asdict(run.config),
+                "options": dataclasses.asdict(run.opts), "tokenizer": pack_tokenizer(run.tokenizer),
+                "iter_num": run.step, "data": run.train_data.state_dict(), "rng": rng,
+                "wandb_run_id": run.logger.run_id,
+            })
+        distributed.barrier(run.world)  # no rank runs ahead of (or exits before) the write
+        run.checkpoint_step = run.step
 
 
 def closing_sample(run: Run) -> None:

@@ -294,3 +294,15 @@ def test_log_and_evaluation_lines_never_break_the_progress_bar(tiny_dataset, tmp
     ours = [piece for piece in pieces if "val loss" in piece or "tok/s" in piece]
     assert len(ours) == 4 + 2, ours  # evaluations at steps 0, 2, 4, 6; log lines at steps 3, 6
     assert all(piece.startswith("step ") for piece in ours), ours
+
+
+def test_ctrl_c_during_a_checkpoint_write_takes_effect_once_it_is_written():
+    from tritongpt.checkpoint import interrupts_deferred
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with interrupts_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # the signal is delivered here, and must not interrupt the block
+            done.append("written")
+    assert done == ["written"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C works as before afterwards

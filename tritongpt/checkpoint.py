@@ -1,7 +1,9 @@
 """Checkpoints: written atomically (a temporary file, then a rename), so an interrupted write never damages the
 previous checkpoint; read with torch.load(weights_only=True), so loading one cannot run code."""
+import contextlib
 import os
 import pickle
+import signal
 import zipfile
 from pathlib import Path
 
@@ -71,3 +73,17 @@ def unpack_tokenizer(ckpt: dict, checkpoint_path: str | Path) -> Tokenizer:
 def nonfinite_weights(state: dict[str, torch.Tensor]) -> list[str]:
     """The names of the floating-point tensors in a state dict that hold inf or nan."""
     return [name for name, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+
+
+@contextlib.contextmanager
+def interrupts_deferred():
+    """A Ctrl-C (SIGINT) inside this block takes effect when the block ends, as a KeyboardInterrupt: what the block
+    writes is then whole, and so is the run's record of it."""
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda *_: received.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt
