@@ -166,8 +166,9 @@ def train(opts: TrainOptions, config: GPTConfig, ckpt: dict | None, world: distr
     finally:
         run.logger.finish()
     if run.eval_losses:
-        run.say(f"final val loss {run.eval_losses['val']:.3f} (train {run.eval_losses['train']:.3f}); "
-                f"the curves are in {Path(opts.out_dir) / CURVES_FILE}")
+        curves = Path(opts.out_dir) / CURVES_FILE
+        run.say(f"final val loss {run.eval_losses['val']:.3f} (train {run.eval_losses['train']:.3f})"
+                + (f"; the curves are in {curves}" if curves.exists() else ""))  # not drawn without matplotlib
     if world.is_main and opts.sample_tokens > 0:
         closing_sample(run)
 
