@@ -292,8 +292,8 @@ def test_log_and_evaluation_lines_never_break_the_progress_bar(tiny_dataset, tmp
     assert "%|" in text  # the bar was drawn
     pieces = [piece.strip(" ") for piece in re.split(r"[\r\n]", text)]
     ours = [piece for piece in pieces if "val loss" in piece or "tok/s" in piece]
-    assert len(ours) == 4 + 2, ours  # evaluations at steps 0, 2, 4, 6; log lines at steps 3, 6
-    assert all(piece.startswith("step ") for piece in ours), ours
+    assert len(ours) == 4 + 2 + 1, ours  # evaluations at steps 0, 2, 4, 6; log lines at steps 3, 6; the final loss
+    assert all(piece.startswith(("step ", "final val loss")) for piece in ours), ours
 
 
 def test_ctrl_c_during_a_checkpoint_write_takes_effect_once_it_is_written():
