@@ -36,7 +36,8 @@ class _HelpFormatter(argparse.HelpFormatter):
         return [wrapped for line in lines for wrapped in textwrap.wrap(line, width, break_on_hyphens=False) or [""]]
 
 
-def _flag(name: str) -> str:
+def flag(name: str) -> str:
+    """The command-line flag of an option field: learning_rate is --learning-rate."""
     return "--" + name.replace("_", "-")
 
 
@@ -71,23 +72,23 @@ def _bool_values_as_flags(argv: list[str], bool_flags: set[str]) -> list[str]:
     i = 0
     while i < len(argv):
         arg = argv[i]
-        flag, eq, value = arg.partition("=")
-        if flag in bool_flags and not eq and i + 1 < len(argv) and argv[i + 1].lower() in TRUE_WORDS + FALSE_WORDS:
+        name, eq, value = arg.partition("=")
+        if name in bool_flags and not eq and i + 1 < len(argv) and argv[i + 1].lower() in TRUE_WORDS + FALSE_WORDS:
             value, eq = argv[i + 1], "="
             i += 1
-        if flag in bool_flags and eq:
-            out.append(flag if _parse_bool_or_exit(flag, value) else "--no-" + flag[2:])
+        if name in bool_flags and eq:
+            out.append(name if _parse_bool_or_exit(name, value) else "--no-" + name[2:])
         else:
             out.append(arg)
         i += 1
     return out
 
 
-def _parse_bool_or_exit(flag: str, value: str) -> bool:
+def _parse_bool_or_exit(name: str, value: str) -> bool:
     try:
         return _parse_bool(value)
     except argparse.ArgumentTypeError as e:
-        raise UserError(f"{flag}: {e}") from None
+        raise UserError(f"{name}: {e}") from None
 
 
 def _field_type(cls, f: dataclasses.Field):
@@ -145,11 +146,11 @@ def build_parser(cls, description: str, with_config_file: bool = True) -> argpar
             help_text += "\n" + " | ".join(choices)
         help_text += f"\n(default: {_shown(f.default)})"
         if kind is bool:
-            group.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, help=help_text)
+            group.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, help=help_text)
         else:
             kind = finite_float if kind is float else kind
             parse = _optional(kind) if type(None) in typing.get_args(typing.get_type_hints(cls)[f.name]) else kind
-            group.add_argument(_flag(f.name), type=parse, metavar=metavar, choices=choices, help=help_text)
+            group.add_argument(flag(f.name), type=parse, metavar=metavar, choices=choices, help=help_text)
     return parser
 
 
@@ -191,7 +192,7 @@ def read_config_file(cls, path: str) -> dict:
 def parse_options(cls, description: str, argv: list[str] | None = None, with_config_file: bool = True):
     """(options, the names given explicitly in the config file or on the command line)."""
     parser = build_parser(cls, description, with_config_file)
-    bool_flags = {_flag(f.name) for f in dataclasses.fields(cls) if _field_type(cls, f) is bool}
+    bool_flags = {flag(f.name) for f in dataclasses.fields(cls) if _field_type(cls, f) is bool}
     args = vars(parser.parse_args(_bool_values_as_flags(sys.argv[1:] if argv is None else argv, bool_flags)))
     for f in dataclasses.fields(cls):
         if f.metadata.get("positional") and f.name in args:

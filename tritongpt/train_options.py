@@ -13,9 +13,9 @@ from tritongpt.data.loader import TokenWindows
 from tritongpt.data.prepare import DEFAULT_VOCAB_SIZE
 from tritongpt.device import compute_dtype, impl_choices, resolve_ops
 from tritongpt.errors import UserError
-from tritongpt.metrics import CONFIG_FILE, CURVES_FILE, METRICS_FILE
 from tritongpt.model import PRESETS, GPTConfig, gpt2_config, preset
-from tritongpt.options import option
+from tritongpt.options import flag, option
+from tritongpt.plot import CONFIG_FILE, CURVES_FILE, METRICS_FILE
 
 DEFAULT_DATA_DIR = "data/default"
 RUN_FILES = (CHECKPOINT_FILE, METRICS_FILE, CONFIG_FILE, CURVES_FILE)  # a run's own files in OUT_DIR
@@ -210,8 +210,9 @@ def check_dataset(opts: TrainOptions, config: GPTConfig, meta: dict, ckpt: dict 
     if config.vocab_size != meta["vocab_size"]:
         raise UserError(f"{source} has a {config.vocab_size}-token vocabulary but the dataset in {opts.data_dir} "
                         f"has {meta['vocab_size']}; use a dataset prepared with that model's tokenizer")
-    if ckpt is not None and tokenizer_bytes(ckpt) is not None:
-        if (Path(opts.data_dir) / meta["tokenizer"]).read_bytes() != tokenizer_bytes(ckpt):
+    trained_with = tokenizer_bytes(ckpt) if ckpt is not None else None
+    if trained_with is not None:
+        if (Path(opts.data_dir) / meta["tokenizer"]).read_bytes() != trained_with:
             raise UserError(f"the dataset in {opts.data_dir} was tokenized with another tokenizer than the run in "
                             f"{opts.out_dir}; resume with the dataset it was trained on (--data-dir)")
     return open_data(opts, config, meta, world)  # refuses splits shorter than a window, or a bad --grad-accum
@@ -227,10 +228,6 @@ def check_out_dir(out_dir: Path) -> None:
             pass
     except OSError as e:
         raise UserError(f"cannot write in --out-dir {out_dir} ({e.strerror}); pass one you can write to") from None
-
-
-def flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
 
 
 def open_data(opts: TrainOptions, config: GPTConfig, meta: dict,
