@@ -22,9 +22,10 @@ from tritongpt.data.tokenizer import Tokenizer
 from tritongpt.device import autocast, compute_dtype
 from tritongpt.errors import UserError
 from tritongpt.loop import estimate_loss, train_step
-from tritongpt.metrics import CURVES_FILE, MetricsLogger, mfu
+from tritongpt.metrics import MetricsLogger, mfu
 from tritongpt.model import GPT, GPTConfig, load_gpt2
 from tritongpt.options import parse_options, run_main
+from tritongpt.plot import CURVES_FILE
 from tritongpt.schedule import learning_rate
 from tritongpt.textgen import prompt_ids, stream_text
 from tritongpt.train_options import RUN_FILES, TrainOptions, check_dataset, check_run, warmup_iters

@@ -306,3 +306,18 @@ def test_ctrl_c_during_a_checkpoint_write_takes_effect_once_it_is_written():
             done.append("written")
     assert done == ["written"]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C works as before afterwards
+
+
+def test_a_file_is_replaced_whole_or_not_at_all(tmp_path):
+    from tritongpt.files import atomic_file
+    path = tmp_path / "ckpt.pt"
+    path.write_bytes(b"the good checkpoint")
+    with pytest.raises(RuntimeError):
+        with atomic_file(path) as f:
+            f.write(b"half of a new one")
+            raise RuntimeError("the disk filled up")
+    assert path.read_bytes() == b"the good checkpoint"
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]  # no temporary file left behind
+    with atomic_file(path) as f:
+        f.write(b"a whole new one")
+    assert path.read_bytes() == b"a whole new one" and [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]

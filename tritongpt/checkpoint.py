@@ -1,7 +1,6 @@
 """Checkpoints: written atomically (a temporary file, then a rename), so an interrupted write never damages the
 previous checkpoint; read with torch.load(weights_only=True), so loading one cannot run code."""
 import contextlib
-import os
 import pickle
 import signal
 import zipfile
@@ -11,6 +10,7 @@ import torch
 
 from tritongpt.data.tokenizer import Tokenizer
 from tritongpt.errors import UserError
+from tritongpt.files import atomic_file
 
 CHECKPOINT_FILE = "ckpt.pt"
 REQUIRED_KEYS = ("model", "model_config", "iter_num")
@@ -19,15 +19,8 @@ REQUIRED_KEYS = ("model", "model_config", "iter_num")
 def save_checkpoint(path: str | Path, payload: dict) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_file(path) as f:
+        torch.save(payload, f)
 
 
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import time
 from pathlib import Path
 
 import torch
 
 from tritongpt.errors import UserError
-from tritongpt.plot import CONFIG_FILE, CURVES_FILE, METRICS_FILE, draw_run
+from tritongpt.files import atomic_file
+from tritongpt.plot import CONFIG_FILE, METRICS_FILE, draw_run
 # wandb.init waits 90 s by default. With an API key but no network it waits that long before failing; a shorter
 # wait keeps the offline fallback quick, and a slow network that misses it loses nothing (the run syncs later).
 WANDB_INIT_TIMEOUT_S = 30.0
@@ -162,8 +162,6 @@ def _logged_before(line: str, step: int) -> bool:
 
 
 def _write_atomically(path: Path, text: str) -> None:
-    """Writes through a temporary file, so that a crash leaves the old file or the new one, never half of one."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with atomic_file(path) as f:
+        f.write(text.encode())
 

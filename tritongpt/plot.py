@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from tritongpt.errors import UserError
+from tritongpt.files import atomic_file
 from tritongpt.options import option, parse_options, run_main
 
 # A run's files that tritongpt.metrics writes and this reads.
@@ -102,10 +102,8 @@ def draw(runs: list[Run], png_path: str | Path) -> None:
     for ax in (axes[2], axes[3]):
         ax.set_xlabel("step")
     fig.suptitle(_title(runs), fontsize=12)
-    png_path = Path(png_path)
-    tmp = png_path.with_name(png_path.name + ".tmp")
-    fig.savefig(tmp, format="png", dpi=100)
-    os.replace(tmp, png_path)
+    with atomic_file(png_path) as f:
+        fig.savefig(f, format="png", dpi=100)
 
 
 def _title(runs: list[Run]) -> str:
