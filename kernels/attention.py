@@ -417,10 +417,11 @@ def _seq_lens(q: torch.Tensor, k: torch.Tensor) -> tuple[int, int, int, int]:
 
 
 def _forward_outputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, softmax_scale: float):
-    """The forward's outputs, unwritten: O (contiguous, like q) and the base-2 log-sum-exp (batch, heads, seq_len_q)."""
-    batch, heads, seq_len, _ = q.shape
-    return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
-            torch.empty((batch, heads, seq_len), dtype=torch.float32, device=q.device))
+    """The forward's outputs, unwritten: O, of q's shape laid out as (batch, seq_len_q, heads, head_dim) so that
+    merging its heads is a view, and the base-2 log-sum-exp (batch, heads, seq_len_q)."""
+    batch, heads, seq_len_q, head_dim = q.shape
+    return (torch.empty((batch, seq_len_q, heads, head_dim), dtype=q.dtype, device=q.device).transpose(1, 2),
+            torch.empty((batch, heads, seq_len_q), dtype=torch.float32, device=q.device))
 
 
 # Operators rather than an autograd Function, so that torch.compile keeps the kernels in its graph (kernel_op says why
@@ -510,7 +511,9 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     shape (batch, heads, seq_len_k, head_dim), seq_len_q <= seq_len_k, computed tile by tile in Triton without storing
     the seq_len_q x seq_len_k matrix; differentiable. The causal mask is aligned to the end (query i sees keys up to
     i + seq_len_k − seq_len_q), so a single query against cached keys is a decoding step. scale defaults to
-    1/sqrt(head_dim). fp16, bf16 or fp32; head_dim 16 to 256; any strides. Returns a contiguous tensor like q."""
+    1/sqrt(head_dim). fp16, bf16 or fp32; head_dim 16 to 256; any strides. Returns a tensor of q's shape laid out as
+    (batch, seq_len_q, heads, head_dim): o.transpose(1, 2).reshape(batch, seq_len_q, heads * head_dim), merging the
+    heads, is a view."""
     _validate(q, k, v)
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(q.shape[-1])

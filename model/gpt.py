@@ -47,6 +47,7 @@ class CausalSelfAttention(nn.Module):
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
                    for t in self.c_attn(x).split(C, dim=2))
         y = self.attend(q, k, v, causal=True)
+        # The Triton kernel writes y in (B, T, n_head, head_dim) order, so that this merge of the heads is a view.
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.dropout(self.c_proj(y))
 

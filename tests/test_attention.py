@@ -95,6 +95,14 @@ def test_causal_mask_aligns_to_the_end(attend):
     torch.testing.assert_close(attend(q[:, :, -1:], k, v, causal=True), attend(q[:, :, -1:], k, v, causal=False))
 
 
+def test_output_merges_heads_in_place(device):
+    """O is laid out (batch, seq_len, heads, head_dim): merging its heads, as the model does, copies nothing."""
+    inputs, _ = _inputs(1, 2, 33, 16, torch.float16, device)
+    o = flash_attention(*inputs.values())
+    merged = o.transpose(1, 2).reshape(1, 33, 2 * 16)
+    assert merged.data_ptr() == o.data_ptr()
+
+
 def test_backward_is_deterministic(device):
     assert_deterministic(flash_attention, *_inputs(1, 2, 97, 64, torch.float16, device))
 

@@ -11,6 +11,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from tritongpt.model import GPT, GPTConfig
 from tritongpt.model.config import OP_FIELDS, implementations
@@ -90,6 +91,30 @@ def test_fused_loss_forms_no_logits(device):
     assert logits is None and loss.isfinite() and not head_calls
     logits, loss = model(idx)
     assert logits.shape == (2, 16, 64) and loss is None and len(head_calls) == 1
+
+
+class _OpLog(TorchDispatchMode):
+    """Records the name of every ATen operator called inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_triton_attention_layer_copies_nothing(device):
+    """With the Triton attention, the sub-layer from its input projection to its output projection runs no copy: the
+    heads are split and merged by views of the projections and of the kernel's output."""
+    config = GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=32, attention="triton")
+    attention = GPT(config).to(device).transformer.h[0].attn
+    x = torch.randn(2, 16, 32, device=device)
+    with _OpLog() as log:
+        attention(x)
+    copies = [name for name in log.names if name.startswith(("aten.clone", "aten.copy", "aten.contiguous"))]
+    assert "tritongpt.flash_attention_forward.default" in log.names and not copies, log.names
 
 
 @pytest.mark.gpu
