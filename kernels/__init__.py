@@ -9,7 +9,8 @@ This package knows nothing of the model: every op takes plain tensors.
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from tritongpt.kernels.attention import attention_reference, flash_attention, sdpa_attention
+from tritongpt.kernels.attention import (attention_qkvpacked_reference, attention_reference, flash_attention,
+                                         flash_attention_qkvpacked, sdpa_attention, sdpa_attention_qkvpacked)
 from tritongpt.kernels.layernorm import add_layer_norm, add_layer_norm_reference, layer_norm, layer_norm_reference
 from tritongpt.kernels.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
 from tritongpt.kernels.mlp import MLPOptions, gelu_mlp, gelu_mlp_reference
@@ -31,6 +32,8 @@ class Op:
 
 OPS = {
     "attention": Op(triton=flash_attention, reference=attention_reference, alternatives={"sdpa": sdpa_attention}),
+    "attention_qkvpacked": Op(triton=flash_attention_qkvpacked, reference=attention_qkvpacked_reference,
+                              alternatives={"sdpa": sdpa_attention_qkvpacked}),
     "layer_norm": Op(triton=layer_norm, reference=layer_norm_reference),
     "add_layer_norm": Op(triton=add_layer_norm, reference=add_layer_norm_reference),
     "gelu_mlp": Op(triton=gelu_mlp, reference=gelu_mlp_reference),
@@ -40,6 +43,7 @@ OPS = {
 __all__ = [
     "OPS", "Op",
     "flash_attention", "attention_reference", "sdpa_attention",
+    "flash_attention_qkvpacked", "attention_qkvpacked_reference", "sdpa_attention_qkvpacked",
     "layer_norm", "layer_norm_reference", "add_layer_norm", "add_layer_norm_reference",
     "gelu_mlp", "gelu_mlp_reference", "MLPOptions",
     "linear_cross_entropy", "linear_cross_entropy_reference",

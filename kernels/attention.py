@@ -416,38 +416,64 @@ def _seq_lens(q: torch.Tensor, k: torch.Tensor) -> tuple[int, int, int, int]:
     return seq_len_q, seq_len_k, triton.next_power_of_2(seq_len_q), triton.next_power_of_2(seq_len_k)
 
 
-def _forward_outputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, softmax_scale: float):
-    """The forward's outputs, unwritten: O, of q's shape laid out as (batch, seq_len_q, heads, head_dim) so that
-    merging its heads is a view, and the base-2 log-sum-exp (batch, heads, seq_len_q)."""
+def _heads(x: torch.Tensor, n_head: int) -> torch.Tensor:
+    """(batch, seq_len, n_head · head_dim) -> (batch, n_head, seq_len, head_dim), a view."""
+    return x.unflatten(-1, (n_head, -1)).transpose(1, 2)
+
+
+def _split_heads(qkv: torch.Tensor, n_head: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v as views into a fused projection's output qkv (batch, seq_len, 3 · n_embd), laid out [q | k | v]."""
+    return tuple(_heads(t, n_head) for t in qkv.chunk(3, dim=-1))
+
+
+def _merge_heads(o: torch.Tensor) -> torch.Tensor:
+    """(batch, heads, seq_len, head_dim) -> (batch, seq_len, heads · head_dim): a view of the kernel's output, a copy
+    of a (batch, heads, seq_len, head_dim)-contiguous one."""
+    return o.transpose(1, 2).flatten(2)
+
+
+def attention_qkvpacked_reference(qkv: torch.Tensor, n_head: int, causal: bool = True,
+                                  softmax_scale: float | None = None) -> torch.Tensor:
+    """attention_reference over the n_head heads of a fused projection's output qkv (batch, seq_len, 3 · n_embd),
+    laid out [q | k | v]; returns the heads merged, (batch, seq_len, n_embd)."""
+    return _merge_heads(attention_reference(*_split_heads(qkv, n_head), causal, softmax_scale))
+
+
+def sdpa_attention_qkvpacked(qkv: torch.Tensor, n_head: int, causal: bool = True,
+                             softmax_scale: float | None = None) -> torch.Tensor:
+    """sdpa_attention over the heads of qkv, as attention_qkvpacked_reference."""
+    return _merge_heads(sdpa_attention(*_split_heads(qkv, n_head), causal, softmax_scale))
+
+
+def _output_and_lse(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward's outputs for q (batch, heads, seq_len_q, head_dim), unwritten: O with the heads merged,
+    (batch, seq_len_q, heads · head_dim), which the kernel writes through its view _heads(O), and the base-2
+    log-sum-exp (batch, heads, seq_len_q)."""
     batch, heads, seq_len_q, head_dim = q.shape
-    return (torch.empty((batch, seq_len_q, heads, head_dim), dtype=q.dtype, device=q.device).transpose(1, 2),
+    return (torch.empty((batch, seq_len_q, heads * head_dim), dtype=q.dtype, device=q.device),
             torch.empty((batch, heads, seq_len_q), dtype=torch.float32, device=q.device))
 
 
-# Operators rather than an autograd Function, so that torch.compile keeps the kernels in its graph (kernel_op says why
-# custom_op: here the autotuner prunes its configs per input class at launch, which Dynamo cannot trace).
-@kernel_op("flash_attention_forward", fake=_forward_outputs)
-def _flash_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
-                             softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    o, lse = _forward_outputs(q, k, v, causal, softmax_scale)
+def _forward_outputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, softmax_scale: float):
+    """O of q's shape, laid out as (batch, seq_len_q, heads, head_dim) so that merging its heads is a view, and the
+    log-sum-exp; unwritten."""
+    o, lse = _output_and_lse(q)
+    return _heads(o, q.shape[1]), lse
+
+
+def _packed_forward_outputs(qkv: torch.Tensor, n_head: int, causal: bool, softmax_scale: float):
+    """O with the heads merged (batch, seq_len, n_embd) and the log-sum-exp; unwritten."""
+    return _output_and_lse(_split_heads(qkv, n_head)[0])
+
+
+def _launch_forward(q, k, v, o, lse, causal: bool, softmax_scale: float) -> None:
     batch, heads, seq_len_q, _ = q.shape
     _attn_fwd[lambda meta: (triton.cdiv(seq_len_q, meta["BLOCK_M"]), heads, batch)](
         q, k, v, o, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
         *_seq_lens(q, k), softmax_scale * math.log2(math.e), CAUSAL=causal, **_launch_params(q))
-    return o, lse
 
 
-def _backward_outputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
-                      do: torch.Tensor, causal: bool, softmax_scale: float):
-    """dq, dk, dv, unwritten and contiguous."""
-    return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
-
-
-@kernel_op("flash_attention_backward", fake=_backward_outputs)
-def _flash_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
-                              do: torch.Tensor, causal: bool,
-                              softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    dq, dk, dv = _backward_outputs(q, k, v, o, lse, do, causal, softmax_scale)
+def _launch_backward(q, k, v, o, lse, do, dq, dk, dv, causal: bool, softmax_scale: float) -> None:
     batch, heads, seq_len_q, _ = q.shape
     seq_len_k = k.shape[-2]
     params = _launch_params(q)
@@ -462,24 +488,79 @@ def _flash_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     _attn_bwd_dq[lambda meta: (triton.cdiv(seq_len_q, meta["BLOCK_M"]), heads, batch)](
         q, k, v, do, dq, lse, delta, *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
         *_seq_lens(q, k), qk_scale, softmax_scale, CAUSAL=causal, **params)
+
+
+# Operators rather than an autograd Function, so that torch.compile keeps the kernels in its graph (kernel_op says why
+# custom_op: here the autotuner prunes its configs per input class at launch, which Dynamo cannot trace). Two forms:
+# separate q, k, v, and the packed one the model uses, whose backward writes dq, dk and dv into one gradient of the
+# fused projection's output, where autograd would otherwise copy three gradients into it.
+@kernel_op("flash_attention_forward", fake=_forward_outputs)
+def _flash_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+                             softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    o, lse = _forward_outputs(q, k, v, causal, softmax_scale)
+    _launch_forward(q, k, v, o, lse, causal, softmax_scale)
+    return o, lse
+
+
+def _backward_outputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+                      do: torch.Tensor, causal: bool, softmax_scale: float):
+    """dq, dk, dv, unwritten and contiguous."""
+    return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+
+
+@kernel_op("flash_attention_backward", fake=_backward_outputs)
+def _flash_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+                              do: torch.Tensor, causal: bool,
+                              softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dq, dk, dv = _backward_outputs(q, k, v, o, lse, do, causal, softmax_scale)
+    _launch_backward(q, k, v, o, lse, do, dq, dk, dv, causal, softmax_scale)
     return dq, dk, dv
 
 
+@kernel_op("flash_attention_qkvpacked_forward", fake=_packed_forward_outputs)
+def _flash_attention_qkvpacked_forward(qkv: torch.Tensor, n_head: int, causal: bool,
+                                       softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    o, lse = _packed_forward_outputs(qkv, n_head, causal, softmax_scale)
+    _launch_forward(*_split_heads(qkv, n_head), _heads(o, n_head), lse, causal, softmax_scale)
+    return o, lse
+
+
+def _packed_backward_outputs(qkv: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, do: torch.Tensor, n_head: int,
+                             causal: bool, softmax_scale: float) -> torch.Tensor:
+    """dqkv, unwritten and contiguous."""
+    return torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
+
+
+@kernel_op("flash_attention_qkvpacked_backward", fake=_packed_backward_outputs)
+def _flash_attention_qkvpacked_backward(qkv: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, do: torch.Tensor,
+                                        n_head: int, causal: bool, softmax_scale: float) -> torch.Tensor:
+    dqkv = _packed_backward_outputs(qkv, o, lse, do, n_head, causal, softmax_scale)
+    _launch_backward(*_split_heads(qkv, n_head), _heads(o, n_head), lse, _heads(do, n_head),
+                     *_split_heads(dqkv, n_head), causal, softmax_scale)
+    return dqkv
+
+
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, causal, softmax_scale = inputs
+    """Either form: saves the tensor inputs, O and the log-sum-exp, and keeps the arguments after the tensors."""
+    tensors = [x for x in inputs if isinstance(x, torch.Tensor)]
     o, lse = output
-    ctx.save_for_backward(q, k, v, o, lse)
-    ctx.causal, ctx.softmax_scale = causal, softmax_scale
+    ctx.save_for_backward(*tensors, o, lse)
+    ctx.args = inputs[len(tensors):]
     ctx.mark_non_differentiable(lse)
     ctx.set_materialize_grads(False)  # lse gets no gradient: none is allocated for it
 
 
 def _backward(ctx, do, _dlse):
-    q, k, v, o, lse = ctx.saved_tensors
-    return *_flash_attention_backward(q, k, v, o, lse, do, ctx.causal, ctx.softmax_scale), None, None
+    dq, dk, dv = _flash_attention_backward(*ctx.saved_tensors, do, *ctx.args)
+    return dq, dk, dv, None, None
+
+
+def _packed_backward(ctx, do, _dlse):
+    return _flash_attention_qkvpacked_backward(*ctx.saved_tensors, do, *ctx.args), None, None, None
 
 
 _flash_attention_forward.register_autograd(_backward, setup_context=_setup_context)
+_flash_attention_qkvpacked_forward.register_autograd(_packed_backward, setup_context=_setup_context)
 
 
 def _validate(q, k, v) -> None:
@@ -518,4 +599,21 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(q.shape[-1])
     o, _ = _flash_attention_forward(q, k, v, bool(causal), float(softmax_scale))
+    return o
+
+
+def flash_attention_qkvpacked(qkv: torch.Tensor, n_head: int, causal: bool = True,
+                              softmax_scale: float | None = None) -> torch.Tensor:
+    """flash_attention over the n_head heads of a fused projection's output qkv (batch, seq_len, 3 · n_embd), laid
+    out [q | k | v]; returns the heads merged, (batch, seq_len, n_embd), with no copy. Its backward writes the
+    gradients of q, k and v into one gradient of qkv's shape."""
+    check_tensors("flash_attention_qkvpacked", qkv=qkv)
+    if qkv.ndim != 3 or n_head < 1 or qkv.shape[-1] % (3 * n_head):
+        raise ValueError(f"flash_attention_qkvpacked: qkv must be (batch, seq_len, 3 * n_head * head_dim), got shape "
+                         f"{tuple(qkv.shape)} for n_head {n_head}")
+    q, k, v = _split_heads(qkv, n_head)
+    _validate(q, k, v)
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(q.shape[-1])
+    o, _ = _flash_attention_qkvpacked_forward(qkv, int(n_head), bool(causal), float(softmax_scale))
     return o

@@ -19,7 +19,7 @@ class GPTConfig:
     n_embd: int = 768
     dropout: float = 0.0     # on the embeddings and on each sub-layer's output before the residual add
     bias: bool = True        # biases in the Linear layers and LayerNorms, as GPT-2
-    attention: str = op_choice("attention")
+    attention: str = op_choice("attention", "attention_qkvpacked")
     layernorm: str = op_choice("layer_norm", "add_layer_norm")
     mlp: str = op_choice("gelu_mlp")
     loss: str = op_choice("linear_cross_entropy")  # the LM head and the cross-entropy after it

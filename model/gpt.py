@@ -39,16 +39,12 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
-        self.attend = kernels.OPS["attention"].implementations[config.attention]
+        self.attend = kernels.OPS["attention_qkvpacked"].implementations[config.attention]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, C = x.shape
-        # Views into the fused projection, (B, n_head, T, head_dim): the attention takes strided inputs.
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-                   for t in self.c_attn(x).split(C, dim=2))
-        y = self.attend(q, k, v, causal=True)
-        # The Triton kernel writes y in (B, T, n_head, head_dim) order, so that this merge of the heads is a view.
-        y = y.transpose(1, 2).reshape(B, T, C)
+        # The fused projection [q | k | v] goes to the attention whole, which splits and merges the heads (the Triton
+        # kernel as views, and its backward writes one gradient for the three): (B, T, 3C) -> (B, T, C).
+        y = self.attend(self.c_attn(x), self.n_head, causal=True)
         return self.dropout(self.c_proj(y))
 
 

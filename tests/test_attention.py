@@ -7,7 +7,8 @@ The GPU cases add bf16, long sequences and head_dim 256.
 import pytest
 import torch
 
-from tritongpt.kernels import attention_reference, flash_attention, sdpa_attention
+from tritongpt.kernels import (attention_qkvpacked_reference, attention_reference, flash_attention,
+                               flash_attention_qkvpacked, sdpa_attention, sdpa_attention_qkvpacked)
 from tests.parity import assert_deterministic, check_parity
 
 
@@ -103,6 +104,35 @@ def test_output_merges_heads_in_place(device):
     assert merged.data_ptr() == o.data_ptr()
 
 
+def _packed_inputs(batch, seq_len, n_head, head_dim, dtype, device):
+    """Fresh random ({"qkv": a fused projection's output}, [upstream gradient of the merged heads])."""
+    width = n_head * head_dim
+    qkv = torch.randn(batch, seq_len, 3 * width, dtype=dtype, device=device)
+    return {"qkv": qkv}, [torch.randn(batch, seq_len, width, dtype=dtype, device=device)]
+
+
+@pytest.mark.parametrize("attend", [attention_qkvpacked_reference, sdpa_attention_qkvpacked],
+                         ids=lambda f: f.__name__)
+def test_qkvpacked_splits_and_merges_heads_as_gpt2(attend):
+    """The packed form is the attention of GPT-2's heads: q, k, v the thirds of the projection, each cut into n_head
+    consecutive head_dim slices, and the heads' outputs concatenated in order."""
+    qkv = _packed_inputs(2, 9, 3, 16, torch.float64, "cpu")[0]["qkv"]
+    q, k, v = (t.view(2, 9, 3, 16).transpose(1, 2) for t in qkv.split(48, dim=2))
+    unpacked = {attention_qkvpacked_reference: attention_reference, sdpa_attention_qkvpacked: sdpa_attention}[attend]
+    expected = unpacked(q, k, v, causal=True).transpose(1, 2).reshape(2, 9, 48)
+    assert torch.equal(attend(qkv, 3, causal=True), expected)
+
+
+@pytest.mark.parametrize("seq_len, head_dim, dtype, causal", [
+    (33, 16, torch.float16, True),
+    (17, 32, torch.float32, False),
+], ids=_name)
+@pytest.mark.parametrize("attend", [flash_attention_qkvpacked, sdpa_attention_qkvpacked], ids=lambda f: f.__name__)
+def test_qkvpacked_parity(attend, seq_len, head_dim, dtype, causal, device):
+    inputs, upstream = _packed_inputs(1, seq_len, 2, head_dim, dtype, device)
+    check_parity(attend, attention_qkvpacked_reference, inputs, upstream, dtype, n_head=2, causal=causal)
+
+
 def test_backward_is_deterministic(device):
     assert_deterministic(flash_attention, *_inputs(1, 2, 97, 64, torch.float16, device))
 
@@ -129,6 +159,17 @@ def test_bad_input_raises_value_error(case, device):
     (q, k, v), message = _bad_inputs(device)[case]
     with pytest.raises(ValueError, match=message):
         flash_attention(q, k, v)
+
+
+@pytest.mark.parametrize("shape, n_head, message", [
+    ((1, 8, 3 * 32, 1), 2, "qkv must be"),
+    ((1, 8, 3 * 32 + 1), 2, "qkv must be"),
+    ((1, 8, 3 * 32), 0, "qkv must be"),
+    ((1, 8, 3 * 32), 4, "head_dim"),
+])
+def test_qkvpacked_bad_input_raises_value_error(shape, n_head, message, device):
+    with pytest.raises(ValueError, match=message):
+        flash_attention_qkvpacked(torch.randn(shape, device=device), n_head)
 
 
 @pytest.mark.gpu

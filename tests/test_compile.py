@@ -85,7 +85,8 @@ def test_compiled_inference_matches_eager(device):
         assert torch.equal(compiled(idx)[0], model(idx)[0])
 
 
-OPERATORS = ("flash_attention_forward", "flash_attention_backward", "layer_norm_forward", "add_layer_norm_forward",
+OPERATORS = ("flash_attention_forward", "flash_attention_backward", "flash_attention_qkvpacked_forward",
+             "flash_attention_qkvpacked_backward", "layer_norm_forward", "add_layer_norm_forward",
              "layer_norm_backward", "gelu_mlp_forward", "gelu_mlp_inference", "gelu_grad_matmul", "matmul",
              "linear_cross_entropy_forward", "linear_cross_entropy_backward")
 
@@ -100,6 +101,8 @@ def operator_cases(device) -> dict[str, tuple]:
     # Fewer queries than keys, as in a decoding step.
     q, k, v = rand(1, 2, 8, 16, grad=True), rand(1, 2, 11, 16, grad=True), rand(1, 2, 11, 16, grad=True)
     o, lse = torch.ops.tritongpt.flash_attention_forward(q.detach(), k.detach(), v.detach(), True, 0.25)
+    qkv = rand(1, 8, 3 * 32, grad=True)  # 2 heads of 16
+    packed_o, packed_lse = torch.ops.tritongpt.flash_attention_qkvpacked_forward(qkv.detach(), 2, True, 0.25)
     x, residual = rand(2, 3, 16, grad=True), rand(2, 3, 16, grad=True)
     weight, bias = rand(16, grad=True), rand(16, grad=True)
     _, mean, rstd = torch.ops.tritongpt.layer_norm_forward(x.detach(), weight.detach(), bias.detach(), 1e-5)
@@ -114,6 +117,8 @@ def operator_cases(device) -> dict[str, tuple]:
     return {
         "flash_attention_forward": (q, k, v, True, 0.25),
         "flash_attention_backward": (q.detach(), k.detach(), v.detach(), o, lse, rand(1, 2, 8, 16), True, 0.25),
+        "flash_attention_qkvpacked_forward": (qkv, 2, True, 0.25),
+        "flash_attention_qkvpacked_backward": (qkv.detach(), packed_o, packed_lse, rand(1, 8, 32), 2, True, 0.25),
         "layer_norm_forward": (x, weight, bias, 1e-5),
         "add_layer_norm_forward": (x, residual, weight, bias, 1e-5),
         "layer_norm_backward": (rand(2, 3, 16), rand(2, 3, 16), x.detach(), weight.detach(), mean, rstd),

@@ -106,15 +106,20 @@ class _OpLog(TorchDispatchMode):
 
 
 def test_triton_attention_layer_copies_nothing(device):
-    """With the Triton attention, the sub-layer from its input projection to its output projection runs no copy: the
-    heads are split and merged by views of the projections and of the kernel's output."""
+    """With the Triton attention, the sub-layer from its input projection to its output projection runs no copy, in
+    the forward or the backward: the heads are split and merged by views of the projection and of the kernel's output,
+    and the kernel's backward writes the gradient of the fused projection whole (autograd would otherwise concatenate
+    the three gradients of q, k and v into it)."""
     config = GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=32, attention="triton")
     attention = GPT(config).to(device).transformer.h[0].attn
-    x = torch.randn(2, 16, 32, device=device)
-    with _OpLog() as log:
-        attention(x)
-    copies = [name for name in log.names if name.startswith(("aten.clone", "aten.copy", "aten.contiguous"))]
-    assert "tritongpt.flash_attention_forward.default" in log.names and not copies, log.names
+    x = torch.randn(2, 16, 32, device=device, requires_grad=True)
+    with _OpLog() as forward:
+        y = attention(x)
+    with _OpLog() as backward:
+        y.backward(torch.randn_like(y))
+    for log, kernel in ((forward, "forward"), (backward, "backward")):
+        copies = [name for name in log.names if name.startswith(("aten.clone", "aten.copy", "aten.cat"))]
+        assert f"tritongpt.flash_attention_qkvpacked_{kernel}.default" in log.names and not copies, log.names
 
 
 @pytest.mark.gpu

@@ -60,7 +60,7 @@ print(hasattr(kernels, "get_kernel"), sorted(tritongpt.kernels.OPS))
     assert result.returncode == 0, result.stderr
     theirs, flags = result.stdout.splitlines()
     assert "site-packages" in theirs and REPO not in Path(theirs).parents
-    assert flags == "True ['add_layer_norm', 'attention', 'gelu_mlp', 'layer_norm', 'linear_cross_entropy']"
+    assert flags == "True ['add_layer_norm', 'attention', 'attention_qkvpacked', 'gelu_mlp', 'layer_norm', 'linear_cross_entropy']"
 
 
 def test_prepare_runs_as_a_script_from_any_directory(tmp_path):
