@@ -66,7 +66,9 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bo
 #   x = c · q kᵀ,   m' = max(m, rowmax(x)),   p = 2^(x − m'),
 #   l = l · 2^(m − m') + rowsum(p),   acc = acc · 2^(m − m') + p v,   m = m'
 # and finish with O = acc / l, lse2 = m + log2(l). Causal: key blocks left of the diagonal need no mask, the blocks
-# crossing it are masked, and the blocks right of it are never visited (nor loaded).
+# crossing it are masked, and the blocks right of it are never visited (nor loaded). Program 0 takes the last query
+# block: under the causal mask the last rows see the most keys, and launching the longest first leaves the short ones
+# to fill the GPU at the end rather than one long block running alone.
 @triton.jit
 def _attn_fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, last_key, d_mask, lo, hi, seq_len_k,
                     qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -123,7 +125,7 @@ def _attn_fwd(Q, K, V, O, LSE,
               seq_len_q, seq_len_k, seq_len_q_bucket, seq_len_k_bucket, qk_scale,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
               DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    start_m = tl.program_id(0) * BLOCK_M
+    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
     off_h = tl.program_id(1)
     off_b = tl.program_id(2).to(tl.int64)  # batch offsets can pass 2^31 elements
     Q += off_b * stride_qb + off_h * stride_qh
@@ -279,7 +281,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA,
 # Backward, step 3: dQ, one program per (BLOCK_M queries, head, batch), streaming over the key blocks they see with
 # the forward's split into unmasked and masked blocks:
 #   P = 2^(c · q kᵀ − lse2),  dP = dO vᵀ,  dS = P ∘ (dP − delta),  dQ += dS k,   then dQ *= scale.
-# Kept apart from the dK/dV kernel so that each output has a single writer: no atomics, deterministic.
+# Kept apart from the dK/dV kernel so that each output has a single writer: no atomics, deterministic. Query blocks
+# launch last first, as in the forward.
 @triton.jit
 def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, last_key, d_mask, lo, hi,
                        seq_len_k, qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -316,7 +319,7 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA,
                  seq_len_q, seq_len_k, seq_len_q_bucket, seq_len_k_bucket, qk_scale, sm_scale,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
                  DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    start_m = tl.program_id(0) * BLOCK_M
+    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
     off_h = tl.program_id(1)
     off_b = tl.program_id(2).to(tl.int64)
     Q += off_b * stride_qb + off_h * stride_qh
