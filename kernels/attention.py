@@ -58,7 +58,9 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bo
 # (MASKED=True) covers the blocks that cross the causal diagonal and the partial block at the end of the sequence.
 # The diagonal is shifted by seq_len_k − seq_len_q, which need not be a multiple of the blocks, so the ranges are
 # computed for any block sizes. The arguments seq_len_q_bucket and seq_len_k_bucket are read by the autotuner only
-# (see _autotune_args).
+# (see _autotune_args). Element offsets can pass 2^31 (a long sequence times the row stride of a packed qkv), so each
+# program moves its base pointers by int64 offsets, (batch, head) and its block's first row, and each loop by an
+# int64 start; the offsets within a block stay int32.
 
 
 # Forward, one program per (BLOCK_M queries, head, batch). Stream over the key/value blocks the queries see, keeping
@@ -73,8 +75,8 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bo
 def _attn_fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, last_key, d_mask, lo, hi, seq_len_k,
                     qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr,
                     DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    k_ptrs += lo * stride_kn
-    v_ptrs += lo * stride_vn
+    k_ptrs += tl.cast(lo, tl.int64) * stride_kn
+    v_ptrs += tl.cast(lo, tl.int64) * stride_vn
     k_step, v_step = BLOCK_N * stride_kn, BLOCK_N * stride_vn
     for start_n in range(lo, hi, BLOCK_N):
         if MASKED:
@@ -126,19 +128,20 @@ def _attn_fwd(Q, K, V, O, LSE,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
               DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
-    off_h = tl.program_id(1)
-    off_b = tl.program_id(2).to(tl.int64)  # batch offsets can pass 2^31 elements
-    Q += off_b * stride_qb + off_h * stride_qh
+    off_h = tl.program_id(1).to(tl.int64)
+    off_b = tl.program_id(2).to(tl.int64)
+    Q += off_b * stride_qb + off_h * stride_qh + start_m.to(tl.int64) * stride_qm
     K += off_b * stride_kb + off_h * stride_kh
     V += off_b * stride_vb + off_h * stride_vh
-    O += off_b * stride_ob + off_h * stride_oh
+    O += off_b * stride_ob + off_h * stride_oh + start_m.to(tl.int64) * stride_om
     LSE += (off_b * tl.num_programs(1) + off_h) * seq_len_q
 
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    rows = tl.arange(0, BLOCK_M)  # from the block's first row, to which Q and O point
+    offs_m = start_m + rows
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM  # head_dim padded up to the power of two BLOCK_D
     q_mask = (offs_m[:, None] < seq_len_q) & d_mask[None, :]
-    q = tl.load(Q + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=q_mask, other=0.0)
+    q = tl.load(Q + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=q_mask, other=0.0)
     q = q.to(DOT_DTYPE)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -154,7 +157,7 @@ def _attn_fwd(Q, K, V, O, LSE,
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, last_key, d_mask,
                                     mid, hi, seq_len_k, qk_scale, True, CAUSAL, BLOCK_N, DOT_DTYPE, DOT_PRECISION)
     o = acc / l_i[:, None]
-    tl.store(O + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od, o.to(O.dtype.element_ty), mask=q_mask)
+    tl.store(O + rows[:, None] * stride_om + offs_d[None, :] * stride_od, o.to(O.dtype.element_ty), mask=q_mask)
     tl.store(LSE + offs_m, m_i + tl.log2(l_i), mask=offs_m < seq_len_q)
 
 
@@ -164,16 +167,18 @@ def _attn_fwd(Q, K, V, O, LSE,
 def _attn_bwd_delta(O, DO, DELTA,
                     stride_ob, stride_oh, stride_om, stride_od, stride_dob, stride_doh, stride_dom, stride_dod,
                     seq_len, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
-    off_h = tl.program_id(1)
+    start_m = tl.program_id(0) * BLOCK_M
+    off_h = tl.program_id(1).to(tl.int64)
     off_b = tl.program_id(2).to(tl.int64)
-    O += off_b * stride_ob + off_h * stride_oh
-    DO += off_b * stride_dob + off_h * stride_doh
+    O += off_b * stride_ob + off_h * stride_oh + start_m.to(tl.int64) * stride_om
+    DO += off_b * stride_dob + off_h * stride_doh + start_m.to(tl.int64) * stride_dom
     DELTA += (off_b * tl.num_programs(1) + off_h) * seq_len
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = tl.arange(0, BLOCK_M)
+    offs_m = start_m + rows
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m[:, None] < seq_len) & (offs_d[None, :] < HEAD_DIM)
-    o = tl.load(O + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od, mask=mask, other=0.0)
-    do = tl.load(DO + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=mask, other=0.0)
+    o = tl.load(O + rows[:, None] * stride_om + offs_d[None, :] * stride_od, mask=mask, other=0.0)
+    do = tl.load(DO + rows[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=mask, other=0.0)
     tl.store(DELTA + offs_m, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=offs_m < seq_len)
 
 
@@ -186,8 +191,8 @@ def _attn_bwd_delta(O, DO, DELTA,
 def _attn_bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, LSE, DELTA, stride_qm, stride_dom, first_query, d_mask,
                          lo, hi, seq_len_q, qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
                          BLOCK_M: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    q_ptrs += lo * stride_qm
-    do_ptrs += lo * stride_dom
+    q_ptrs += tl.cast(lo, tl.int64) * stride_qm
+    do_ptrs += tl.cast(lo, tl.int64) * stride_dom
     lse_ptrs = LSE + lo + tl.arange(0, BLOCK_M)
     delta_ptrs = DELTA + lo + tl.arange(0, BLOCK_M)
     q_step, do_step = BLOCK_M * stride_qm, BLOCK_M * stride_dom
@@ -228,23 +233,24 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
                    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     start_n = tl.program_id(0) * BLOCK_N
-    off_h = tl.program_id(1)
+    off_h = tl.program_id(1).to(tl.int64)
     off_b = tl.program_id(2).to(tl.int64)
     Q += off_b * stride_qb + off_h * stride_qh
-    K += off_b * stride_kb + off_h * stride_kh
-    V += off_b * stride_vb + off_h * stride_vh
+    K += off_b * stride_kb + off_h * stride_kh + start_n.to(tl.int64) * stride_kn
+    V += off_b * stride_vb + off_h * stride_vh + start_n.to(tl.int64) * stride_vn
     DO += off_b * stride_dob + off_h * stride_doh
-    DK += off_b * stride_dkb + off_h * stride_dkh
-    DV += off_b * stride_dvb + off_h * stride_dvh
+    DK += off_b * stride_dkb + off_h * stride_dkh + start_n.to(tl.int64) * stride_dkn
+    DV += off_b * stride_dvb + off_h * stride_dvh + start_n.to(tl.int64) * stride_dvn
     LSE += (off_b * tl.num_programs(1) + off_h) * seq_len_q
     DELTA += (off_b * tl.num_programs(1) + off_h) * seq_len_q
 
-    offs_n = start_n + tl.arange(0, BLOCK_N)
+    rows = tl.arange(0, BLOCK_N)  # from the block's first key, to which K, V, DK and DV point
+    offs_n = start_n + rows
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
     kv_mask = (offs_n[:, None] < seq_len_k) & d_mask[None, :]
-    k = tl.load(K + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
-    v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+    k = tl.load(K + rows[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+    v = tl.load(V + rows[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
     k, v = k.to(DOT_DTYPE), v.to(DOT_DTYPE)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -272,9 +278,9 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA,
     dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, LSE, DELTA, stride_qm, stride_dom, first_query,
                                   d_mask, full, seq_len_q, seq_len_q, qk_scale, True, CAUSAL, BLOCK_M, DOT_DTYPE,
                                   DOT_PRECISION)
-    tl.store(DK + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
+    tl.store(DK + rows[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
              (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd, dv.to(DV.dtype.element_ty),
+    tl.store(DV + rows[:, None] * stride_dvn + offs_d[None, :] * stride_dvd, dv.to(DV.dtype.element_ty),
              mask=kv_mask)
 
 
@@ -287,8 +293,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA,
 def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, last_key, d_mask, lo, hi,
                        seq_len_k, qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr,
                        DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    k_ptrs += lo * stride_kn
-    v_ptrs += lo * stride_vn
+    k_ptrs += tl.cast(lo, tl.int64) * stride_kn
+    v_ptrs += tl.cast(lo, tl.int64) * stride_vn
     k_step, v_step = BLOCK_N * stride_kn, BLOCK_N * stride_vn
     for start_n in range(lo, hi, BLOCK_N):
         if MASKED:
@@ -320,22 +326,23 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
                  DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
-    off_h = tl.program_id(1)
+    off_h = tl.program_id(1).to(tl.int64)
     off_b = tl.program_id(2).to(tl.int64)
-    Q += off_b * stride_qb + off_h * stride_qh
+    Q += off_b * stride_qb + off_h * stride_qh + start_m.to(tl.int64) * stride_qm
     K += off_b * stride_kb + off_h * stride_kh
     V += off_b * stride_vb + off_h * stride_vh
-    DO += off_b * stride_dob + off_h * stride_doh
-    DQ += off_b * stride_dqb + off_h * stride_dqh
+    DO += off_b * stride_dob + off_h * stride_doh + start_m.to(tl.int64) * stride_dom
+    DQ += off_b * stride_dqb + off_h * stride_dqh + start_m.to(tl.int64) * stride_dqm
     LSE += (off_b * tl.num_programs(1) + off_h) * seq_len_q
     DELTA += (off_b * tl.num_programs(1) + off_h) * seq_len_q
 
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    rows = tl.arange(0, BLOCK_M)  # from the block's first row, to which Q, DO and DQ point
+    offs_m = start_m + rows
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
     q_mask = (offs_m[:, None] < seq_len_q) & d_mask[None, :]
-    q = tl.load(Q + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=q_mask, other=0.0)
-    do = tl.load(DO + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=q_mask, other=0.0)
+    q = tl.load(Q + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=q_mask, other=0.0)
+    do = tl.load(DO + rows[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=q_mask, other=0.0)
     q, do = q.to(DOT_DTYPE), do.to(DOT_DTYPE)
     lse = tl.load(LSE + offs_m, mask=offs_m < seq_len_q, other=0.0)
     delta = tl.load(DELTA + offs_m, mask=offs_m < seq_len_q, other=0.0)
@@ -349,7 +356,7 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA,
                             0, mid, seq_len_k, qk_scale, False, CAUSAL, BLOCK_N, DOT_DTYPE, DOT_PRECISION)
     dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, last_key, d_mask,
                             mid, hi, seq_len_k, qk_scale, True, CAUSAL, BLOCK_N, DOT_DTYPE, DOT_PRECISION)
-    tl.store(DQ + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
+    tl.store(DQ + rows[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
              (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_mask)
 
 
