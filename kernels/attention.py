@@ -18,16 +18,23 @@ import triton.language as tl
 from tritongpt.kernels._common import autotune, check_tensors, interpreting, kernel_op
 
 
+def _causal_keep(seq_len_q: int, seq_len_k: int, device: torch.device) -> torch.Tensor:
+    """The (seq_len_q, seq_len_k) boolean mask of the keys each query sees under the causal rule, aligned to the end:
+    query i sees keys j <= i + seq_len_k - seq_len_q, so the last query sees every key (one query against a cache of
+    keys is a decoding step)."""
+    return torch.ones(seq_len_q, seq_len_k, dtype=torch.bool, device=device).tril(seq_len_k - seq_len_q)
+
+
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
                         softmax_scale: float | None = None) -> torch.Tensor:
-    """softmax(q @ k^T * scale [+ causal mask]) @ v for q, k, v of shape (batch, heads, seq_len, head_dim), one
-    PyTorch op per step in the inputs' dtype: the math the kernel is held to. scale defaults to 1/sqrt(head_dim)."""
+    """softmax(q @ k^T * scale [+ causal mask]) @ v for q of shape (batch, heads, seq_len_q, head_dim) and k, v of
+    shape (batch, heads, seq_len_k, head_dim), seq_len_q <= seq_len_k, one PyTorch op per step in the inputs' dtype:
+    the math the kernel is held to. The causal mask is aligned to the end (see _causal_keep). scale defaults to
+    1/sqrt(head_dim)."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale
     scores = (q @ k.transpose(-2, -1)) * scale
     if causal:
-        seq_len = q.shape[-2]
-        above_diagonal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=q.device).triu(1)
-        scores = scores.masked_fill(above_diagonal, float("-inf"))
+        scores = scores.masked_fill(~_causal_keep(q.shape[-2], k.shape[-2], q.device), float("-inf"))
     return scores.softmax(dim=-1) @ v
 
 
@@ -35,6 +42,10 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bo
                    softmax_scale: float | None = None) -> torch.Tensor:
     """The same through PyTorch's scaled_dot_product_attention, which runs a fused kernel on a GPU (flash, cuDNN or
     memory-efficient): a fast eager alternative to the Triton kernel."""
+    if causal and q.shape[-2] != k.shape[-2]:
+        # is_causal aligns the mask to the top left when the lengths differ: pass the end-aligned one instead.
+        keep = _causal_keep(q.shape[-2], k.shape[-2], q.device)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=softmax_scale)
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=softmax_scale)
 
 

@@ -19,9 +19,11 @@ def _name(value) -> str:
     return str(value).removeprefix("torch.")
 
 
-def _inputs(batch, heads, seq_len, head_dim, dtype, device):
-    """Fresh random ({"q", "k", "v"}, [upstream gradient])."""
-    q, k, v, do = (torch.randn(batch, heads, seq_len, head_dim, dtype=dtype, device=device) for _ in range(4))
+def _inputs(batch, heads, seq_len, head_dim, dtype, device, seq_len_q=None):
+    """Fresh random ({"q", "k", "v"}, [upstream gradient]); q and the gradient have seq_len_q rows (default seq_len)."""
+    seq_len_q = seq_len if seq_len_q is None else seq_len_q
+    q, do = (torch.randn(batch, heads, seq_len_q, head_dim, dtype=dtype, device=device) for _ in range(2))
+    k, v = (torch.randn(batch, heads, seq_len, head_dim, dtype=dtype, device=device) for _ in range(2))
     return {"q": q, "k": k, "v": v}, [do]
 
 
@@ -54,13 +56,26 @@ def test_strided_inputs(device):
     _check_parity(flash_attention, {"q": q, "k": k, "v": v}, [do], causal=True, softmax_scale=0.3)
 
 
-@pytest.mark.parametrize("seq_len, head_dim, dtype, causal", [
-    (97, 16, torch.float16, False),
-    (200, 32, torch.float32, True),
+@pytest.mark.parametrize("seq_len_q, seq_len, head_dim, dtype, causal", [
+    (97, 97, 16, torch.float16, False),
+    (200, 200, 32, torch.float32, True),
+    (17, 97, 32, torch.float32, True),
+    (1, 64, 16, torch.float16, True),
 ], ids=_name)
-def test_sdpa_parity(seq_len, head_dim, dtype, causal, device):
-    """The model's "sdpa" attention computes the reference's function too."""
-    _check_parity(sdpa_attention, *_inputs(1, 2, seq_len, head_dim, dtype, device), causal=causal)
+def test_sdpa_parity(seq_len_q, seq_len, head_dim, dtype, causal, device):
+    """The model's "sdpa" attention computes the reference's function too, fewer queries than keys included."""
+    _check_parity(sdpa_attention, *_inputs(1, 2, seq_len, head_dim, dtype, device, seq_len_q), causal=causal)
+
+
+@pytest.mark.parametrize("attend", [attention_reference, sdpa_attention], ids=lambda f: f.__name__)
+def test_causal_mask_aligns_to_the_end(attend):
+    """With fewer queries than keys, the queries are the last ones of the sequence: their outputs are the last rows
+    of the full causal attention, and a single query sees every key."""
+    q, k, v = _inputs(1, 2, 23, 16, torch.float64, "cpu")[0].values()
+    full = attend(q, k, v, causal=True)
+    for seq_len_q in (1, 5, 22):
+        torch.testing.assert_close(attend(q[:, :, -seq_len_q:], k, v, causal=True), full[:, :, -seq_len_q:])
+    torch.testing.assert_close(attend(q[:, :, -1:], k, v, causal=True), attend(q[:, :, -1:], k, v, causal=False))
 
 
 def test_backward_is_deterministic(device):
