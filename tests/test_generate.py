@@ -1,0 +1,98 @@
+"""Generation with the KV cache: the same hidden states and tokens as full forwards while the sequence fits in
+block_size, the documented context past it, and reproducible sampling."""
+import pytest
+import torch
+
+from tritongpt.model import GPT, GPTConfig
+from tritongpt.model.gpt import sample_next_token
+
+BLOCK_SIZE = 16
+IMPLEMENTATIONS = ["torch", "sdpa"]
+
+
+def tiny(attention: str = "torch", **overrides) -> GPT:
+    torch.manual_seed(0)
+    config = dict(vocab_size=97, block_size=BLOCK_SIZE, n_layer=2, n_head=2, n_embd=32, attention=attention)
+    return GPT(GPTConfig(**{**config, **overrides})).eval()
+
+
+@pytest.mark.parametrize("attention", IMPLEMENTATIONS)
+@torch.no_grad()
+def test_cached_passes_give_the_full_forward_hidden_states(attention):
+    model = tiny(attention)
+    idx = torch.randint(0, 97, (2, BLOCK_SIZE))
+    full = model.hidden_states(idx)
+    cache = model.new_cache(2)
+    # A prompt of 5, a chunk of 3 (several queries against more keys), then one token at a time up to block_size.
+    pieces = [idx[:, :5], idx[:, 5:8], *idx[:, 8:].split(1, dim=1)]
+    cached = torch.cat([model.hidden_states(piece, cache) for piece in pieces], dim=1)
+    assert cache.length == BLOCK_SIZE
+    # fp32 both ways; the matrix products differ only in how many rows they take at once.
+    torch.testing.assert_close(cached, full, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("attention", IMPLEMENTATIONS)
+def test_greedy_tokens_with_the_cache_equal_those_of_full_forwards(attention):
+    model = tiny(attention)
+    idx = torch.randint(0, 97, (3, 4))
+    new = BLOCK_SIZE - 4 + 1  # the last of them is predicted from exactly block_size tokens
+    cached = model.generate(idx, new, temperature=0)
+    assert torch.equal(cached, model.generate(idx, new, temperature=0, use_cache=False))
+    assert cached.shape == (3, 4 + new)
+
+
+def test_past_block_size_the_cache_is_refilled_from_the_last_half():
+    model = tiny()
+    with torch.no_grad():  # larger weights make the tokens depend more on the context, so a wrong window shows
+        for p in model.parameters():
+            p.mul_(5 if p.dim() == 2 else 1)
+    prompt = torch.randint(0, 97, (2, 5))
+
+    def sampler():
+        return dict(temperature=1.0, generator=torch.Generator().manual_seed(7))
+
+    seq = model.generate(prompt, 40, **sampler())
+    # Documented: the first pass reads the prompt, each token then adds one position until block_size; a full cache is
+    # refilled from the last half of block_size, and so on. Draw each token again from a full forward over that window.
+    expected, context, sampling = [], 5, sampler()
+    for end in range(5, 5 + 40):
+        if context > BLOCK_SIZE:
+            context = BLOCK_SIZE // 2
+        logits = model(seq[:, end - context:end])[0][:, -1]
+        expected.append(sample_next_token(logits, top_k=None, top_p=None, **sampling))
+        context += 1
+    assert torch.equal(seq[:, 5:], torch.stack(expected, dim=1))
+    # The window is what tells the two paths apart past block_size (and only there).
+    uncached = model.generate(prompt, 40, use_cache=False, **sampler())
+    fits = BLOCK_SIZE - 5 + 1
+    assert torch.equal(seq[:, :5 + fits], uncached[:, :5 + fits]) and not torch.equal(seq, uncached)
+
+
+def test_sampling_is_reproducible_and_matches_the_uncached_path():
+    model = tiny()
+    idx = torch.randint(0, 97, (4, 3))
+
+    def sample(**kwargs):
+        return model.generate(idx, 12, temperature=1.0, top_k=20, generator=torch.Generator().manual_seed(5), **kwargs)
+
+    first = sample()
+    assert torch.equal(first, sample())
+    assert torch.equal(first, sample(use_cache=False))
+    assert not torch.equal(first[0], first[1])  # rows draw their own tokens
+
+
+def test_cache_takes_the_autocast_dtype():
+    model = tiny()
+    assert model.new_cache(1).layers[0].k.dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model.new_cache(1).layers[0].k.dtype == torch.bfloat16
+        out = model.generate(torch.zeros(2, 3, dtype=torch.long), 4, temperature=0)
+    assert out.shape == (2, 7)
+
+
+def test_cache_refuses_positions_past_block_size():
+    model = tiny()
+    cache = model.new_cache(1)
+    model.hidden_states(torch.zeros(1, BLOCK_SIZE - 2, dtype=torch.long), cache)
+    with pytest.raises(ValueError, match="3 tokens after the 14 in the cache pass the model's block_size 16"):
+        model.hidden_states(torch.zeros(1, 3, dtype=torch.long), cache)
