@@ -1,10 +1,13 @@
 """Generation with the KV cache: the same hidden states and tokens as full forwards while the sequence fits in
-block_size, the documented context past it, and reproducible sampling."""
+block_size, the documented context past it, reproducible sampling, and batched text that stops per row."""
+import io
+
 import pytest
 import torch
 
 from tritongpt.model import GPT, GPTConfig
 from tritongpt.model.gpt import sample_next_token
+from tritongpt.textgen import stream_text
 
 BLOCK_SIZE = 16
 IMPLEMENTATIONS = ["torch", "sdpa"]
@@ -96,3 +99,36 @@ def test_cache_refuses_positions_past_block_size():
     model.hidden_states(torch.zeros(1, BLOCK_SIZE - 2, dtype=torch.long), cache)
     with pytest.raises(ValueError, match="3 tokens after the 14 in the cache pass the model's block_size 16"):
         model.hidden_states(torch.zeros(1, 3, dtype=torch.long), cache)
+
+
+class Scripted:
+    """A stand-in model whose generate_tokens yields fixed rows of tokens, recording the batch it was given."""
+
+    def __init__(self, steps: list[list[int]]):
+        self.steps = steps
+        self.batch = None
+        self.taken = 0
+
+    def generate_tokens(self, idx, max_new_tokens, **sampling):
+        self.batch = idx
+        for step in self.steps[:max_new_tokens]:
+            self.taken += 1
+            yield torch.tensor(step)
+
+
+class Letters:
+    """A tokenizer of one letter a token, with 0 as the end of a document."""
+    eot_id = 0
+
+    def decode(self, ids):
+        return "".join(chr(ord("a") + i - 1) for i in ids)
+
+
+def test_stream_text_streams_the_first_sample_and_stops_each_at_its_document_end():
+    model = Scripted([[1, 2, 3], [2, 0, 3], [3, 1, 0], [0, 2, 2], [4, 4, 4]])
+    out = io.StringIO()
+    texts = stream_text(model, Letters(), [7, 8], 10, torch.device("cpu"), num_samples=3, out=out)
+    assert model.batch.tolist() == [[7, 8]] * 3
+    assert texts == ["abc", "b", "cc"]  # nothing after a row's end of document
+    assert out.getvalue() == "abc\n"
+    assert model.taken == 4  # stops once every row has ended
