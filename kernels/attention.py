@@ -1,8 +1,10 @@
 """Multi-head attention: the plain-math reference, PyTorch's SDPA as a named alternative, and the Triton
 flash-attention kernels, registered as PyTorch operators with their autograd.
 
-q, k, v and the output are (batch, heads, seq_len, head_dim), with any strides. Notation, per (batch, head):
-S = scale · Q Kᵀ, P = softmax(S) row by row (causal: S_ij = -inf for j > i), O = P V.
+q and the output are (batch, heads, seq_len_q, head_dim), k and v (batch, heads, seq_len_k, head_dim) with
+seq_len_q <= seq_len_k, all with any strides. Notation, per (batch, head): S = scale · Q Kᵀ, P = softmax(S) row by
+row, O = P V. Causal: S_ij = -inf for j > i + seq_len_k − seq_len_q, the mask aligned to the end (FlashAttention's
+convention since 2.1), so the queries are the last seq_len_q positions of the sequence.
 
 The kernels work in base 2: with c = scale · log2(e), exp(S_ij) = 2^(c · q_i·k_j), so they call exp2 (one
 instruction) and the log-sum-exp saved for the backward is base 2, lse2_i = log2 Σ_j 2^(c · q_i·k_j), which is the
@@ -54,7 +56,9 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bo
 # there), and DOT_PRECISION, "ieee" for fp32 so that fp32 inputs get fp32 products rather than TF32 ones (16-bit
 # inputs ignore it). Key or query blocks that need no mask run in a loop without one (MASKED=False); a second loop
 # (MASKED=True) covers the blocks that cross the causal diagonal and the partial block at the end of the sequence.
-# The argument seq_len_key is read by the autotuner only (see _autotune_args).
+# The diagonal is shifted by seq_len_k − seq_len_q, which need not be a multiple of the blocks, so the ranges are
+# computed for any block sizes. The arguments seq_len_q_bucket and seq_len_k_bucket are read by the autotuner only
+# (see _autotune_args).
 
 
 # Forward, one program per (BLOCK_M queries, head, batch). Stream over the key/value blocks the queries see, keeping
@@ -64,25 +68,25 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bo
 # and finish with O = acc / l, lse2 = m + log2(l). Causal: key blocks left of the diagonal need no mask, the blocks
 # crossing it are masked, and the blocks right of it are never visited (nor loaded).
 @triton.jit
-def _attn_fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, d_mask, lo, hi, seq_len, qk_scale,
-                    MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, DOT_DTYPE: tl.constexpr,
-                    DOT_PRECISION: tl.constexpr):
+def _attn_fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, last_key, d_mask, lo, hi, seq_len_k,
+                    qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr,
+                    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
     k_ptrs += lo * stride_kn
     v_ptrs += lo * stride_vn
     k_step, v_step = BLOCK_N * stride_kn, BLOCK_N * stride_vn
     for start_n in range(lo, hi, BLOCK_N):
         if MASKED:
             offs_n = start_n + tl.arange(0, BLOCK_N)
-            kv_mask = d_mask[None, :] & (offs_n[:, None] < seq_len)
+            kv_mask = d_mask[None, :] & (offs_n[:, None] < seq_len_k)
         else:
             kv_mask = d_mask[None, :]
         k = tl.load(k_ptrs, mask=kv_mask, other=0.0).to(DOT_DTYPE)
         v = tl.load(v_ptrs, mask=kv_mask, other=0.0).to(DOT_DTYPE)
         x = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         if MASKED:
-            keep = offs_n[None, :] < seq_len
+            keep = offs_n[None, :] < seq_len_k
             if CAUSAL:
-                keep = keep & (offs_m[:, None] >= offs_n[None, :])
+                keep = keep & (offs_n[None, :] <= last_key[:, None])
             x = tl.where(keep, x, float("-inf"))
         # Every row sees an unmasked key in the first block it visits (key 0), so m_new is finite from there on.
         m_new = tl.maximum(m_i, tl.max(x, 1))
@@ -97,13 +101,28 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs
 
 
 @triton.jit
+def _key_blocks(start_m, seq_len_q, seq_len_k, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(mid, hi) for the queries start_m .. start_m + BLOCK_M − 1: the key blocks before mid are seen whole by every
+    one of them (no mask), those from mid up to hi are masked, and keys from hi on are seen by none."""
+    if CAUSAL:
+        # Query i sees keys up to i + shift: the first query all keys before start_m + shift + 1, the last query
+        # those before start_m + BLOCK_M + shift.
+        shift = seq_len_k - seq_len_q
+        mid = (start_m + shift + 1) // BLOCK_N * BLOCK_N
+        hi = tl.minimum(start_m + BLOCK_M + shift, seq_len_k)
+    else:
+        mid = seq_len_k // BLOCK_N * BLOCK_N
+        hi = seq_len_k
+    return mid, hi
+
+
+@triton.jit
 def _attn_fwd(Q, K, V, O, LSE,
               stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
               stride_vb, stride_vh, stride_vn, stride_vd, stride_ob, stride_oh, stride_om, stride_od,
-              seq_len, seq_len_key, qk_scale,
+              seq_len_q, seq_len_k, seq_len_q_bucket, seq_len_k_bucket, qk_scale,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
               DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    tl.static_assert(BLOCK_M % BLOCK_N == 0)  # the diagonal of a query block is a whole number of key blocks
     start_m = tl.program_id(0) * BLOCK_M
     off_h = tl.program_id(1)
     off_b = tl.program_id(2).to(tl.int64)  # batch offsets can pass 2^31 elements
@@ -111,34 +130,30 @@ def _attn_fwd(Q, K, V, O, LSE,
     K += off_b * stride_kb + off_h * stride_kh
     V += off_b * stride_vb + off_h * stride_vh
     O += off_b * stride_ob + off_h * stride_oh
-    LSE += (off_b * tl.num_programs(1) + off_h) * seq_len
+    LSE += (off_b * tl.num_programs(1) + off_h) * seq_len_q
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM  # head_dim padded up to the power of two BLOCK_D
-    q_mask = (offs_m[:, None] < seq_len) & d_mask[None, :]
+    q_mask = (offs_m[:, None] < seq_len_q) & d_mask[None, :]
     q = tl.load(Q + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=q_mask, other=0.0)
     q = q.to(DOT_DTYPE)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    if CAUSAL:
-        mid = start_m
-        hi = tl.minimum(start_m + BLOCK_M, seq_len)
-    else:
-        mid = seq_len // BLOCK_N * BLOCK_N
-        hi = seq_len
+    mid, hi = _key_blocks(start_m, seq_len_q, seq_len_k, CAUSAL, BLOCK_M, BLOCK_N)
+    last_key = offs_m + (seq_len_k - seq_len_q)
     offs_n = tl.arange(0, BLOCK_N)
     k_ptrs = K + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
     v_ptrs = V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
-    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, d_mask,
-                                    0, mid, seq_len, qk_scale, False, CAUSAL, BLOCK_N, DOT_DTYPE, DOT_PRECISION)
-    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, d_mask,
-                                    mid, hi, seq_len, qk_scale, True, CAUSAL, BLOCK_N, DOT_DTYPE, DOT_PRECISION)
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, last_key, d_mask,
+                                    0, mid, seq_len_k, qk_scale, False, CAUSAL, BLOCK_N, DOT_DTYPE, DOT_PRECISION)
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, last_key, d_mask,
+                                    mid, hi, seq_len_k, qk_scale, True, CAUSAL, BLOCK_N, DOT_DTYPE, DOT_PRECISION)
     o = acc / l_i[:, None]
     tl.store(O + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od, o.to(O.dtype.element_ty), mask=q_mask)
-    tl.store(LSE + offs_m, m_i + tl.log2(l_i), mask=offs_m < seq_len)
+    tl.store(LSE + offs_m, m_i + tl.log2(l_i), mask=offs_m < seq_len_q)
 
 
 # Backward, step 1: delta_i = Σ_d dO_id · O_id in fp32. It is the Σ_j P_ij dP_ij of the softmax gradient
@@ -166,8 +181,8 @@ def _attn_bwd_delta(O, DO, DELTA,
 # then dK *= scale. Causal: first the query blocks crossing the diagonal (masked), then the ones below it. Each program
 # alone writes its rows of dK and dV, so there are no atomics and the result is the same on every run.
 @triton.jit
-def _attn_bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, LSE, DELTA, stride_qm, stride_dom, offs_n, d_mask,
-                         lo, hi, seq_len, qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+def _attn_bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, LSE, DELTA, stride_qm, stride_dom, first_query, d_mask,
+                         lo, hi, seq_len_q, qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
                          BLOCK_M: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
     q_ptrs += lo * stride_qm
     do_ptrs += lo * stride_dom
@@ -177,9 +192,9 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, LSE, DELTA, stride_qm, s
     for start_m in range(lo, hi, BLOCK_M):
         if MASKED:
             offs_m = start_m + tl.arange(0, BLOCK_M)
-            row_mask = d_mask[None, :] & (offs_m[:, None] < seq_len)
-            lse = tl.load(lse_ptrs, mask=offs_m < seq_len, other=0.0)
-            delta = tl.load(delta_ptrs, mask=offs_m < seq_len, other=0.0)
+            row_mask = d_mask[None, :] & (offs_m[:, None] < seq_len_q)
+            lse = tl.load(lse_ptrs, mask=offs_m < seq_len_q, other=0.0)
+            delta = tl.load(delta_ptrs, mask=offs_m < seq_len_q, other=0.0)
         else:
             row_mask = d_mask[None, :]
             lse = tl.load(lse_ptrs)
@@ -188,9 +203,9 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, LSE, DELTA, stride_qm, s
         do = tl.load(do_ptrs, mask=row_mask, other=0.0).to(DOT_DTYPE)
         p_t = tl.math.exp2(tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale - lse[None, :])
         if MASKED:
-            keep = offs_m[None, :] < seq_len
+            keep = offs_m[None, :] < seq_len_q
             if CAUSAL:
-                keep = keep & (offs_m[None, :] >= offs_n[:, None])
+                keep = keep & (offs_m[None, :] >= first_query[:, None])
             p_t = tl.where(keep, p_t, 0.0)
         dv += tl.dot(p_t.to(DOT_DTYPE), do, input_precision=DOT_PRECISION)
         ds_t = p_t * (tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION) - delta[None, :])
@@ -207,10 +222,9 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA,
                    stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
                    stride_vb, stride_vh, stride_vn, stride_vd, stride_dob, stride_doh, stride_dom, stride_dod,
                    stride_dkb, stride_dkh, stride_dkn, stride_dkd, stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-                   seq_len, seq_len_key, qk_scale, sm_scale,
+                   seq_len_q, seq_len_k, seq_len_q_bucket, seq_len_k_bucket, qk_scale, sm_scale,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
                    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    tl.static_assert(BLOCK_N % BLOCK_M == 0)  # the diagonal of a key block is a whole number of query blocks
     start_n = tl.program_id(0) * BLOCK_N
     off_h = tl.program_id(1)
     off_b = tl.program_id(2).to(tl.int64)
@@ -220,13 +234,13 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA,
     DO += off_b * stride_dob + off_h * stride_doh
     DK += off_b * stride_dkb + off_h * stride_dkh
     DV += off_b * stride_dvb + off_h * stride_dvh
-    LSE += (off_b * tl.num_programs(1) + off_h) * seq_len
-    DELTA += (off_b * tl.num_programs(1) + off_h) * seq_len
+    LSE += (off_b * tl.num_programs(1) + off_h) * seq_len_q
+    DELTA += (off_b * tl.num_programs(1) + off_h) * seq_len_q
 
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
-    kv_mask = (offs_n[:, None] < seq_len) & d_mask[None, :]
+    kv_mask = (offs_n[:, None] < seq_len_k) & d_mask[None, :]
     k = tl.load(K + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
     v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
     k, v = k.to(DOT_DTYPE), v.to(DOT_DTYPE)
@@ -235,19 +249,27 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA,
     offs_m = tl.arange(0, BLOCK_M)
     q_ptrs = Q + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
     do_ptrs = DO + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod
+    # Key j is seen by the queries from j − shift on.
+    first_query = offs_n - (seq_len_k - seq_len_q)
     if CAUSAL:
-        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, LSE, DELTA, stride_qm, stride_dom, offs_n, d_mask,
-                                      start_n, tl.minimum(start_n + BLOCK_N, seq_len), seq_len, qk_scale,
-                                      True, CAUSAL, BLOCK_M, DOT_DTYPE, DOT_PRECISION)
-        lo = start_n + BLOCK_N
+        # The query blocks before lo see none of these keys, those from unmasked on see them all; in between they
+        # cross the diagonal.
+        lo = tl.maximum(start_n - (seq_len_k - seq_len_q), 0) // BLOCK_M * BLOCK_M
+        unmasked = tl.maximum(start_n + BLOCK_N - 1 - (seq_len_k - seq_len_q), 0)
+        unmasked = tl.minimum(tl.cdiv(unmasked, BLOCK_M) * BLOCK_M, seq_len_q)
+        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, LSE, DELTA, stride_qm, stride_dom, first_query,
+                                      d_mask, lo, unmasked, seq_len_q, qk_scale, True, CAUSAL, BLOCK_M, DOT_DTYPE,
+                                      DOT_PRECISION)
     else:
-        lo = 0
+        unmasked = 0
     # Whole query blocks need no mask; the last, partial one does.
-    full = tl.maximum(lo, seq_len // BLOCK_M * BLOCK_M)
-    dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, LSE, DELTA, stride_qm, stride_dom, offs_n, d_mask,
-                                  lo, full, seq_len, qk_scale, False, CAUSAL, BLOCK_M, DOT_DTYPE, DOT_PRECISION)
-    dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, LSE, DELTA, stride_qm, stride_dom, offs_n, d_mask,
-                                  full, seq_len, seq_len, qk_scale, True, CAUSAL, BLOCK_M, DOT_DTYPE, DOT_PRECISION)
+    full = tl.maximum(unmasked, seq_len_q // BLOCK_M * BLOCK_M)
+    dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, LSE, DELTA, stride_qm, stride_dom, first_query,
+                                  d_mask, unmasked, full, seq_len_q, qk_scale, False, CAUSAL, BLOCK_M, DOT_DTYPE,
+                                  DOT_PRECISION)
+    dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, LSE, DELTA, stride_qm, stride_dom, first_query,
+                                  d_mask, full, seq_len_q, seq_len_q, qk_scale, True, CAUSAL, BLOCK_M, DOT_DTYPE,
+                                  DOT_PRECISION)
     tl.store(DK + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
              (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd, dv.to(DV.dtype.element_ty),
@@ -259,8 +281,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA,
 #   P = 2^(c · q kᵀ − lse2),  dP = dO vᵀ,  dS = P ∘ (dP − delta),  dQ += dS k,   then dQ *= scale.
 # Kept apart from the dK/dV kernel so that each output has a single writer: no atomics, deterministic.
 @triton.jit
-def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, d_mask, lo, hi, seq_len,
-                       qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr,
+def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, last_key, d_mask, lo, hi,
+                       seq_len_k, qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr,
                        DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
     k_ptrs += lo * stride_kn
     v_ptrs += lo * stride_vn
@@ -268,16 +290,16 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_
     for start_n in range(lo, hi, BLOCK_N):
         if MASKED:
             offs_n = start_n + tl.arange(0, BLOCK_N)
-            kv_mask = d_mask[None, :] & (offs_n[:, None] < seq_len)
+            kv_mask = d_mask[None, :] & (offs_n[:, None] < seq_len_k)
         else:
             kv_mask = d_mask[None, :]
         k = tl.load(k_ptrs, mask=kv_mask, other=0.0).to(DOT_DTYPE)
         v = tl.load(v_ptrs, mask=kv_mask, other=0.0).to(DOT_DTYPE)
         p = tl.math.exp2(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale - lse[:, None])
         if MASKED:
-            keep = offs_n[None, :] < seq_len
+            keep = offs_n[None, :] < seq_len_k
             if CAUSAL:
-                keep = keep & (offs_m[:, None] >= offs_n[None, :])
+                keep = keep & (offs_n[None, :] <= last_key[:, None])
             p = tl.where(keep, p, 0.0)
         ds = p * (tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION) - delta[:, None])
         dq += tl.dot(ds.to(DOT_DTYPE), k, input_precision=DOT_PRECISION)
@@ -291,10 +313,9 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA,
                  stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
                  stride_vb, stride_vh, stride_vn, stride_vd, stride_dob, stride_doh, stride_dom, stride_dod,
                  stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-                 seq_len, seq_len_key, qk_scale, sm_scale,
+                 seq_len_q, seq_len_k, seq_len_q_bucket, seq_len_k_bucket, qk_scale, sm_scale,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
                  DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    tl.static_assert(BLOCK_M % BLOCK_N == 0)
     start_m = tl.program_id(0) * BLOCK_M
     off_h = tl.program_id(1)
     off_b = tl.program_id(2).to(tl.int64)
@@ -303,32 +324,28 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA,
     V += off_b * stride_vb + off_h * stride_vh
     DO += off_b * stride_dob + off_h * stride_doh
     DQ += off_b * stride_dqb + off_h * stride_dqh
-    LSE += (off_b * tl.num_programs(1) + off_h) * seq_len
-    DELTA += (off_b * tl.num_programs(1) + off_h) * seq_len
+    LSE += (off_b * tl.num_programs(1) + off_h) * seq_len_q
+    DELTA += (off_b * tl.num_programs(1) + off_h) * seq_len_q
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
-    q_mask = (offs_m[:, None] < seq_len) & d_mask[None, :]
+    q_mask = (offs_m[:, None] < seq_len_q) & d_mask[None, :]
     q = tl.load(Q + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=q_mask, other=0.0)
     do = tl.load(DO + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=q_mask, other=0.0)
     q, do = q.to(DOT_DTYPE), do.to(DOT_DTYPE)
-    lse = tl.load(LSE + offs_m, mask=offs_m < seq_len, other=0.0)
-    delta = tl.load(DELTA + offs_m, mask=offs_m < seq_len, other=0.0)
+    lse = tl.load(LSE + offs_m, mask=offs_m < seq_len_q, other=0.0)
+    delta = tl.load(DELTA + offs_m, mask=offs_m < seq_len_q, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    if CAUSAL:
-        mid = start_m
-        hi = tl.minimum(start_m + BLOCK_M, seq_len)
-    else:
-        mid = seq_len // BLOCK_N * BLOCK_N
-        hi = seq_len
+    mid, hi = _key_blocks(start_m, seq_len_q, seq_len_k, CAUSAL, BLOCK_M, BLOCK_N)
+    last_key = offs_m + (seq_len_k - seq_len_q)
     offs_n = tl.arange(0, BLOCK_N)
     k_ptrs = K + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
     v_ptrs = V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
-    dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, d_mask,
-                            0, mid, seq_len, qk_scale, False, CAUSAL, BLOCK_N, DOT_DTYPE, DOT_PRECISION)
-    dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, d_mask,
-                            mid, hi, seq_len, qk_scale, True, CAUSAL, BLOCK_N, DOT_DTYPE, DOT_PRECISION)
+    dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, last_key, d_mask,
+                            0, mid, seq_len_k, qk_scale, False, CAUSAL, BLOCK_N, DOT_DTYPE, DOT_PRECISION)
+    dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, last_key, d_mask,
+                            mid, hi, seq_len_k, qk_scale, True, CAUSAL, BLOCK_N, DOT_DTYPE, DOT_PRECISION)
     tl.store(DQ + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
              (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_mask)
 
@@ -358,9 +375,10 @@ _INTERPRETER_CONFIGS = {"fwd": (64, 32), "dkdv": (32, 64), "dq": (64, 32)}
 
 
 def _autotune_args(kernel: str) -> dict:
-    """tritongpt.kernels._common.autotune's arguments for one kernel: the shapes of _GPU_CONFIGS[kernel], pruned at launch to the
-    input's class, keyed by head_dim, causality and seq_len_key: seq_len rounded up to a power of two, since generating
-    text grows seq_len one token at a time and tuning again at every length would cost more than it gains."""
+    """tritongpt.kernels._common.autotune's arguments for one kernel: the shapes of _GPU_CONFIGS[kernel], pruned at
+    launch to the input's class, keyed by head_dim, causality, and seq_len_q and seq_len_k each rounded up to a power
+    of two (see _seq_lens), since generating text grows them one token at a time and tuning again at every length
+    would cost more than it gains."""
     by_class = _GPU_CONFIGS[kernel]
     shapes = sorted({shape for shapes in by_class.values() for shape in shapes})
     configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
@@ -371,7 +389,7 @@ def _autotune_args(kernel: str) -> dict:
         wanted = by_class["fp32" if args["DOT_PRECISION"] == "ieee" else max(args["BLOCK_D"], 64)]
         return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in wanted]
 
-    return dict(configs=configs, key=["seq_len_key", "HEAD_DIM", "CAUSAL"],
+    return dict(configs=configs, key=["seq_len_q_bucket", "seq_len_k_bucket", "HEAD_DIM", "CAUSAL"],
                 interpreter_config=triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}),
                 prune_configs_by={"early_config_prune": this_class})
 
@@ -392,8 +410,14 @@ def _launch_params(q: torch.Tensor) -> dict:
             "DOT_PRECISION": "ieee" if q.dtype == torch.float32 else "tf32"}
 
 
+def _seq_lens(q: torch.Tensor, k: torch.Tensor) -> tuple[int, int, int, int]:
+    """The kernels' seq_len_q, seq_len_k, and the two rounded up to powers of two for the autotuner's key."""
+    seq_len_q, seq_len_k = q.shape[-2], k.shape[-2]
+    return seq_len_q, seq_len_k, triton.next_power_of_2(seq_len_q), triton.next_power_of_2(seq_len_k)
+
+
 def _forward_outputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, softmax_scale: float):
-    """The forward's outputs, unwritten: O (contiguous, like q) and the base-2 log-sum-exp (batch, heads, seq_len)."""
+    """The forward's outputs, unwritten: O (contiguous, like q) and the base-2 log-sum-exp (batch, heads, seq_len_q)."""
     batch, heads, seq_len, _ = q.shape
     return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
             torch.empty((batch, heads, seq_len), dtype=torch.float32, device=q.device))
@@ -405,11 +429,10 @@ def _forward_outputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: 
 def _flash_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
                              softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     o, lse = _forward_outputs(q, k, v, causal, softmax_scale)
-    batch, heads, seq_len, _ = q.shape
-    seq_len_key = triton.next_power_of_2(seq_len)
-    _attn_fwd[lambda meta: (triton.cdiv(seq_len, meta["BLOCK_M"]), heads, batch)](
+    batch, heads, seq_len_q, _ = q.shape
+    _attn_fwd[lambda meta: (triton.cdiv(seq_len_q, meta["BLOCK_M"]), heads, batch)](
         q, k, v, o, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-        seq_len, seq_len_key, softmax_scale * math.log2(math.e), CAUSAL=causal, **_launch_params(q))
+        *_seq_lens(q, k), softmax_scale * math.log2(math.e), CAUSAL=causal, **_launch_params(q))
     return o, lse
 
 
@@ -424,20 +447,20 @@ def _flash_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                               do: torch.Tensor, causal: bool,
                               softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     dq, dk, dv = _backward_outputs(q, k, v, o, lse, do, causal, softmax_scale)
-    batch, heads, seq_len, _ = q.shape
-    seq_len_key = triton.next_power_of_2(seq_len)
+    batch, heads, seq_len_q, _ = q.shape
+    seq_len_k = k.shape[-2]
     params = _launch_params(q)
     delta = torch.empty_like(lse)
-    _attn_bwd_delta[(triton.cdiv(seq_len, _DELTA_BLOCK_M), heads, batch)](
-        o, do, delta, *o.stride(), *do.stride(), seq_len,
+    _attn_bwd_delta[(triton.cdiv(seq_len_q, _DELTA_BLOCK_M), heads, batch)](
+        o, do, delta, *o.stride(), *do.stride(), seq_len_q,
         HEAD_DIM=params["HEAD_DIM"], BLOCK_D=params["BLOCK_D"], BLOCK_M=_DELTA_BLOCK_M)
     qk_scale = softmax_scale * math.log2(math.e)
-    _attn_bwd_dkdv[lambda meta: (triton.cdiv(seq_len, meta["BLOCK_N"]), heads, batch)](
+    _attn_bwd_dkdv[lambda meta: (triton.cdiv(seq_len_k, meta["BLOCK_N"]), heads, batch)](
         q, k, v, do, dk, dv, lse, delta, *q.stride(), *k.stride(), *v.stride(), *do.stride(),
-        *dk.stride(), *dv.stride(), seq_len, seq_len_key, qk_scale, softmax_scale, CAUSAL=causal, **params)
-    _attn_bwd_dq[lambda meta: (triton.cdiv(seq_len, meta["BLOCK_M"]), heads, batch)](
+        *dk.stride(), *dv.stride(), *_seq_lens(q, k), qk_scale, softmax_scale, CAUSAL=causal, **params)
+    _attn_bwd_dq[lambda meta: (triton.cdiv(seq_len_q, meta["BLOCK_M"]), heads, batch)](
         q, k, v, do, dq, lse, delta, *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
-        seq_len, seq_len_key, qk_scale, softmax_scale, CAUSAL=causal, **params)
+        *_seq_lens(q, k), qk_scale, softmax_scale, CAUSAL=causal, **params)
     return dq, dk, dv
 
 
@@ -460,25 +483,33 @@ _flash_attention_forward.register_autograd(_backward, setup_context=_setup_conte
 
 def _validate(q, k, v) -> None:
     check_tensors("flash_attention", q=q, k=k, v=v)
-    if q.ndim != 4:
+    if not q.ndim == k.ndim == v.ndim == 4:
         raise ValueError(f"flash_attention: q, k, v must have 4 dimensions (batch, heads, seq_len, head_dim), "
-                         f"got q of shape {tuple(q.shape)}")
-    if not q.shape == k.shape == v.shape:
-        raise ValueError(f"flash_attention: q, k, v must have one shape, got q {tuple(q.shape)}, "
-                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
-    batch, heads, seq_len, head_dim = q.shape
+                         f"got shapes {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if k.shape != v.shape:
+        raise ValueError(f"flash_attention: k and v must have one shape, got k {tuple(k.shape)}, v {tuple(v.shape)}")
+    batch, heads, seq_len_q, head_dim = q.shape
+    seq_len_k = k.shape[2]
+    if (k.shape[0], k.shape[1], k.shape[3]) != (batch, heads, head_dim):
+        raise ValueError(f"flash_attention: q and k must have the same batch, heads and head_dim, got q "
+                         f"{tuple(q.shape)}, k {tuple(k.shape)}")
+    if seq_len_q > seq_len_k:
+        raise ValueError(f"flash_attention: q has more rows than k and v (seq_len {seq_len_q} > {seq_len_k}); "
+                         "the queries must be the last positions of the keys' sequence")
     if not 16 <= head_dim <= 256:
         raise ValueError(f"flash_attention: head_dim must be between 16 and 256, got {head_dim}")
-    if seq_len < 1:
-        raise ValueError(f"flash_attention: seq_len must be at least 1, got {seq_len}")
+    if seq_len_q < 1:
+        raise ValueError(f"flash_attention: seq_len must be at least 1, got {seq_len_q}")
     if batch < 1 or heads < 1:
         raise ValueError(f"flash_attention: batch and heads must be at least 1, got shape {tuple(q.shape)}")
 
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
                     softmax_scale: float | None = None) -> torch.Tensor:
-    """softmax(q @ k^T * scale [+ causal mask]) @ v for q, k, v of shape (batch, heads, seq_len, head_dim), computed
-    tile by tile in Triton without storing the seq_len x seq_len matrix; differentiable. scale defaults to
+    """softmax(q @ k^T * scale [+ causal mask]) @ v for q of shape (batch, heads, seq_len_q, head_dim) and k, v of
+    shape (batch, heads, seq_len_k, head_dim), seq_len_q <= seq_len_k, computed tile by tile in Triton without storing
+    the seq_len_q x seq_len_k matrix; differentiable. The causal mask is aligned to the end (query i sees keys up to
+    i + seq_len_k − seq_len_q), so a single query against cached keys is a decoding step. scale defaults to
     1/sqrt(head_dim). fp16, bf16 or fp32; head_dim 16 to 256; any strides. Returns a contiguous tensor like q."""
     _validate(q, k, v)
     if softmax_scale is None:

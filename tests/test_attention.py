@@ -41,6 +41,23 @@ def test_parity(seq_len, head_dim, dtype, causal, device):
     _check_parity(flash_attention, *_inputs(1, 2, seq_len, head_dim, dtype, device), causal=causal)
 
 
+# Fewer queries than keys: a decoding step (one query), and offsets seq_len_k − seq_len_q that are not multiples of
+# the interpreter's blocks (80, 59, 199, 30), so that the diagonal crosses one key or query block more than it would
+# on a block boundary; 70 queries span several query blocks of every kernel.
+@pytest.mark.parametrize("seq_len_q, seq_len_k, head_dim, dtype, causal", [
+    (1, 64, 32, torch.float16, True),
+    (17, 97, 16, torch.float32, True),
+    (17, 97, 32, torch.float16, False),
+    (5, 64, 16, torch.float16, True),
+    (1, 200, 16, torch.float32, True),
+    (1, 200, 16, torch.float16, False),
+    (70, 100, 16, torch.float16, True),
+    (70, 100, 16, torch.float32, False),
+], ids=_name)
+def test_parity_fewer_queries(seq_len_q, seq_len_k, head_dim, dtype, causal, device):
+    _check_parity(flash_attention, *_inputs(1, 2, seq_len_k, head_dim, dtype, device, seq_len_q), causal=causal)
+
+
 def test_strided_inputs(device):
     """q as the model makes it (a view into one fused (batch, seq, 3·heads·head_dim) projection), k with head_dim
     not innermost, v with padded rows, and a transposed upstream gradient; also an explicit softmax scale."""
@@ -86,7 +103,10 @@ def _bad_inputs(device):
     x = torch.randn(1, 2, 8, 16, device=device)
     return {
         "three dims": ((x[0], x[0], x[0]), "4 dimensions"),
-        "shape mismatch": ((x, x, torch.randn(1, 2, 9, 16, device=device)), "one shape"),
+        "k, v shape mismatch": ((x, x, torch.randn(1, 2, 9, 16, device=device)), "one shape"),
+        "q, k head_dim mismatch": ((torch.randn(1, 2, 8, 32, device=device), x, x), "same batch, heads and head_dim"),
+        "q, k heads mismatch": ((torch.randn(1, 3, 8, 16, device=device), x, x), "same batch, heads and head_dim"),
+        "more queries than keys": ((torch.randn(1, 2, 9, 16, device=device), x, x), "more rows"),
         "float64": ((x.double(), x.double(), x.double()), "dtype"),
         "mixed dtypes": ((x, x.half(), x), "one dtype"),
         "head_dim 8": ((x[..., :8],) * 3, "head_dim"),

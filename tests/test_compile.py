@@ -97,7 +97,8 @@ def operator_cases(device) -> dict[str, tuple]:
     def rand(*shape, scale=1.0, grad=False):
         return (scale * torch.randn(*shape, device=device)).requires_grad_(grad)
 
-    q, k, v = (rand(1, 2, 8, 16, grad=True) for _ in range(3))
+    # Fewer queries than keys, as in a decoding step.
+    q, k, v = rand(1, 2, 8, 16, grad=True), rand(1, 2, 11, 16, grad=True), rand(1, 2, 11, 16, grad=True)
     o, lse = torch.ops.tritongpt.flash_attention_forward(q.detach(), k.detach(), v.detach(), True, 0.25)
     x, residual = rand(2, 3, 16, grad=True), rand(2, 3, 16, grad=True)
     weight, bias = rand(16, grad=True), rand(16, grad=True)
