@@ -10,13 +10,19 @@ from tritongpt.model.gpt import sample_next_token
 from tritongpt.textgen import stream_text
 
 BLOCK_SIZE = 16
-IMPLEMENTATIONS = ["torch", "sdpa"]
+IMPLEMENTATIONS = ["torch", "sdpa", "triton"]
 
 
-def tiny(attention: str = "torch", **overrides) -> GPT:
+def tiny(attention: str = "torch", sharp: bool = False) -> GPT:
+    """A tiny model; sharp: with its matrices 5x GPT-2's initial scale, so that the next token depends on the context
+    more than on the last token alone, and a token computed from the wrong context shows."""
     torch.manual_seed(0)
-    config = dict(vocab_size=97, block_size=BLOCK_SIZE, n_layer=2, n_head=2, n_embd=32, attention=attention)
-    return GPT(GPTConfig(**{**config, **overrides})).eval()
+    model = GPT(GPTConfig(vocab_size=97, block_size=BLOCK_SIZE, n_layer=2, n_head=2, n_embd=32, attention=attention))
+    if sharp:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(5 if p.dim() == 2 else 1)
+    return model.eval()
 
 
 @pytest.mark.parametrize("attention", IMPLEMENTATIONS)
@@ -26,8 +32,8 @@ def test_cached_passes_give_the_full_forward_hidden_states(attention):
     idx = torch.randint(0, 97, (2, BLOCK_SIZE))
     full = model.hidden_states(idx)
     cache = model.new_cache(2)
-    # A prompt of 5, a chunk of 3 (several queries against more keys), then one token at a time up to block_size.
-    pieces = [idx[:, :5], idx[:, 5:8], *idx[:, 8:].split(1, dim=1)]
+    # A prompt, a chunk of 3 (several queries against more keys), then one token at a time up to block_size.
+    pieces = [idx[:, :9], idx[:, 9:12], *idx[:, 12:].split(1, dim=1)]
     cached = torch.cat([model.hidden_states(piece, cache) for piece in pieces], dim=1)
     assert cache.length == BLOCK_SIZE
     # fp32 both ways; the matrix products differ only in how many rows they take at once.
@@ -36,19 +42,16 @@ def test_cached_passes_give_the_full_forward_hidden_states(attention):
 
 @pytest.mark.parametrize("attention", IMPLEMENTATIONS)
 def test_greedy_tokens_with_the_cache_equal_those_of_full_forwards(attention):
-    model = tiny(attention)
-    idx = torch.randint(0, 97, (3, 4))
-    new = BLOCK_SIZE - 4 + 1  # the last of them is predicted from exactly block_size tokens
+    model = tiny(attention, sharp=True)
+    idx = torch.randint(0, 97, (3, 11))
+    new = BLOCK_SIZE - 11 + 1  # the last of them is predicted from exactly block_size tokens
     cached = model.generate(idx, new, temperature=0)
     assert torch.equal(cached, model.generate(idx, new, temperature=0, use_cache=False))
-    assert cached.shape == (3, 4 + new)
+    assert cached.shape == (3, 11 + new)
 
 
 def test_past_block_size_the_cache_is_refilled_from_the_last_half():
-    model = tiny()
-    with torch.no_grad():  # larger weights make the tokens depend more on the context, so a wrong window shows
-        for p in model.parameters():
-            p.mul_(5 if p.dim() == 2 else 1)
+    model = tiny(sharp=True)
     prompt = torch.randint(0, 97, (2, 5))
 
     def sampler():
