@@ -33,8 +33,8 @@ class LayerKV:
 
 @dataclass
 class KVCache:
-    """The keys and values of every layer for the tokens seen so far, so that each new token runs through the model
-    alone (see GPT.hidden_states)."""
+    """The keys and values of every layer for the tokens seen so far (GPT.new_cache makes one), so that each new token
+    runs through the model alone (see GPT.hidden_states)."""
     layers: list[LayerKV]
 
     @property
