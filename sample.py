@@ -1,5 +1,7 @@
 """Sample text from a checkpoint written by train.py, printing tokens as they come.
 
+The samples are drawn as one batch: the first is printed as it is generated, the others once all are done.
+
     python sample.py --prompt "def fibonacci(n):" --num-samples 3 --max-new-tokens 200
 """
 from dataclasses import dataclass
@@ -22,7 +24,7 @@ class SampleOptions:
                              metavar="PATH", group="sampling")
     prompt: str = option("", "text to continue (empty: start a new document)")
     prompt_file: str | None = option(None, "read the prompt from this file instead", metavar="FILE")
-    num_samples: int = option(1, "how many samples to draw")
+    num_samples: int = option(1, "how many samples to draw (as one batch)")
     max_new_tokens: int = option(200, "tokens to generate per sample (fewer if the document ends)")
     temperature: float = option(0.8, "softmax temperature; 0 always picks the most likely token", metavar="T")
     top_k: int | None = option(200, "sample among the k most likely tokens only; none for all", metavar="K")
@@ -64,13 +66,15 @@ def main(argv: list[str] | None = None) -> None:
 
     context = prompt_ids(tokenizer, prompt, config.block_size)
     generator = torch.Generator(device).manual_seed(opts.seed)
-    for i in range(opts.num_samples):
-        if opts.num_samples > 1:
-            print(f"--- sample {i + 1} ---")
-        print(prompt, end="", flush=True)
-        with autocast(dtype, device):
-            stream_text(model, tokenizer, context, opts.max_new_tokens, device, temperature=opts.temperature,
-                        top_k=opts.top_k, top_p=opts.top_p, generator=generator)
+    if opts.num_samples > 1:
+        print("--- sample 1 ---")
+    print(prompt, end="", flush=True)
+    with autocast(dtype, device):
+        texts = stream_text(model, tokenizer, context, opts.max_new_tokens, device, num_samples=opts.num_samples,
+                            temperature=opts.temperature, top_k=opts.top_k, top_p=opts.top_p, generator=generator)
+    for i, text in enumerate(texts[1:], start=2):
+        print(f"--- sample {i} ---")
+        print(prompt + text)
 
 
 def check_sampling_options(opts: SampleOptions) -> None:

@@ -6,12 +6,44 @@ it, or a named alternative ("sdpa": PyTorch's fused attention). All compute the 
 them to the reference.
 """
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
 from tritongpt import kernels
 from tritongpt.model.config import GPTConfig
+
+
+@dataclass
+class LayerKV:
+    """One layer's keys and values, (B, n_head, block_size, head_dim) each, allocated once; the first `length`
+    positions hold those of the tokens seen so far."""
+    k: torch.Tensor
+    v: torch.Tensor
+    length: int = 0
+
+    def extend(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the keys and values (B, n_head, T, head_dim) of the next T positions; return all so far."""
+        start, self.length = self.length, self.length + k.shape[2]
+        self.k[:, :, start:self.length] = k
+        self.v[:, :, start:self.length] = v
+        return self.k[:, :, :self.length], self.v[:, :, :self.length]
+
+
+@dataclass
+class KVCache:
+    """The keys and values of every layer for the tokens seen so far (GPT.new_cache makes one), so that each new token
+    runs through the model alone (see GPT.hidden_states)."""
+    layers: list[LayerKV]
+
+    @property
+    def length(self) -> int:
+        return self.layers[0].length
+
+    def clear(self) -> None:
+        for layer in self.layers:
+            layer.length = 0
 
 
 class AddLayerNorm(nn.Module):
@@ -39,12 +71,21 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
-        self.attend = kernels.OPS["attention_qkvpacked"].implementations[config.attention]
+        self.attend_packed = kernels.OPS["attention_qkvpacked"].implementations[config.attention]
+        self.attend = kernels.OPS["attention"].implementations[config.attention]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The fused projection [q | k | v] goes to the attention whole, which splits and merges the heads (the Triton
-        # kernel as views, and its backward writes one gradient for the three): (B, T, 3C) -> (B, T, C).
-        y = self.attend(self.c_attn(x), self.n_head, causal=True)
+    def forward(self, x: torch.Tensor, kv: LayerKV | None = None) -> torch.Tensor:
+        if kv is None:
+            # The fused projection [q | k | v] goes to the attention whole, which splits and merges the heads (the
+            # Triton kernel as views, and its backward writes one gradient for the three): (B, T, 3C) -> (B, T, C).
+            y = self.attend_packed(self.c_attn(x), self.n_head, causal=True)
+        else:
+            B, T, C = x.shape
+            q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+                       for t in self.c_attn(x).split(C, dim=2))
+            # The T new queries attend to the cached positions too; the causal mask is aligned to the last key.
+            k, v = kv.extend(k, v)
+            y = self.attend(q, k, v, causal=True).transpose(1, 2).reshape(B, T, C)
         return self.dropout(self.c_proj(y))
 
 
@@ -72,11 +113,11 @@ class Block(nn.Module):
         self.ln_2 = AddLayerNorm(config.n_embd, config.bias, config.layernorm)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, update: torch.Tensor | None):
+    def forward(self, x: torch.Tensor, update: torch.Tensor | None, kv: LayerKV | None = None):
         # Each residual add is left to the LayerNorm after it, which adds and normalises in one pass: ln_1 adds the
         # previous block's MLP output (update), and this block's goes on to the next block's ln_1 (or to ln_f).
         h, x = self.ln_1(x, update)
-        h, x = self.ln_2(x, self.attn(h))
+        h, x = self.ln_2(x, self.attn(h, kv))
         return x, self.mlp(h)
 
 
@@ -111,19 +152,39 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def hidden_states(self, idx: torch.Tensor) -> torch.Tensor:
-        """The final LayerNorm's output (B, T, n_embd) for token ids idx (B, T): what the LM head reads."""
+    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """The final LayerNorm's output (B, T, n_embd) for token ids idx (B, T): what the LM head reads. With a cache,
+        idx continues the cache.length tokens it holds: they sit at the positions after them, attend to the cached
+        keys and values, and add their own to the cache."""
         B, T = idx.shape
-        if T > self.config.block_size:
-            raise ValueError(f"sequence of length {T} is longer than the model's block_size "
-                             f"{self.config.block_size}; crop it to the last {self.config.block_size} tokens")
-        pos = torch.arange(T, device=idx.device)
+        start = 0 if cache is None else cache.length
+        if start + T > self.config.block_size:
+            if cache is None:
+                raise ValueError(f"sequence of length {T} is longer than the model's block_size "
+                                 f"{self.config.block_size}; crop it to the last {self.config.block_size} tokens")
+            raise ValueError(f"{T} tokens after the {start} in the cache pass the model's block_size "
+                             f"{self.config.block_size}; clear the cache and pass the last tokens again")
+        pos = torch.arange(start, start + T, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         update = None
-        for block in self.transformer.h:
-            x, update = block(x, update)
+        layers = [None] * len(self.transformer.h) if cache is None else cache.layers
+        for block, kv in zip(self.transformer.h, layers):
+            x, update = block(x, update, kv)
         h, _ = self.transformer.ln_f(x, update)
         return h
+
+    def new_cache(self, batch_size: int) -> KVCache:
+        """An empty KVCache for batch_size sequences, in the dtype of the keys it will hold: the autocast dtype where
+        autocast is on (so call this inside the autocast region the model runs in), else the weights' dtype."""
+        c = self.config
+        device = self.lm_head.weight.device
+        if torch.is_autocast_enabled(device.type):
+            dtype = torch.get_autocast_dtype(device.type)
+        else:
+            dtype = self.lm_head.weight.dtype
+        shape = (batch_size, c.n_head, c.block_size, c.head_dim)
+        return KVCache([LayerKV(torch.empty(shape, dtype=dtype, device=device),
+                                torch.empty(shape, dtype=dtype, device=device)) for _ in range(c.n_layer)])
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, return_logits: bool | None = None):
         """(logits, loss) for token ids idx (B, T).
@@ -165,19 +226,39 @@ class GPT(nn.Module):
     @torch.no_grad()
     def generate_tokens(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                         top_k: int | None = None, top_p: float | None = None,
-                        generator: torch.Generator | None = None):
-        """Yield (B,) tensors of new tokens, one position at a time, continuing idx (B, T). The context is cropped
-        to the last block_size tokens. temperature 0 picks the most likely token."""
+                        generator: torch.Generator | None = None, use_cache: bool = True):
+        """Yield (B,) tensors of new tokens, one position at a time, continuing idx (B, T). temperature 0 picks the
+        most likely token.
+
+        With use_cache (the default) a first pass over the context fills a KVCache, and each new token then runs
+        through the model alone. Without it every token reads its whole context again: the same tokens while the
+        sequence fits in block_size, at a cost that grows with the context.
+
+        The learned positions stop at block_size, so a longer sequence is predicted from its last tokens only.
+        Without the cache, each token sees the last block_size tokens. With it, once the cache is full it is refilled
+        from the last half of block_size (rounded up), in one pass, and decoding goes on from there: a token past
+        block_size sees between that half and block_size tokens, and a refill comes once every half block_size
+        tokens. A context longer than block_size is cropped to its last block_size tokens either way."""
+        block_size = self.config.block_size
+        refill = (block_size + 1) // 2
+        cache = self.new_cache(idx.shape[0]) if use_cache else None
         for _ in range(max_new_tokens):
-            context = idx[:, -self.config.block_size:]
-            logits = self.lm_head(self.hidden_states(context)[:, -1, :])  # the last position's alone
+            if cache is None or cache.length == 0:
+                context = idx[:, -block_size:]
+            elif cache.length < block_size:
+                context = idx[:, -1:]  # the newest token: the cache holds those before it
+            else:
+                cache.clear()
+                context = idx[:, -refill:]
+            logits = self.lm_head(self.hidden_states(context, cache)[:, -1, :])  # the last position's alone
             next_token = sample_next_token(logits.float(), temperature, top_k, top_p, generator)
             idx = torch.cat([idx, next_token[:, None]], dim=1)
             yield next_token
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, **sampling) -> torch.Tensor:
-        """idx (B, T) followed by max_new_tokens sampled tokens."""
+        """idx (B, T) followed by max_new_tokens sampled tokens (generate_tokens says how, and takes the same
+        keywords)."""
         new = list(self.generate_tokens(idx, max_new_tokens, **sampling))
         return torch.cat([idx, torch.stack(new, dim=1)], dim=1) if new else idx
 

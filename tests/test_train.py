@@ -194,6 +194,24 @@ def test_a_diverging_run_stops_and_keeps_its_last_good_checkpoint(finished_run, 
     assert not (fresh / "ckpt.pt").exists()
 
 
+def test_sample_draws_its_samples_as_one_batch(finished_run):
+    out, _ = finished_run
+
+    def sample(*flags: str) -> str:
+        result = run("sample.py", "--checkpoint", str(out), "--prompt", "def add", "--max-new-tokens", "8", *flags)
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    # Greedy: each row of the batch continues the prompt as a lone sample does.
+    one = sample("--temperature", "0")
+    assert one.startswith("def add")
+    assert sample("--temperature", "0", "--num-samples", "3") == "".join(f"--- sample {i} ---\n{one}" for i in (1, 2, 3))
+    # Sampled: each row draws its own tokens.
+    texts = re.split(r"--- sample \d ---\n", sample("--num-samples", "3"))
+    assert texts[0] == "" and len(texts) == 4 and len(set(texts[1:])) == 3
+    assert all(text.startswith("def add") for text in texts[1:])
+
+
 def test_sampling_needs_no_dataset_and_refuses_a_diverged_checkpoint(finished_run, tiny_dataset, tmp_path):
     out, _ = finished_run
     moved = tmp_path / "moved"
