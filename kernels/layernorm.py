@@ -214,15 +214,16 @@ def _as_rows(t: torch.Tensor, N: int) -> torch.Tensor:
 
 
 def _normalize(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None,
-               eps: float, y: torch.Tensor, summed: torch.Tensor | None, mean: torch.Tensor, rstd: torch.Tensor) -> None:
+               eps: float, y: torch.Tensor, summed: torch.Tensor | None, mean: torch.Tensor, rstd: torch.Tensor,
+               on_gpu: bool) -> None:
     """Write y = LayerNorm(x (+ residual)) and each row's mean and rstd, and summed = x + residual when there is a
-    residual."""
+    residual, with the launch configuration for a GPU (on_gpu) or the interpreter."""
     N = x.shape[-1]
     x2 = _as_rows(x, N)
     n_rows = x2.shape[0]
     r2 = _as_rows(residual, N) if residual is not None else x2
     if n_rows:
-        cfg = _launch_config(N, n_rows, x.is_cuda)
+        cfg = _launch_config(N, n_rows, on_gpu)
         _layer_norm_fwd_kernel[(triton.cdiv(n_rows, cfg["BLOCK_M"]),)](
             x2, r2, weight, bias if bias is not None else weight, y, summed if summed is not None else y, mean, rstd,
             x2.stride(0), r2.stride(0), n_rows, N, eps,
@@ -243,7 +244,7 @@ def _layer_norm_outputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
 def _layer_norm_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                         eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     y, mean, rstd = _layer_norm_outputs(x, weight, bias, eps)
-    _normalize(x, None, weight, bias, eps, y, None, mean, rstd)
+    _normalize(x, None, weight, bias, eps, y, None, mean, rstd, x.is_cuda)
     return y, mean, rstd
 
 
@@ -258,7 +259,7 @@ def _add_layer_norm_outputs(x: torch.Tensor, residual: torch.Tensor, weight: tor
 def _add_layer_norm_forward(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                             eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     y, summed, mean, rstd = _add_layer_norm_outputs(x, residual, weight, bias, eps)
-    _normalize(x, residual, weight, bias, eps, y, summed, mean, rstd)
+    _normalize(x, residual, weight, bias, eps, y, summed, mean, rstd, x.is_cuda)
     return y, summed, mean, rstd
 
 
@@ -269,16 +270,14 @@ def _backward_outputs(dy: torch.Tensor, dsummed: torch.Tensor | None, summed: to
             torch.empty_like(weight))
 
 
-@kernel_op("layer_norm_backward", fake=_backward_outputs)
-def _layer_norm_backward(dy: torch.Tensor, dsummed: torch.Tensor | None, summed: torch.Tensor, weight: torch.Tensor,
-                         mean: torch.Tensor, rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The gradients of the norm's input (plus dsummed, the gradient arriving at add_layer_norm's `summed`), weight and
-    bias."""
+def _run_backward(dy: torch.Tensor, dsummed: torch.Tensor | None, summed: torch.Tensor, weight: torch.Tensor,
+                  mean: torch.Tensor, rstd: torch.Tensor, on_gpu: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The backward operator's work, launched with the configuration for a GPU (on_gpu) or the interpreter."""
     N = summed.shape[-1]
     s2, dy2 = _as_rows(summed, N), _as_rows(dy, N)
     ds2 = _as_rows(dsummed, N) if dsummed is not None else dy2
     n_rows = s2.shape[0]
-    cfg = _launch_config(N, n_rows, dy.is_cuda)
+    cfg = _launch_config(N, n_rows, on_gpu)
     programs = _backward_programs(dy.device, triton.cdiv(n_rows, cfg["BLOCK_M"])) if n_rows else 0
     # A chunked row adds into its partial sums, so they start at zero; a whole row stores them once.
     alloc = torch.empty if cfg["SINGLE_BLOCK"] else torch.zeros
@@ -291,6 +290,14 @@ def _layer_norm_backward(dy: torch.Tensor, dsummed: torch.Tensor | None, summed:
             s2.stride(0), dy2.stride(0), ds2.stride(0), n_rows, N,
             HAS_DSUMMED=dsummed is not None, **cfg)
     return dx, dw_partial.sum(dim=0).to(weight.dtype), db_partial.sum(dim=0).to(weight.dtype)
+
+
+@kernel_op("layer_norm_backward", fake=_backward_outputs)
+def _layer_norm_backward(dy: torch.Tensor, dsummed: torch.Tensor | None, summed: torch.Tensor, weight: torch.Tensor,
+                         mean: torch.Tensor, rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients of the norm's input (plus dsummed, the gradient arriving at add_layer_norm's `summed`), weight and
+    bias."""
+    return _run_backward(dy, dsummed, summed, weight, mean, rstd, dy.is_cuda)
 
 
 def _save(ctx, summed, weight, bias, mean, rstd) -> None:
