@@ -181,7 +181,7 @@ def mlp_compiles(dtype_name: str, approximate: str, options: mlp.MLPOptions) -> 
     tanh = approximate == "tanh"
 
     def train_step():
-        y, _, _ = mlp._gelu_mlp_forward(x, w1, b1, w2, b2, tanh, options.plain_matmul, options.recompute_h)
+        y, _, _ = mlp._gelu_mlp_forward(x, w1, b1, w2, b2, tanh, options.plain_matmul)
         y.backward(torch.empty_like(y))
 
     def inference():
@@ -193,8 +193,7 @@ def mlp_compiles(dtype_name: str, approximate: str, options: mlp.MLPOptions) -> 
         return mlp_mm(a, b, bias, plain_matmul) if plain_matmul == "triton" else a.new_empty(a.shape[0], b.shape[1])
 
     label = (f"{dtype_name} {approximate} M={TOKENS} D={WIDTH} H={HIDDEN}"
-             f"{' triton-matmuls' if options.plain_matmul == 'triton' else ''}"
-             f"{' recompute-h' if options.recompute_h else ''}")
+             f"{' triton-matmuls' if options.plain_matmul == 'triton' else ''}")
     mlp_mm, mlp._mm = mlp._mm, unwritten_unless_triton
     try:
         return compiles(label, train_step) + compiles(label + " inference", inference)
@@ -223,8 +222,8 @@ def all_compiles(fast: bool) -> list[Compile]:
         cases = ([attention_compiles(d, t, c) for d in (32, 64, 128, 256) for t in DTYPES for c in (True, False)]
                  + [layer_norm_compiles(n, t, r, b) for n in (768, 1024, 4096, 8192, 65536) for t in DTYPES
                     for r in (True, False) for b in (True, False)]
-                 + [mlp_compiles(t, a, mlp.MLPOptions(plain_matmul=p, recompute_h=h)) for t in DTYPES
-                    for a in ("tanh", "none") for p in ("torch", "triton") for h in (False, True)]
+                 + [mlp_compiles(t, a, mlp.MLPOptions(plain_matmul=p)) for t in DTYPES for a in ("tanh", "none")
+                    for p in ("torch", "triton")]
                  + [linear_cross_entropy_compiles(t) for t in DTYPES])
     return dedupe([c for case in cases for c in case])
 
