@@ -102,14 +102,15 @@ _NONE, _BIAS_GELU, _GELU_GRAD = 0, 1, 2  # the epilogues
 # to 3.9 (bench/gpu_compile.py checks it): 128x256, 256x128 and 64x256 tiles, and 128x128 with 4 warps, spill in the
 # GELU epilogues, whose fp32 accumulator shares the registers with pre or GELU'. Under the interpreter one tile, 64x64x32: it runs programs one after
 # another at a Python-overhead cost per operation per program, nearly independent of the tile size, so fewer, larger
-# tiles test fastest (the tests' sizes are still not multiples of it). The key holds the shape, the operand layouts
-# (strides) and the epilogue. Every output is written, never accumulated into, so the autotuner's trial launches are
+# tiles test fastest (the tests' sizes are still not multiples of it). The key holds the shape, with M rounded up to a
+# power of two (generating text grows M by one row per token, and tuning again at every length would cost more than
+# it gains), the operand layouts (strides) and the epilogue. Every output is written, never accumulated into, so the autotuner's trial launches are
 # harmless.
 _GPU_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=s)
                 for m, n, k, w, s in [(128, 128, 64, 8, 4), (128, 64, 64, 4, 4)]]
 _INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 2}, num_warps=4,
                                     num_stages=1)
-_AUTOTUNE_KEY = ["M", "N", "K", "stride_am", "stride_ak", "stride_bk", "stride_bn",
+_AUTOTUNE_KEY = ["M_KEY", "N", "K", "stride_am", "stride_ak", "stride_bk", "stride_bn",
                  "EPILOGUE", "HAS_BIAS", "STORE_AUX", "BIAS_GRAD", "TANH"]
 
 
@@ -123,6 +124,7 @@ _BIAS_GRAD_ROWS = 32 if interpreting() else 64
 @triton.jit
 def _matmul_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, aux_ptr, bias_grad_ptr,
                    M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
+                   M_KEY,                       # M rounded up to a power of two: read by the autotuner only
                    EPILOGUE: tl.constexpr,      # _NONE, _BIAS_GELU or _GELU_GRAD
                    HAS_BIAS: tl.constexpr,      # add bias (N,) to the product before the epilogue
                    STORE_AUX: tl.constexpr,     # _BIAS_GELU: also store pre = A @ B + bias into aux
@@ -226,7 +228,7 @@ def _launch(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, epilogue: int, bi
     _matmul_kernel[grid](
         a, b, c,
         c if bias is None else bias, c if aux is None else aux, c if bias_grad is None else bias_grad,
-        M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+        M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1), triton.next_power_of_2(M),
         EPILOGUE=epilogue, HAS_BIAS=bias is not None, STORE_AUX=epilogue == _BIAS_GELU and aux is not None,
         BIAS_GRAD=bias_grad is not None, BIAS_GRAD_ROWS=_BIAS_GRAD_ROWS, TANH=tanh,
         DOT_FP32=interpreting() and a.dtype == torch.bfloat16, INDEX_64=index_64,

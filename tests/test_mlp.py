@@ -87,6 +87,26 @@ def test_parity_some_gradients(device, requires_grad):
     _check_parity(device, torch.float16, requires_grad=requires_grad)
 
 
+def test_autotuner_key_buckets_rows(device, monkeypatch):
+    """Generating text grows M by one row per token: the matmul's autotuning key must not, or the autotuner would
+    benchmark its tiles again at every length. M = 17..32 share one key; 33 starts the next."""
+    kernel = mlp_module._matmul_kernel
+    keys = {}
+    run = kernel.run
+
+    def record(*args, **kwargs):
+        named = {**dict(zip(kernel.arg_names, args)), **kwargs}
+        keys[named["M"]] = tuple(named[name] for name in kernel.keys)
+        return run(*args, **kwargs)
+
+    monkeypatch.setattr(kernel, "run", record)
+    params, _ = make_inputs((33,), 8, 16, 8, device)
+    for rows in range(17, 34):
+        gelu_mlp(params["x"][:rows], *list(params.values())[1:])
+    assert len({keys[rows] for rows in range(17, 33)}) == 1
+    assert keys[33] != keys[32]
+
+
 def test_options_take_effect(device, monkeypatch):
     """The variant's parity holds only if the option reaches the implementation: plain_matmul="triton" sends the four
     unfused matmuls through the Triton kernel too; either way the forward saves pre and h."""
