@@ -122,30 +122,39 @@ def _store_dx(DX, DS, xhat, g, c1, c2, rstd, rows, cols, stride_ds, N, mask, HAS
 # Backward, per row, with xhat = (s - mean) * rstd and g = w * dy:
 #   dx = rstd * (g - mean(g) - xhat * mean(g * xhat))        (+ the gradient arriving at `summed`)
 #   dw = sum over rows of dy * xhat,  db = sum over rows of dy
-# Program p takes row blocks p, p + P, p + 2P, ... and sums its dw and db in fp32 into row p of DWp and DBp;
-# no two programs touch one address, so no locks or atomics and a fixed summation order. A row that fits one
-# block is read once and the partial sums stay in registers. A wider row is read twice (once for mean(g) and
-# mean(g * xhat), once for dx), and the partial sums are added chunk by chunk into the program's own
-# zero-initialised row of DWp/DBp: each thread reads back only addresses it wrote itself.
+# Program p takes row blocks p, p + P, p + 2P, ... and sums its dw and db in fp32 registers, storing them once into
+# row p of DWp and DBp: no two programs touch one address, and no address is read back, so no locks or atomics and
+# a fixed summation order. A row that fits one block is read once. A wider row is read twice, in two phases: the
+# first sweeps the program's row blocks, chunk by chunk, for mean(g) and mean(g * xhat), which it stores per row
+# in C1 and C2; the second sweeps chunk by chunk, and within a chunk over the program's row blocks, writing dx and
+# summing that chunk's dw and db in registers. A barrier between them makes every thread's C1 and C2 stores
+# visible to all threads of the program.
 @triton.jit
-def _layer_norm_bwd_kernel(S, W, Mean, Rstd, DY, DS, DX, DWp, DBp,
+def _row_block(Mean, Rstd, first_row, n_rows, BLOCK_M: tl.constexpr):
+    """rows (int64), their mask, mean and rstd for the row block starting at first_row."""
+    rows = first_row + tl.arange(0, BLOCK_M)
+    row_mask = rows < n_rows
+    rows = rows.to(tl.int64)
+    mean = tl.load(Mean + rows, mask=row_mask, other=0.0)
+    rstd = tl.load(Rstd + rows, mask=row_mask, other=0.0)
+    return rows, row_mask, mean, rstd
+
+
+@triton.jit
+def _layer_norm_bwd_kernel(S, W, Mean, Rstd, DY, DS, DX, DWp, DBp, C1, C2,
                            stride_s, stride_dy, stride_ds, n_rows, N,
                            HAS_DSUMMED: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_BLOCK: tl.constexpr):
     pid = tl.program_id(0)
+    step = tl.num_programs(0) * BLOCK_M
     cols = tl.arange(0, BLOCK_N)
     partial = pid.to(tl.int64) * N + cols
     if SINGLE_BLOCK:
         w = tl.load(W + cols, mask=cols < N, other=0.0).to(tl.float32)
         dw = tl.zeros((BLOCK_N,), dtype=tl.float32)
         db = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for first_row in range(pid * BLOCK_M, n_rows, tl.num_programs(0) * BLOCK_M):
-        rows = first_row + tl.arange(0, BLOCK_M)
-        row_mask = rows < n_rows
-        rows = rows.to(tl.int64)
-        mean = tl.load(Mean + rows, mask=row_mask, other=0.0)
-        rstd = tl.load(Rstd + rows, mask=row_mask, other=0.0)
-        if SINGLE_BLOCK:
+        for first_row in range(pid * BLOCK_M, n_rows, step):
+            rows, row_mask, mean, rstd = _row_block(Mean, Rstd, first_row, n_rows, BLOCK_M)
             mask = row_mask[:, None] & (cols < N)[None, :]
             xhat, dy, g = _grad_terms(S, DY, w, rows, cols, stride_s, stride_dy, mean, rstd, mask)
             c1 = tl.sum(xhat * g, axis=1) / N
@@ -153,7 +162,11 @@ def _layer_norm_bwd_kernel(S, W, Mean, Rstd, DY, DS, DX, DWp, DBp,
             _store_dx(DX, DS, xhat, g, c1, c2, rstd, rows, cols, stride_ds, N, mask, HAS_DSUMMED)
             dw += tl.sum(dy * xhat, axis=0)
             db += tl.sum(dy, axis=0)
-        else:
+        tl.store(DWp + partial, dw, mask=cols < N)
+        tl.store(DBp + partial, db, mask=cols < N)
+    else:
+        for first_row in range(pid * BLOCK_M, n_rows, step):
+            rows, row_mask, mean, rstd = _row_block(Mean, Rstd, first_row, n_rows, BLOCK_M)
             c1 = tl.zeros((BLOCK_M,), dtype=tl.float32)
             c2 = tl.zeros((BLOCK_M,), dtype=tl.float32)
             for start in range(0, N, BLOCK_N):
@@ -163,21 +176,25 @@ def _layer_norm_bwd_kernel(S, W, Mean, Rstd, DY, DS, DX, DWp, DBp,
                 xhat, dy, g = _grad_terms(S, DY, w, rows, start + cols, stride_s, stride_dy, mean, rstd, mask)
                 c1 += tl.sum(xhat * g, axis=1)
                 c2 += tl.sum(g, axis=1)
-            c1 /= N
-            c2 /= N
-            for start in range(0, N, BLOCK_N):
-                col_mask = start + cols < N
+            tl.store(C1 + rows, c1 / N, mask=row_mask)
+            tl.store(C2 + rows, c2 / N, mask=row_mask)
+        tl.debug_barrier()
+        for start in range(0, N, BLOCK_N):
+            col_mask = start + cols < N
+            w = tl.load(W + start + cols, mask=col_mask, other=0.0).to(tl.float32)
+            dw = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            db = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            for first_row in range(pid * BLOCK_M, n_rows, step):
+                rows, row_mask, mean, rstd = _row_block(Mean, Rstd, first_row, n_rows, BLOCK_M)
+                c1 = tl.load(C1 + rows, mask=row_mask, other=0.0)
+                c2 = tl.load(C2 + rows, mask=row_mask, other=0.0)
                 mask = row_mask[:, None] & col_mask[None, :]
-                w = tl.load(W + start + cols, mask=col_mask, other=0.0).to(tl.float32)
                 xhat, dy, g = _grad_terms(S, DY, w, rows, start + cols, stride_s, stride_dy, mean, rstd, mask)
                 _store_dx(DX, DS, xhat, g, c1, c2, rstd, rows, start + cols, stride_ds, N, mask, HAS_DSUMMED)
-                dwp = tl.load(DWp + partial + start, mask=col_mask)
-                tl.store(DWp + partial + start, dwp + tl.sum(dy * xhat, axis=0), mask=col_mask)
-                dbp = tl.load(DBp + partial + start, mask=col_mask)
-                tl.store(DBp + partial + start, dbp + tl.sum(dy, axis=0), mask=col_mask)
-    if SINGLE_BLOCK:
-        tl.store(DWp + partial, dw, mask=cols < N)
-        tl.store(DBp + partial, db, mask=cols < N)
+                dw += tl.sum(dy * xhat, axis=0)
+                db += tl.sum(dy, axis=0)
+            tl.store(DWp + partial + start, dw, mask=col_mask)
+            tl.store(DBp + partial + start, db, mask=col_mask)
 
 
 @functools.lru_cache
@@ -279,14 +296,15 @@ def _run_backward(dy: torch.Tensor, dsummed: torch.Tensor | None, summed: torch.
     n_rows = s2.shape[0]
     cfg = _launch_config(N, n_rows, on_gpu)
     programs = _backward_programs(dy.device, triton.cdiv(n_rows, cfg["BLOCK_M"])) if n_rows else 0
-    # A chunked row adds into its partial sums, so they start at zero; a whole row stores them once.
-    alloc = torch.empty if cfg["SINGLE_BLOCK"] else torch.zeros
-    dw_partial = alloc((programs, N), dtype=torch.float32, device=dy.device)
-    db_partial = alloc((programs, N), dtype=torch.float32, device=dy.device)
+    dw_partial = torch.empty((programs, N), dtype=torch.float32, device=dy.device)
+    db_partial = torch.empty((programs, N), dtype=torch.float32, device=dy.device)
+    # mean(g) and mean(g * xhat) per row, kept between the two phases of a chunked row (unused for a whole row)
+    c1, c2 = (torch.empty(0 if cfg["SINGLE_BLOCK"] else n_rows, dtype=torch.float32, device=dy.device)
+              for _ in range(2))
     dx, _, _ = _backward_outputs(dy, dsummed, summed, weight, mean, rstd)
     if n_rows:
         _layer_norm_bwd_kernel[(programs,)](
-            s2, weight, mean, rstd, dy2, ds2, dx, dw_partial, db_partial,
+            s2, weight, mean, rstd, dy2, ds2, dx, dw_partial, db_partial, c1, c2,
             s2.stride(0), dy2.stride(0), ds2.stride(0), n_rows, N,
             HAS_DSUMMED=dsummed is not None, **cfg)
     return dx, dw_partial.sum(dim=0).to(weight.dtype), db_partial.sum(dim=0).to(weight.dtype)

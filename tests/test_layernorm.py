@@ -62,6 +62,13 @@ def test_add_layer_norm_parity(width, dtype, dims, with_bias, device):
     _add_layer_norm_parity((*_leading_shape(width, dims), width), dtype, device, with_bias)
 
 
+def test_chunked_rows_several_row_blocks_per_program(device):
+    """Rows wider than a block, and enough of them that a backward program sums dweight and dbias over several row
+    blocks chunk by chunk (under the interpreter: 16-row blocks, two programs)."""
+    torch.manual_seed(5)
+    _add_layer_norm_parity((40, 4097), torch.float32, device, with_bias=True)
+
+
 def test_add_layer_norm_normalises_the_rounded_sum(device):
     """normed is LayerNorm of the fp16 `summed` it returns, not of the unrounded fp32 sum."""
     torch.manual_seed(1)
