@@ -1,7 +1,10 @@
 """LayerNorm over the last dimension, alone and with the residual add fused in: Triton kernels and references.
 
-`add_layer_norm(x, residual, ...)` returns (LayerNorm(x + residual), x + residual) from one read of x and residual,
-so a transformer block's residual stream and its next LayerNorm share one pass over the activations.
+`add_layer_norm(update, stream, ...)` returns (LayerNorm(stream + update), stream + update) from one read of each,
+so a transformer block's residual stream and its next LayerNorm share one pass over the activations. The update may
+have another dtype than the stream (a bf16 sub-layer output added to an fp32 stream under autocast): the sum is
+rounded to the stream's dtype, and the normalised output is written in out_dtype (default: the stream's), the dtype
+the next matmul reads, so that neither the update nor the output takes a separate cast pass.
 `layer_norm` is the same kernels with the residual switched off (a constexpr flag).
 
 Layout: any leading shape is viewed as (rows, N) with `reshape`, which copies only when the rows cannot be
@@ -19,29 +22,31 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from tritongpt.kernels._common import check_tensors, kernel_op
+from tritongpt.kernels._common import SUPPORTED_DTYPES, check_tensors, kernel_op
 
 
 def layer_norm_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                         eps: float = 1e-5) -> torch.Tensor:
-    return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
+                         eps: float = 1e-5, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    return F.layer_norm(x, x.shape[-1:], weight, bias, eps).to(out_dtype or x.dtype)
 
 
-def add_layer_norm_reference(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                             bias: torch.Tensor | None = None, eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
-    """(LayerNorm(x + residual), x + residual)."""
-    summed = x + residual
-    return F.layer_norm(summed, summed.shape[-1:], weight, bias, eps), summed
+def add_layer_norm_reference(update: torch.Tensor, stream: torch.Tensor, weight: torch.Tensor,
+                             bias: torch.Tensor | None = None, eps: float = 1e-5,
+                             out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(LayerNorm(stream + update) in out_dtype (default: stream's), stream + update in stream's dtype)."""
+    summed = (stream + update).to(stream.dtype)
+    return layer_norm_reference(summed, weight, bias, eps, out_dtype), summed
 
 
 @triton.jit
 def _load_input(X, R, rows, cols, stride_x, stride_r, mask, HAS_RESIDUAL: tl.constexpr):
-    """A tile of the LayerNorm's input in fp32: x, or x + residual rounded to the input dtype, which is the value
-    add_layer_norm returns as `summed`, so that normed == LayerNorm(summed) as the reference computes it."""
+    """A tile of the LayerNorm's input in fp32: x, or x + residual rounded to the residual's (the stream's) dtype,
+    which is the value add_layer_norm returns as `summed`, so that normed == LayerNorm(summed) as the reference
+    computes it."""
     s = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
         r = tl.load(R + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        s = (s + r).to(X.dtype.element_ty).to(tl.float32)
+        s = (s + r).to(R.dtype.element_ty).to(tl.float32)
     return s
 
 
@@ -251,32 +256,34 @@ def _normalize(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Ten
 # custom_op: here the launch configuration is cached per shape and the backward's grid is sized by the SM count).
 # The forward has two operators, since an operator's outputs never alias its inputs: layer_norm saves its input x for
 # the backward, add_layer_norm the sum it returns. Both save fp32 mean and rstd, and share one backward operator.
-def _layer_norm_outputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float):
-    """(y, mean, rstd), unwritten."""
+def _layer_norm_outputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float,
+                        out_dtype: torch.dtype):
+    """(y in out_dtype, mean, rstd), unwritten."""
     mean = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
-    return torch.empty(x.shape, dtype=x.dtype, device=x.device), mean, torch.empty_like(mean)
+    return torch.empty(x.shape, dtype=out_dtype, device=x.device), mean, torch.empty_like(mean)
 
 
 @kernel_op("layer_norm_forward", fake=_layer_norm_outputs)
-def _layer_norm_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                        eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    y, mean, rstd = _layer_norm_outputs(x, weight, bias, eps)
+def _layer_norm_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float,
+                        out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    y, mean, rstd = _layer_norm_outputs(x, weight, bias, eps, out_dtype)
     _normalize(x, None, weight, bias, eps, y, None, mean, rstd, x.is_cuda)
     return y, mean, rstd
 
 
-def _add_layer_norm_outputs(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                            eps: float):
-    """(y, summed, mean, rstd), unwritten."""
-    y, mean, rstd = _layer_norm_outputs(x, weight, bias, eps)
-    return y, torch.empty_like(y), mean, rstd
+def _add_layer_norm_outputs(update: torch.Tensor, stream: torch.Tensor, weight: torch.Tensor,
+                            bias: torch.Tensor | None, eps: float, out_dtype: torch.dtype):
+    """(y in out_dtype, summed in stream's dtype, mean, rstd), unwritten."""
+    y, mean, rstd = _layer_norm_outputs(stream, weight, bias, eps, out_dtype)
+    return y, torch.empty(stream.shape, dtype=stream.dtype, device=stream.device), mean, rstd
 
 
 @kernel_op("add_layer_norm_forward", fake=_add_layer_norm_outputs)
-def _add_layer_norm_forward(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                            eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    y, summed, mean, rstd = _add_layer_norm_outputs(x, residual, weight, bias, eps)
-    _normalize(x, residual, weight, bias, eps, y, summed, mean, rstd, x.is_cuda)
+def _add_layer_norm_forward(update: torch.Tensor, stream: torch.Tensor, weight: torch.Tensor,
+                            bias: torch.Tensor | None, eps: float,
+                            out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    y, summed, mean, rstd = _add_layer_norm_outputs(update, stream, weight, bias, eps, out_dtype)
+    _normalize(update, stream, weight, bias, eps, y, summed, mean, rstd, stream.is_cuda)
     return y, summed, mean, rstd
 
 
@@ -326,15 +333,16 @@ def _save(ctx, summed, weight, bias, mean, rstd) -> None:
 
 
 def _layer_norm_setup_context(ctx, inputs, output) -> None:
-    x, weight, bias, _ = inputs
+    x, weight, bias, _, _ = inputs
     _, mean, rstd = output
     _save(ctx, x, weight, bias, mean, rstd)
 
 
 def _add_layer_norm_setup_context(ctx, inputs, output) -> None:
-    _, _, weight, bias, _ = inputs
+    update, _, weight, bias, _, _ = inputs
     _, summed, mean, rstd = output
     _save(ctx, summed, weight, bias, mean, rstd)
+    ctx.update_dtype = update.dtype
 
 
 def _norm_grads(ctx, dy, dsummed):
@@ -348,25 +356,33 @@ def _norm_grads(ctx, dy, dsummed):
 
 def _layer_norm_autograd(ctx, dy, _dmean, _drstd):
     dx, dweight, dbias = _norm_grads(ctx, dy, None)
-    return dx, dweight, dbias, None
+    return dx, dweight, dbias, None, None
 
 
 def _add_layer_norm_autograd(ctx, dy, dsummed, _dmean, _drstd):
     dx, dweight, dbias = _norm_grads(ctx, dy, dsummed)
-    # x and residual enter the sum alike, so they receive the same gradient (one tensor, as for x + r).
-    return dx, dx, dweight, dbias, None
+    # update and stream enter the sum alike, so they receive the same gradient, each in its own dtype.
+    return dx.to(ctx.update_dtype), dx, dweight, dbias, None, None
 
 
 _layer_norm_forward.register_autograd(_layer_norm_autograd, setup_context=_layer_norm_setup_context)
 _add_layer_norm_forward.register_autograd(_add_layer_norm_autograd, setup_context=_add_layer_norm_setup_context)
 
 
-def _validate(op: str, x, weight, bias, residual=None) -> None:
-    check_tensors(op, x=x, weight=weight, residual=residual, bias=bias)
+def _validate(op: str, x, weight, bias, out_dtype, update=None) -> None:
+    """x is the norm's input (add_layer_norm's stream); update, add_layer_norm's other summand, may differ from it in
+    dtype only."""
+    check_tensors(op, **{"x" if update is None else "stream": x}, weight=weight, bias=bias)
+    if update is not None:
+        check_tensors(op, update=update)
+        if update.device != x.device:
+            raise ValueError(f"{op}: update is on {update.device} but stream is on {x.device}; move them to one device")
+    if out_dtype is not None and out_dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"{op}: out_dtype is {out_dtype}; supported: float16, bfloat16, float32")
     if x.dim() == 0:
         raise ValueError(f"{op}: x must have at least one dimension to normalise over")
-    if residual is not None and residual.shape != x.shape:
-        raise ValueError(f"{op}: residual has shape {tuple(residual.shape)} but x has {tuple(x.shape)}")
+    if update is not None and update.shape != x.shape:
+        raise ValueError(f"{op}: update has shape {tuple(update.shape)} but stream has {tuple(x.shape)}")
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None and t.shape != x.shape[-1:]:
             raise ValueError(f"{op}: {name} has shape {tuple(t.shape)}; expected ({x.shape[-1]},), "
@@ -379,17 +395,21 @@ def _unit_stride(weight, bias):
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-               eps: float = 1e-5) -> torch.Tensor:
-    """LayerNorm over the last dimension of x (any leading shape), in Triton; differentiable."""
-    _validate("layer_norm", x, weight, bias)
-    y, _, _ = _layer_norm_forward(x, *_unit_stride(weight, bias), float(eps))
+               eps: float = 1e-5, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """LayerNorm over the last dimension of x (any leading shape), in Triton, written in out_dtype (default: x's);
+    differentiable."""
+    _validate("layer_norm", x, weight, bias, out_dtype)
+    y, _, _ = _layer_norm_forward(x, *_unit_stride(weight, bias), float(eps), out_dtype or x.dtype)
     return y
 
 
-def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                   bias: torch.Tensor | None = None, eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
-    """(LayerNorm(x + residual), x + residual) from one pass over x and residual, in Triton; differentiable in
-    both outputs."""
-    _validate("add_layer_norm", x, weight, bias, residual)
-    y, summed, _, _ = _add_layer_norm_forward(x, residual, *_unit_stride(weight, bias), float(eps))
+def add_layer_norm(update: torch.Tensor, stream: torch.Tensor, weight: torch.Tensor,
+                   bias: torch.Tensor | None = None, eps: float = 1e-5,
+                   out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(LayerNorm(stream + update) in out_dtype (default: stream's), stream + update in stream's dtype) from one pass
+    over update and stream, in Triton; update may have another dtype than stream. Differentiable in both outputs;
+    each input's gradient comes in its own dtype."""
+    _validate("add_layer_norm", stream, weight, bias, out_dtype, update)
+    y, summed, _, _ = _add_layer_norm_forward(update, stream, *_unit_stride(weight, bias), float(eps),
+                                              out_dtype or stream.dtype)
     return y, summed
