@@ -272,7 +272,8 @@ def compile_for(c: Compile, capability: int) -> Result:
                   compiled.metadata.shared)
 
 
-def _init_worker(cache_dir: str) -> None:
+def configure_compiler(cache_dir: str) -> None:
+    """Set up this process for compile_for: compile always (into cache_dir) and print ptxas's report."""
     triton.knobs.cache.dir = cache_dir
     triton.knobs.compilation.always_compile = True  # a cached binary would come without ptxas's report
     triton.knobs.nvidia.dump_ptxas_log = True
@@ -291,9 +292,9 @@ def run(fast: bool, capabilities: list[int], jobs: int) -> list[Result]:
     work = [(i, cap) for cap in capabilities for i in range(len(_JOBS))]
     with tempfile.TemporaryDirectory() as cache_dir:
         if jobs == 1:
-            _init_worker(cache_dir)
+            configure_compiler(cache_dir)
             return [_compile_job(job) for job in work]
-        with ProcessPoolExecutor(jobs, initializer=_init_worker, initargs=(cache_dir,)) as pool:
+        with ProcessPoolExecutor(jobs, initializer=configure_compiler, initargs=(cache_dir,)) as pool:
             return list(pool.map(_compile_job, work))
 
 

@@ -42,8 +42,10 @@ def test_gpt2_kernels_compile_for_h100_without_spills_or_overflow():
 # A matmul tile too large for any GPU's shared memory (64 x 512 and 512 x 64 bf16 tiles, 4 stages), and a LayerNorm
 # row block held by one warp (256 fp32 values a thread, before the intermediates): the check must report both.
 TAMPERED = """
-import dataclasses
+import dataclasses, tempfile
 from bench import gpu_compile as g
+cache = tempfile.TemporaryDirectory()
+g.configure_compiler(cache.name)
 fast = g.all_compiles(fast=True)
 for kernel, tile in (("_matmul_kernel", dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=512, num_warps=4, num_stages=4)),
                      ("_layer_norm_fwd_kernel", dict(BLOCK_M=8, BLOCK_N=1024, num_warps=1))):
