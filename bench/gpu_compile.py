@@ -32,7 +32,7 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the JIT's default; uns
 import torch  # noqa: E402
 import triton  # noqa: E402
 
-SUPPORTED_TRITON = ((3, 6), (3, 9))  # the range whose private binder API (create_function_from_signature, _pack_args)
+SUPPORTED_TRITON = ((3, 6), (3, 9))  # where the JIT's private binder (create_function_from_signature, _pack_args) fits
 TRITON_VERSION = tuple(int(part) for part in triton.__version__.split(".")[:2])
 if not SUPPORTED_TRITON[0] <= TRITON_VERSION <= SUPPORTED_TRITON[1]:
     sys.exit(f"error: bench.gpu_compile supports triton 3.6 to 3.9, found {triton.__version__}")
@@ -284,7 +284,7 @@ def _compile_job(job: tuple[int, int]) -> Result:
     return compile_for(_JOBS[index], capability)
 
 
-_JOBS: list[Compile] = []
+_JOBS: list[Compile] = []  # what the workers compile, by index: they inherit it (forked), so a job is two ints
 
 
 def run(fast: bool, capabilities: list[int], jobs: int) -> list[Result]:
@@ -313,8 +313,8 @@ def main(argv=None) -> int:
         flag = f"  <- {r.problem}" if r.problem else ""
         print(f"{r.kernel:<{width[0]}}  {r.config:<{width[1]}}  sm_{r.capability}   {numbers}{flag}")
     problems = [r for r in results if r.problem]
-    print(f"\n{len(results)} compiles (triton {triton.__version__}, {', '.join(TARGET_NAMES[c] for c in capabilities)}): "
-          f"{len(problems)} with a problem")
+    targets = ", ".join(TARGET_NAMES[c] for c in capabilities)
+    print(f"\n{len(results)} compiles (triton {triton.__version__}, {targets}): {len(problems)} with a problem")
     return 1 if problems else 0
 
 

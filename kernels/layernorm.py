@@ -295,7 +295,8 @@ def _backward_outputs(dy: torch.Tensor, dsummed: torch.Tensor | None, summed: to
 
 
 def _run_backward(dy: torch.Tensor, dsummed: torch.Tensor | None, summed: torch.Tensor, weight: torch.Tensor,
-                  mean: torch.Tensor, rstd: torch.Tensor, on_gpu: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  mean: torch.Tensor, rstd: torch.Tensor,
+                  on_gpu: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The backward operator's work, launched with the configuration for a GPU (on_gpu) or the interpreter."""
     N = summed.shape[-1]
     s2, dy2 = _as_rows(summed, N), _as_rows(dy, N)

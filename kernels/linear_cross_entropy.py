@@ -218,7 +218,8 @@ def _forward_outputs(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tenso
 
 
 def _run_forward(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int,
-                 loss_dtype: torch.dtype, on_gpu: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                 loss_dtype: torch.dtype,
+                 on_gpu: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The forward operator's work, launched with the configuration for a GPU (on_gpu) or the interpreter."""
     N, D = x.shape
     V = weight.shape[0]

@@ -100,12 +100,12 @@ _NONE, _BIAS_GELU, _GELU_GRAD = 0, 1, 2  # the epilogues
 
 # On a GPU, the tiles that compile without spilling registers in every epilogue, for sm_90 and sm_80 with triton 3.6
 # to 3.9 (bench/gpu_compile.py checks it): 128x256, 256x128 and 64x256 tiles, and 128x128 with 4 warps, spill in the
-# GELU epilogues, whose fp32 accumulator shares the registers with pre or GELU'. Under the interpreter one tile, 64x64x32: it runs programs one after
-# another at a Python-overhead cost per operation per program, nearly independent of the tile size, so fewer, larger
-# tiles test fastest (the tests' sizes are still not multiples of it). The key holds the shape, with M rounded up to a
-# power of two (generating text grows M by one row per token, and tuning again at every length would cost more than
-# it gains), the operand layouts (strides) and the epilogue. Every output is written, never accumulated into, so the autotuner's trial launches are
-# harmless.
+# GELU epilogues, whose fp32 accumulator shares the registers with pre or GELU'. Under the interpreter one tile,
+# 64x64x32: it runs programs one after another at a Python-overhead cost per operation per program, nearly
+# independent of the tile size, so fewer, larger tiles test fastest (the tests' sizes are still not multiples of it).
+# The key holds the shape, with M rounded up to a power of two (generating text grows M by one row per token, and
+# tuning again at every length would cost more than it gains), the operand layouts (strides) and the epilogue. Every
+# output is written, never accumulated into, so the autotuner's trial launches are harmless.
 _GPU_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=s)
                 for m, n, k, w, s in [(128, 128, 64, 8, 4), (128, 64, 64, 4, 4)]]
 _INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 2}, num_warps=4,
