@@ -6,13 +6,11 @@ Cases, each timed as the median of many runs (bench.common.median_ms) over rotat
 also runs the Triton autotuner and torch.compile's compilation):
   mlp fwd        the training forward (inputs require grad, so each implementation saves what its backward needs)
   mlp fwd+bwd    forward, then the gradients of x, both weights and both biases for a fixed upstream gradient
-                 triton variants: the default; MLPOptions(recompute_h=True) (saves only pre, recomputes h in the
-                 backward); and MLPOptions(plain_matmul="triton") (the unfused matmuls in Triton instead of cuBLAS);
-                 with saved/peak memory
+                 triton variants: the default, and MLPOptions(plain_matmul="triton") (the unfused matmuls in Triton
+                 instead of cuBLAS); with saved/peak memory
   fc             x @ W1^T alone: cuBLAS's plain matmul vs the fused Triton matmul + bias + GELU (storing h and pre, as
                  in training, and h only, as in inference), and eager's matmul + bias, then GELU
-  d_pre          dy @ W2 alone: cuBLAS's plain matmul vs the fused Triton matmul * GELU'(pre) (+ the db1 partials),
-                 with and without also writing h (the recompute_h cost)
+  d_pre          dy @ W2 alone: cuBLAS's plain matmul vs the fused Triton matmul * GELU'(pre) (+ the db1 partials)
   proj           h @ W2^T + b2: cuBLAS (torch.addmm) vs the Triton kernel: the measurement behind plain_matmul
 Targets on an H100 (not tested here): mlp fwd+bwd >= 1.15x eager and >= 1.0x torch.compile; fused fc >= 90% of
 cuBLAS's plain matmul. The JSON (bench/results/gelu_mlp-<device>.json) holds every raw time.
@@ -77,12 +75,10 @@ def bench_width(mlp, compiled, d, h, device, results):
 
     # --- the whole MLP ----------------------------------------------------------------------------------------------
     impls = [("eager", eager), ("torch.compile", compiled), ("triton", ours()),
-             ("triton recompute_h", ours(mlp.MLPOptions(recompute_h=True))),
              ("triton all-Triton matmuls", ours(mlp.MLPOptions(plain_matmul="triton")))]
     fwd_ms, both_ms, memory = {}, {}, {}
     for name, fn in impls:
-        if name != "triton recompute_h":  # its forward is the default's
-            fwd_ms[name] = timed(lambda: fn(*next(sets)[0]))
+        fwd_ms[name] = timed(lambda: fn(*next(sets)[0]))
 
         def fwd_bwd():
             params, dy = next(sets)
@@ -126,18 +122,14 @@ def bench_width(mlp, compiled, d, h, device, results):
         dy, w2, _ = next(d_pre_sets)
         return torch.matmul(dy, w2)
 
-    def triton_d_pre(want_h):
-        def run():
-            dy, w2, pre = next(d_pre_sets)
-            return mlp._gelu_grad_matmul(dy, w2, pre, True, want_h=want_h, want_bias_grad=True)
-        return run
+    def triton_d_pre():
+        dy, w2, pre = next(d_pre_sets)
+        return mlp._gelu_grad_matmul(dy, w2, pre, True, want_bias_grad=True)
 
     cublas_ms = timed(plain_d_pre)
     record("d_pre", "torch.matmul (cuBLAS)", cublas_ms, fc_flops, vs_cublas=1.0)
-    for impl, fn in (("triton fused GELU' + db1", triton_d_pre(False)),
-                     ("triton fused GELU' + db1 + h", triton_d_pre(True))):
-        ms = timed(fn)
-        record("d_pre", impl, ms, fc_flops, vs_cublas=cublas_ms / ms)
+    ms = timed(triton_d_pre)
+    record("d_pre", "triton fused GELU' + db1", ms, fc_flops, vs_cublas=cublas_ms / ms)
 
     # --- the projection: cuBLAS or Triton (plain_matmul) ------------------------------------------------------------
     hidden = rotating(lambda: torch.randn(ROWS, h, device=device, dtype=DTYPE), bytes_per_set=2 * ROWS * h)

@@ -1,7 +1,10 @@
 """LayerNorm over the last dimension, alone and with the residual add fused in: Triton kernels and references.
 
-`add_layer_norm(x, residual, ...)` returns (LayerNorm(x + residual), x + residual) from one read of x and residual,
-so a transformer block's residual stream and its next LayerNorm share one pass over the activations.
+`add_layer_norm(update, stream, ...)` returns (LayerNorm(stream + update), stream + update) from one read of each,
+so a transformer block's residual stream and its next LayerNorm share one pass over the activations. The update may
+have another dtype than the stream (a bf16 sub-layer output added to an fp32 stream under autocast): the sum is
+rounded to the stream's dtype, and the normalised output is written in out_dtype (default: the stream's), the dtype
+the next matmul reads, so that neither the update nor the output takes a separate cast pass.
 `layer_norm` is the same kernels with the residual switched off (a constexpr flag).
 
 Layout: any leading shape is viewed as (rows, N) with `reshape`, which copies only when the rows cannot be
@@ -19,29 +22,31 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from tritongpt.kernels._common import check_tensors, kernel_op
+from tritongpt.kernels._common import SUPPORTED_DTYPES, check_tensors, kernel_op
 
 
 def layer_norm_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                         eps: float = 1e-5) -> torch.Tensor:
-    return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
+                         eps: float = 1e-5, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    return F.layer_norm(x, x.shape[-1:], weight, bias, eps).to(out_dtype or x.dtype)
 
 
-def add_layer_norm_reference(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                             bias: torch.Tensor | None = None, eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
-    """(LayerNorm(x + residual), x + residual)."""
-    summed = x + residual
-    return F.layer_norm(summed, summed.shape[-1:], weight, bias, eps), summed
+def add_layer_norm_reference(update: torch.Tensor, stream: torch.Tensor, weight: torch.Tensor,
+                             bias: torch.Tensor | None = None, eps: float = 1e-5,
+                             out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(LayerNorm(stream + update) in out_dtype (default: stream's), stream + update in stream's dtype)."""
+    summed = (stream + update).to(stream.dtype)
+    return layer_norm_reference(summed, weight, bias, eps, out_dtype), summed
 
 
 @triton.jit
 def _load_input(X, R, rows, cols, stride_x, stride_r, mask, HAS_RESIDUAL: tl.constexpr):
-    """A tile of the LayerNorm's input in fp32: x, or x + residual rounded to the input dtype, which is the value
-    add_layer_norm returns as `summed`, so that normed == LayerNorm(summed) as the reference computes it."""
+    """A tile of the LayerNorm's input in fp32: x, or x + residual rounded to the residual's (the stream's) dtype,
+    which is the value add_layer_norm returns as `summed`, so that normed == LayerNorm(summed) as the reference
+    computes it."""
     s = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
         r = tl.load(R + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        s = (s + r).to(X.dtype.element_ty).to(tl.float32)
+        s = (s + r).to(R.dtype.element_ty).to(tl.float32)
     return s
 
 
@@ -122,30 +127,39 @@ def _store_dx(DX, DS, xhat, g, c1, c2, rstd, rows, cols, stride_ds, N, mask, HAS
 # Backward, per row, with xhat = (s - mean) * rstd and g = w * dy:
 #   dx = rstd * (g - mean(g) - xhat * mean(g * xhat))        (+ the gradient arriving at `summed`)
 #   dw = sum over rows of dy * xhat,  db = sum over rows of dy
-# Program p takes row blocks p, p + P, p + 2P, ... and sums its dw and db in fp32 into row p of DWp and DBp;
-# no two programs touch one address, so no locks or atomics and a fixed summation order. A row that fits one
-# block is read once and the partial sums stay in registers. A wider row is read twice (once for mean(g) and
-# mean(g * xhat), once for dx), and the partial sums are added chunk by chunk into the program's own
-# zero-initialised row of DWp/DBp: each thread reads back only addresses it wrote itself.
+# Program p takes row blocks p, p + P, p + 2P, ... and sums its dw and db in fp32 registers, storing them once into
+# row p of DWp and DBp: no two programs touch one address, and no address is read back, so no locks or atomics and
+# a fixed summation order. A row that fits one block is read once. A wider row is read twice, in two phases: the
+# first sweeps the program's row blocks, chunk by chunk, for mean(g) and mean(g * xhat), which it stores per row
+# in C1 and C2; the second sweeps chunk by chunk, and within a chunk over the program's row blocks, writing dx and
+# summing that chunk's dw and db in registers. A barrier between them makes every thread's C1 and C2 stores
+# visible to all threads of the program.
 @triton.jit
-def _layer_norm_bwd_kernel(S, W, Mean, Rstd, DY, DS, DX, DWp, DBp,
+def _row_block(Mean, Rstd, first_row, n_rows, BLOCK_M: tl.constexpr):
+    """rows (int64), their mask, mean and rstd for the row block starting at first_row."""
+    rows = first_row + tl.arange(0, BLOCK_M)
+    row_mask = rows < n_rows
+    rows = rows.to(tl.int64)
+    mean = tl.load(Mean + rows, mask=row_mask, other=0.0)
+    rstd = tl.load(Rstd + rows, mask=row_mask, other=0.0)
+    return rows, row_mask, mean, rstd
+
+
+@triton.jit
+def _layer_norm_bwd_kernel(S, W, Mean, Rstd, DY, DS, DX, DWp, DBp, C1, C2,
                            stride_s, stride_dy, stride_ds, n_rows, N,
                            HAS_DSUMMED: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_BLOCK: tl.constexpr):
     pid = tl.program_id(0)
+    step = tl.num_programs(0) * BLOCK_M
     cols = tl.arange(0, BLOCK_N)
     partial = pid.to(tl.int64) * N + cols
     if SINGLE_BLOCK:
         w = tl.load(W + cols, mask=cols < N, other=0.0).to(tl.float32)
         dw = tl.zeros((BLOCK_N,), dtype=tl.float32)
         db = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for first_row in range(pid * BLOCK_M, n_rows, tl.num_programs(0) * BLOCK_M):
-        rows = first_row + tl.arange(0, BLOCK_M)
-        row_mask = rows < n_rows
-        rows = rows.to(tl.int64)
-        mean = tl.load(Mean + rows, mask=row_mask, other=0.0)
-        rstd = tl.load(Rstd + rows, mask=row_mask, other=0.0)
-        if SINGLE_BLOCK:
+        for first_row in range(pid * BLOCK_M, n_rows, step):
+            rows, row_mask, mean, rstd = _row_block(Mean, Rstd, first_row, n_rows, BLOCK_M)
             mask = row_mask[:, None] & (cols < N)[None, :]
             xhat, dy, g = _grad_terms(S, DY, w, rows, cols, stride_s, stride_dy, mean, rstd, mask)
             c1 = tl.sum(xhat * g, axis=1) / N
@@ -153,7 +167,11 @@ def _layer_norm_bwd_kernel(S, W, Mean, Rstd, DY, DS, DX, DWp, DBp,
             _store_dx(DX, DS, xhat, g, c1, c2, rstd, rows, cols, stride_ds, N, mask, HAS_DSUMMED)
             dw += tl.sum(dy * xhat, axis=0)
             db += tl.sum(dy, axis=0)
-        else:
+        tl.store(DWp + partial, dw, mask=cols < N)
+        tl.store(DBp + partial, db, mask=cols < N)
+    else:
+        for first_row in range(pid * BLOCK_M, n_rows, step):
+            rows, row_mask, mean, rstd = _row_block(Mean, Rstd, first_row, n_rows, BLOCK_M)
             c1 = tl.zeros((BLOCK_M,), dtype=tl.float32)
             c2 = tl.zeros((BLOCK_M,), dtype=tl.float32)
             for start in range(0, N, BLOCK_N):
@@ -163,21 +181,25 @@ def _layer_norm_bwd_kernel(S, W, Mean, Rstd, DY, DS, DX, DWp, DBp,
                 xhat, dy, g = _grad_terms(S, DY, w, rows, start + cols, stride_s, stride_dy, mean, rstd, mask)
                 c1 += tl.sum(xhat * g, axis=1)
                 c2 += tl.sum(g, axis=1)
-            c1 /= N
-            c2 /= N
-            for start in range(0, N, BLOCK_N):
-                col_mask = start + cols < N
+            tl.store(C1 + rows, c1 / N, mask=row_mask)
+            tl.store(C2 + rows, c2 / N, mask=row_mask)
+        tl.debug_barrier()
+        for start in range(0, N, BLOCK_N):
+            col_mask = start + cols < N
+            w = tl.load(W + start + cols, mask=col_mask, other=0.0).to(tl.float32)
+            dw = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            db = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            for first_row in range(pid * BLOCK_M, n_rows, step):
+                rows, row_mask, mean, rstd = _row_block(Mean, Rstd, first_row, n_rows, BLOCK_M)
+                c1 = tl.load(C1 + rows, mask=row_mask, other=0.0)
+                c2 = tl.load(C2 + rows, mask=row_mask, other=0.0)
                 mask = row_mask[:, None] & col_mask[None, :]
-                w = tl.load(W + start + cols, mask=col_mask, other=0.0).to(tl.float32)
                 xhat, dy, g = _grad_terms(S, DY, w, rows, start + cols, stride_s, stride_dy, mean, rstd, mask)
                 _store_dx(DX, DS, xhat, g, c1, c2, rstd, rows, start + cols, stride_ds, N, mask, HAS_DSUMMED)
-                dwp = tl.load(DWp + partial + start, mask=col_mask)
-                tl.store(DWp + partial + start, dwp + tl.sum(dy * xhat, axis=0), mask=col_mask)
-                dbp = tl.load(DBp + partial + start, mask=col_mask)
-                tl.store(DBp + partial + start, dbp + tl.sum(dy, axis=0), mask=col_mask)
-    if SINGLE_BLOCK:
-        tl.store(DWp + partial, dw, mask=cols < N)
-        tl.store(DBp + partial, db, mask=cols < N)
+                dw += tl.sum(dy * xhat, axis=0)
+                db += tl.sum(dy, axis=0)
+            tl.store(DWp + partial + start, dw, mask=col_mask)
+            tl.store(DBp + partial + start, db, mask=col_mask)
 
 
 @functools.lru_cache
@@ -214,15 +236,16 @@ def _as_rows(t: torch.Tensor, N: int) -> torch.Tensor:
 
 
 def _normalize(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None,
-               eps: float, y: torch.Tensor, summed: torch.Tensor | None, mean: torch.Tensor, rstd: torch.Tensor) -> None:
+               eps: float, y: torch.Tensor, summed: torch.Tensor | None, mean: torch.Tensor, rstd: torch.Tensor,
+               on_gpu: bool) -> None:
     """Write y = LayerNorm(x (+ residual)) and each row's mean and rstd, and summed = x + residual when there is a
-    residual."""
+    residual, with the launch configuration for a GPU (on_gpu) or the interpreter."""
     N = x.shape[-1]
     x2 = _as_rows(x, N)
     n_rows = x2.shape[0]
     r2 = _as_rows(residual, N) if residual is not None else x2
     if n_rows:
-        cfg = _launch_config(N, n_rows, x.is_cuda)
+        cfg = _launch_config(N, n_rows, on_gpu)
         _layer_norm_fwd_kernel[(triton.cdiv(n_rows, cfg["BLOCK_M"]),)](
             x2, r2, weight, bias if bias is not None else weight, y, summed if summed is not None else y, mean, rstd,
             x2.stride(0), r2.stride(0), n_rows, N, eps,
@@ -233,32 +256,34 @@ def _normalize(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Ten
 # custom_op: here the launch configuration is cached per shape and the backward's grid is sized by the SM count).
 # The forward has two operators, since an operator's outputs never alias its inputs: layer_norm saves its input x for
 # the backward, add_layer_norm the sum it returns. Both save fp32 mean and rstd, and share one backward operator.
-def _layer_norm_outputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float):
-    """(y, mean, rstd), unwritten."""
+def _layer_norm_outputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float,
+                        out_dtype: torch.dtype):
+    """(y in out_dtype, mean, rstd), unwritten."""
     mean = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
-    return torch.empty(x.shape, dtype=x.dtype, device=x.device), mean, torch.empty_like(mean)
+    return torch.empty(x.shape, dtype=out_dtype, device=x.device), mean, torch.empty_like(mean)
 
 
 @kernel_op("layer_norm_forward", fake=_layer_norm_outputs)
-def _layer_norm_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                        eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    y, mean, rstd = _layer_norm_outputs(x, weight, bias, eps)
-    _normalize(x, None, weight, bias, eps, y, None, mean, rstd)
+def _layer_norm_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float,
+                        out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    y, mean, rstd = _layer_norm_outputs(x, weight, bias, eps, out_dtype)
+    _normalize(x, None, weight, bias, eps, y, None, mean, rstd, x.is_cuda)
     return y, mean, rstd
 
 
-def _add_layer_norm_outputs(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                            eps: float):
-    """(y, summed, mean, rstd), unwritten."""
-    y, mean, rstd = _layer_norm_outputs(x, weight, bias, eps)
-    return y, torch.empty_like(y), mean, rstd
+def _add_layer_norm_outputs(update: torch.Tensor, stream: torch.Tensor, weight: torch.Tensor,
+                            bias: torch.Tensor | None, eps: float, out_dtype: torch.dtype):
+    """(y in out_dtype, summed in stream's dtype, mean, rstd), unwritten."""
+    y, mean, rstd = _layer_norm_outputs(stream, weight, bias, eps, out_dtype)
+    return y, torch.empty(stream.shape, dtype=stream.dtype, device=stream.device), mean, rstd
 
 
 @kernel_op("add_layer_norm_forward", fake=_add_layer_norm_outputs)
-def _add_layer_norm_forward(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                            eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    y, summed, mean, rstd = _add_layer_norm_outputs(x, residual, weight, bias, eps)
-    _normalize(x, residual, weight, bias, eps, y, summed, mean, rstd)
+def _add_layer_norm_forward(update: torch.Tensor, stream: torch.Tensor, weight: torch.Tensor,
+                            bias: torch.Tensor | None, eps: float,
+                            out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    y, summed, mean, rstd = _add_layer_norm_outputs(update, stream, weight, bias, eps, out_dtype)
+    _normalize(update, stream, weight, bias, eps, y, summed, mean, rstd, stream.is_cuda)
     return y, summed, mean, rstd
 
 
@@ -269,28 +294,36 @@ def _backward_outputs(dy: torch.Tensor, dsummed: torch.Tensor | None, summed: to
             torch.empty_like(weight))
 
 
+def _run_backward(dy: torch.Tensor, dsummed: torch.Tensor | None, summed: torch.Tensor, weight: torch.Tensor,
+                  mean: torch.Tensor, rstd: torch.Tensor,
+                  on_gpu: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The backward operator's work, launched with the configuration for a GPU (on_gpu) or the interpreter."""
+    N = summed.shape[-1]
+    s2, dy2 = _as_rows(summed, N), _as_rows(dy, N)
+    ds2 = _as_rows(dsummed, N) if dsummed is not None else dy2
+    n_rows = s2.shape[0]
+    cfg = _launch_config(N, n_rows, on_gpu)
+    programs = _backward_programs(dy.device, triton.cdiv(n_rows, cfg["BLOCK_M"])) if n_rows else 0
+    dw_partial = torch.empty((programs, N), dtype=torch.float32, device=dy.device)
+    db_partial = torch.empty((programs, N), dtype=torch.float32, device=dy.device)
+    # mean(g) and mean(g * xhat) per row, kept between the two phases of a chunked row (unused for a whole row)
+    c1, c2 = (torch.empty(0 if cfg["SINGLE_BLOCK"] else n_rows, dtype=torch.float32, device=dy.device)
+              for _ in range(2))
+    dx, _, _ = _backward_outputs(dy, dsummed, summed, weight, mean, rstd)
+    if n_rows:
+        _layer_norm_bwd_kernel[(programs,)](
+            s2, weight, mean, rstd, dy2, ds2, dx, dw_partial, db_partial, c1, c2,
+            s2.stride(0), dy2.stride(0), ds2.stride(0), n_rows, N,
+            HAS_DSUMMED=dsummed is not None, **cfg)
+    return dx, dw_partial.sum(dim=0).to(weight.dtype), db_partial.sum(dim=0).to(weight.dtype)
+
+
 @kernel_op("layer_norm_backward", fake=_backward_outputs)
 def _layer_norm_backward(dy: torch.Tensor, dsummed: torch.Tensor | None, summed: torch.Tensor, weight: torch.Tensor,
                          mean: torch.Tensor, rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The gradients of the norm's input (plus dsummed, the gradient arriving at add_layer_norm's `summed`), weight and
     bias."""
-    N = summed.shape[-1]
-    s2, dy2 = _as_rows(summed, N), _as_rows(dy, N)
-    ds2 = _as_rows(dsummed, N) if dsummed is not None else dy2
-    n_rows = s2.shape[0]
-    cfg = _launch_config(N, n_rows, dy.is_cuda)
-    programs = _backward_programs(dy.device, triton.cdiv(n_rows, cfg["BLOCK_M"])) if n_rows else 0
-    # A chunked row adds into its partial sums, so they start at zero; a whole row stores them once.
-    alloc = torch.empty if cfg["SINGLE_BLOCK"] else torch.zeros
-    dw_partial = alloc((programs, N), dtype=torch.float32, device=dy.device)
-    db_partial = alloc((programs, N), dtype=torch.float32, device=dy.device)
-    dx, _, _ = _backward_outputs(dy, dsummed, summed, weight, mean, rstd)
-    if n_rows:
-        _layer_norm_bwd_kernel[(programs,)](
-            s2, weight, mean, rstd, dy2, ds2, dx, dw_partial, db_partial,
-            s2.stride(0), dy2.stride(0), ds2.stride(0), n_rows, N,
-            HAS_DSUMMED=dsummed is not None, **cfg)
-    return dx, dw_partial.sum(dim=0).to(weight.dtype), db_partial.sum(dim=0).to(weight.dtype)
+    return _run_backward(dy, dsummed, summed, weight, mean, rstd, dy.is_cuda)
 
 
 def _save(ctx, summed, weight, bias, mean, rstd) -> None:
@@ -301,15 +334,16 @@ def _save(ctx, summed, weight, bias, mean, rstd) -> None:
 
 
 def _layer_norm_setup_context(ctx, inputs, output) -> None:
-    x, weight, bias, _ = inputs
+    x, weight, bias, _, _ = inputs
     _, mean, rstd = output
     _save(ctx, x, weight, bias, mean, rstd)
 
 
 def _add_layer_norm_setup_context(ctx, inputs, output) -> None:
-    _, _, weight, bias, _ = inputs
+    update, _, weight, bias, _, _ = inputs
     _, summed, mean, rstd = output
     _save(ctx, summed, weight, bias, mean, rstd)
+    ctx.update_dtype = update.dtype
 
 
 def _norm_grads(ctx, dy, dsummed):
@@ -323,25 +357,33 @@ def _norm_grads(ctx, dy, dsummed):
 
 def _layer_norm_autograd(ctx, dy, _dmean, _drstd):
     dx, dweight, dbias = _norm_grads(ctx, dy, None)
-    return dx, dweight, dbias, None
+    return dx, dweight, dbias, None, None
 
 
 def _add_layer_norm_autograd(ctx, dy, dsummed, _dmean, _drstd):
     dx, dweight, dbias = _norm_grads(ctx, dy, dsummed)
-    # x and residual enter the sum alike, so they receive the same gradient (one tensor, as for x + r).
-    return dx, dx, dweight, dbias, None
+    # update and stream enter the sum alike, so they receive the same gradient, each in its own dtype.
+    return dx.to(ctx.update_dtype), dx, dweight, dbias, None, None
 
 
 _layer_norm_forward.register_autograd(_layer_norm_autograd, setup_context=_layer_norm_setup_context)
 _add_layer_norm_forward.register_autograd(_add_layer_norm_autograd, setup_context=_add_layer_norm_setup_context)
 
 
-def _validate(op: str, x, weight, bias, residual=None) -> None:
-    check_tensors(op, x=x, weight=weight, residual=residual, bias=bias)
+def _validate(op: str, x, weight, bias, out_dtype, update=None) -> None:
+    """x is the norm's input (add_layer_norm's stream); update, add_layer_norm's other summand, may differ from it in
+    dtype only."""
+    check_tensors(op, **{"x" if update is None else "stream": x}, weight=weight, bias=bias)
+    if update is not None:
+        check_tensors(op, update=update)
+        if update.device != x.device:
+            raise ValueError(f"{op}: update is on {update.device} but stream is on {x.device}; move them to one device")
+    if out_dtype is not None and out_dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"{op}: out_dtype is {out_dtype}; supported: float16, bfloat16, float32")
     if x.dim() == 0:
         raise ValueError(f"{op}: x must have at least one dimension to normalise over")
-    if residual is not None and residual.shape != x.shape:
-        raise ValueError(f"{op}: residual has shape {tuple(residual.shape)} but x has {tuple(x.shape)}")
+    if update is not None and update.shape != x.shape:
+        raise ValueError(f"{op}: update has shape {tuple(update.shape)} but stream has {tuple(x.shape)}")
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None and t.shape != x.shape[-1:]:
             raise ValueError(f"{op}: {name} has shape {tuple(t.shape)}; expected ({x.shape[-1]},), "
@@ -354,17 +396,21 @@ def _unit_stride(weight, bias):
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-               eps: float = 1e-5) -> torch.Tensor:
-    """LayerNorm over the last dimension of x (any leading shape), in Triton; differentiable."""
-    _validate("layer_norm", x, weight, bias)
-    y, _, _ = _layer_norm_forward(x, *_unit_stride(weight, bias), float(eps))
+               eps: float = 1e-5, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """LayerNorm over the last dimension of x (any leading shape), in Triton, written in out_dtype (default: x's);
+    differentiable."""
+    _validate("layer_norm", x, weight, bias, out_dtype)
+    y, _, _ = _layer_norm_forward(x, *_unit_stride(weight, bias), float(eps), out_dtype or x.dtype)
     return y
 
 
-def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                   bias: torch.Tensor | None = None, eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
-    """(LayerNorm(x + residual), x + residual) from one pass over x and residual, in Triton; differentiable in
-    both outputs."""
-    _validate("add_layer_norm", x, weight, bias, residual)
-    y, summed, _, _ = _add_layer_norm_forward(x, residual, *_unit_stride(weight, bias), float(eps))
+def add_layer_norm(update: torch.Tensor, stream: torch.Tensor, weight: torch.Tensor,
+                   bias: torch.Tensor | None = None, eps: float = 1e-5,
+                   out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(LayerNorm(stream + update) in out_dtype (default: stream's), stream + update in stream's dtype) from one pass
+    over update and stream, in Triton; update may have another dtype than stream. Differentiable in both outputs;
+    each input's gradient comes in its own dtype."""
+    _validate("add_layer_norm", stream, weight, bias, out_dtype, update)
+    y, summed, _, _ = _add_layer_norm_forward(update, stream, *_unit_stride(weight, bias), float(eps),
+                                              out_dtype or stream.dtype)
     return y, summed

@@ -180,8 +180,9 @@ def _grad_weight_kernel(X, W, Targets, RowMax, LogSum, GradScale, DW, stride_x, 
              mask=col_mask[:, None] & out_mask[None, :])
 
 
-def _launch_config(x: torch.Tensor, weight: torch.Tensor) -> dict:
-    """Tile sizes, fixed by the shape and dtype so that every run sums in the same order.
+def _launch_config(x: torch.Tensor, weight: torch.Tensor, on_gpu: bool) -> dict:
+    """Tile sizes, fixed by the shape and dtype so that every run sums in the same order; on_gpu: for a GPU rather
+    than the interpreter (bench/gpu_compile.py asks for a GPU's with stand-in CPU tensors).
 
     On a GPU: 64 rows x 64 vocabulary entries per tile of z, 8 warps, and the backward's outputs in chunks of 256
     columns of D (128 for float32, whose tiles take twice the registers), which bounds the fp32 accumulators at any D
@@ -191,7 +192,7 @@ def _launch_config(x: torch.Tensor, weight: torch.Tensor) -> dict:
     tiles, so that the tests' small shapes still span several blocks of rows, vocabulary and D. Offsets are 32-bit
     (fewer registers per pointer) unless some element, counting the blocks' overhang, lies 2**31 or more away."""
     (N, D), V = x.shape, weight.shape[0]
-    if x.is_cuda:
+    if on_gpu:
         wide = x.dtype == torch.float32
         blocks = dict(BLOCK_N=64, BLOCK_V=64, BLOCK_D=32 if wide else 64,
                       BLOCK_DOUT=min(128 if wide else 256, max(16, triton.next_power_of_2(D))), num_warps=8,
@@ -216,20 +217,27 @@ def _forward_outputs(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tenso
             torch.empty((), dtype=torch.int64, device=x.device))
 
 
-@kernel_op("linear_cross_entropy_forward", fake=_forward_outputs)
-def _forward(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int,
-             loss_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _run_forward(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int,
+                 loss_dtype: torch.dtype,
+                 on_gpu: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The forward operator's work, launched with the configuration for a GPU (on_gpu) or the interpreter."""
     N, D = x.shape
     V = weight.shape[0]
     _, row_max, log_sum, _ = _forward_outputs(x, weight, targets, ignore_index, loss_dtype)
     row_loss = torch.empty(N, dtype=torch.float32, device=x.device)
     if N:
-        fwd = {k: v for k, v in _launch_config(x, weight).items() if k != "BLOCK_DOUT"}
+        fwd = {k: v for k, v in _launch_config(x, weight, on_gpu).items() if k != "BLOCK_DOUT"}
         _forward_kernel[(triton.cdiv(N, fwd["BLOCK_N"]),)](
             x, weight, targets, row_max, log_sum, row_loss, x.stride(0), N, V, D, ignore_index, **fwd)
     count = (targets != ignore_index).sum()
     # With every target ignored this is 0 / 0 = nan, as F.cross_entropy's mean.
     return (row_loss.sum() / count).to(loss_dtype), row_max, log_sum, count
+
+
+@kernel_op("linear_cross_entropy_forward", fake=_forward_outputs)
+def _forward(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int,
+             loss_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _run_forward(x, weight, targets, ignore_index, loss_dtype, x.is_cuda)
 
 
 def _backward_outputs(grad_loss: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -245,13 +253,13 @@ def _backward_outputs(grad_loss: torch.Tensor, x: torch.Tensor, weight: torch.Te
     return outputs
 
 
-@kernel_op("linear_cross_entropy_backward", fake=_backward_outputs)
-def _backward(grad_loss: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-              row_max: torch.Tensor, log_sum: torch.Tensor, count: torch.Tensor, ignore_index: int, want_x: bool,
-              want_weight: bool) -> List[torch.Tensor]:
+def _run_backward(grad_loss: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                  row_max: torch.Tensor, log_sum: torch.Tensor, count: torch.Tensor, ignore_index: int, want_x: bool,
+                  want_weight: bool, on_gpu: bool) -> List[torch.Tensor]:
+    """The backward operator's work, launched with the configuration for a GPU (on_gpu) or the interpreter."""
     N, D = x.shape
     V = weight.shape[0]
-    cfg = _launch_config(x, weight)
+    cfg = _launch_config(x, weight, on_gpu)
     outputs = _backward_outputs(grad_loss, x, weight, targets, row_max, log_sum, count, ignore_index, want_x,
                                 want_weight)
     # g / c on the device (no synchronisation); with no counted target G is zero and so are the gradients.
@@ -267,6 +275,14 @@ def _backward(grad_loss: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, ta
         grid = (triton.cdiv(V, cfg["BLOCK_V"]), triton.cdiv(D, cfg["BLOCK_DOUT"]))
         _grad_weight_kernel[grid](*args, next(grads), x.stride(0), N, V, D, ignore_index, **cfg)
     return outputs
+
+
+@kernel_op("linear_cross_entropy_backward", fake=_backward_outputs)
+def _backward(grad_loss: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+              row_max: torch.Tensor, log_sum: torch.Tensor, count: torch.Tensor, ignore_index: int, want_x: bool,
+              want_weight: bool) -> List[torch.Tensor]:
+    return _run_backward(grad_loss, x, weight, targets, row_max, log_sum, count, ignore_index, want_x, want_weight,
+                         x.is_cuda)
 
 
 def _setup_context(ctx, inputs, output) -> None:

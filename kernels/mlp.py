@@ -21,11 +21,11 @@ benchmark (bench/bench_mlp.py) measures each alternative so that a GPU run can c
   costs no time; pre is needed for gelu'(pre). Not storing pre would mean recomputing x @ W1^T in the backward, a
   whole extra matmul (+1/6 of the MLP's training FLOPs) to save one (M, H) write: rejected (the benchmark's
   "fc" rows time exactly that matmul). Saving both matches eager PyTorch's memory (F.gelu saves pre, the second
-  F.linear saves h). The alternative, MLPOptions(recompute_h=True), saves only pre and rewrites h = gelu(pre) in the
-  backward's GELU' epilogue (it reads pre there anyway): half the MLP's saved (M, H) activations, for one extra
-  (M, H) write in the backward (~5% of the MLP's time at GPT-2 small shapes by byte count). A prologue that
-  recomputes h inside dW2 = dy^T @ h instead would evaluate GELU D_out/BLOCK_M times per element inside the
-  matmul's main loop and keep B out of the tensor cores' shared-memory path: rejected.
+  F.linear saves h). Saving only pre and rewriting h = gelu(pre) in the backward's GELU' epilogue would halve the
+  saved (M, H) activations, but the extra store made that epilogue spill registers with every tile on sm_90
+  (bench/gpu_compile.py reports it): rejected. A prologue that recomputes h inside dW2 = dy^T @ h would evaluate
+  GELU D_out/BLOCK_M times per element inside the matmul's main loop and keep B out of the tensor cores'
+  shared-memory path: rejected.
 * The unfused matmuls (projection, dx, dW1, dW2) go to cuBLAS (MLPOptions(plain_matmul="torch")): with nothing to
   fuse, the Triton kernel can at best tie cuBLAS there (cuBLAS also fuses the projection's bias).
   MLPOptions(plain_matmul="triton") routes them through the Triton kernel instead; the benchmark times both.
@@ -48,7 +48,6 @@ from tritongpt.kernels._common import autotune, check_tensors, interpreting, ker
 class MLPOptions:
     """The alternatives the module docstring weighs, for gelu_mlp's `options`; the defaults are the chosen ones."""
     plain_matmul: str = "torch"  # who runs the matmuls with nothing to fuse: "torch" (cuBLAS on a GPU) or "triton"
-    recompute_h: bool = False    # save only pre for the backward and recompute h = gelu(pre) in its GELU' epilogue
 
     def __post_init__(self):
         if self.plain_matmul not in ("torch", "triton"):
@@ -99,18 +98,20 @@ def _gelu_and_grad(z, TANH: tl.constexpr):
 _NONE, _BIAS_GELU, _GELU_GRAD = 0, 1, 2  # the epilogues
 
 
-# On a GPU, a handful of Hopper-friendly tiles. Under the interpreter one tile, 64x64x32: it runs programs one after
-# another at a Python-overhead cost per operation per program, nearly independent of the tile size, so fewer, larger
-# tiles test fastest (the tests' sizes are still not multiples of it). The key holds the shape, the operand layouts
-# (strides) and the epilogue. Every output is written, never accumulated into, so the autotuner's trial launches are
-# harmless.
+# On a GPU, the tiles that compile without spilling registers in every epilogue, for sm_90 and sm_80 with triton 3.6
+# to 3.9 (bench/gpu_compile.py checks it): 128x256, 256x128 and 64x256 tiles, and 128x128 with 4 warps, spill in the
+# GELU epilogues, whose fp32 accumulator shares the registers with pre or GELU'. Under the interpreter one tile,
+# 64x64x32: it runs programs one after another at a Python-overhead cost per operation per program, nearly
+# independent of the tile size, so fewer, larger tiles test fastest (the tests' sizes are still not multiples of it).
+# The key holds the shape, with M rounded up to a power of two (generating text grows M by one row per token, and
+# tuning again at every length would cost more than it gains), the operand layouts (strides) and the epilogue. Every
+# output is written, never accumulated into, so the autotuner's trial launches are harmless.
 _GPU_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=s)
-                for m, n, k, w, s in [(128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 4),
-                                      (128, 128, 64, 4, 4), (64, 256, 64, 4, 4), (128, 64, 64, 4, 4)]]
+                for m, n, k, w, s in [(128, 128, 64, 8, 4), (128, 64, 64, 4, 4)]]
 _INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 2}, num_warps=4,
                                     num_stages=1)
-_AUTOTUNE_KEY = ["M", "N", "K", "stride_am", "stride_ak", "stride_bk", "stride_bn",
-                 "EPILOGUE", "HAS_BIAS", "STORE_AUX", "STORE_H", "BIAS_GRAD", "TANH"]
+_AUTOTUNE_KEY = ["M_KEY", "N", "K", "stride_am", "stride_ak", "stride_bk", "stride_bn",
+                 "EPILOGUE", "HAS_BIAS", "STORE_AUX", "BIAS_GRAD", "TANH"]
 
 
 # Rows per partial column sum of the GELU' epilogue: divides every BLOCK_M above, so the partials' layout does not
@@ -121,12 +122,12 @@ _BIAS_GRAD_ROWS = 32 if interpreting() else 64
 @autotune(_GPU_CONFIGS, _AUTOTUNE_KEY, _INTERPRETER_CONFIG)
 @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
 @triton.jit
-def _matmul_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, aux_ptr, h_ptr, bias_grad_ptr,
+def _matmul_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, aux_ptr, bias_grad_ptr,
                    M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
+                   M_KEY,                       # M rounded up to a power of two: read by the autotuner only
                    EPILOGUE: tl.constexpr,      # _NONE, _BIAS_GELU or _GELU_GRAD
                    HAS_BIAS: tl.constexpr,      # add bias (N,) to the product before the epilogue
                    STORE_AUX: tl.constexpr,     # _BIAS_GELU: also store pre = A @ B + bias into aux
-                   STORE_H: tl.constexpr,       # _GELU_GRAD: also store gelu(aux) into h
                    BIAS_GRAD: tl.constexpr,     # _GELU_GRAD: store fp32 column sums of C per BIAS_GRAD_ROWS rows
                    BIAS_GRAD_ROWS: tl.constexpr,
                    TANH: tl.constexpr,          # GELU form: tanh approximation, else erf
@@ -137,8 +138,8 @@ def _matmul_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, aux_ptr, h_ptr, bias_grad_ptr,
     """Epilogues, on the fp32 accumulator acc = A @ B (+ bias):
         _NONE:      C = acc
         _BIAS_GELU: C = gelu(acc)                    (and aux = acc if STORE_AUX)
-        _GELU_GRAD: C = acc * gelu'(aux), aux = pre  (and h = gelu(aux) if STORE_H; column-sum partials if BIAS_GRAD)
-    aux and h have C's shape and layout (contiguous (M, N))."""
+        _GELU_GRAD: C = acc * gelu'(aux), aux = pre  (and column-sum partials if BIAS_GRAD)
+    aux has C's shape and layout (contiguous (M, N))."""
     # Grouped program order: GROUP_M row-tiles sweep the column-tiles together, so the B tiles they share (and
     # their A tiles) are reused from L2 instead of being re-read from memory.
     pid = tl.program_id(0)
@@ -194,9 +195,7 @@ def _matmul_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, aux_ptr, h_ptr, bias_grad_ptr,
         acc, _ = _gelu_and_grad(acc, TANH)
     elif EPILOGUE == 2:  # _GELU_GRAD
         pre = tl.load(aux_ptr + c_offs, mask=c_mask, other=0.0).to(tl.float32)
-        h, gelu_grad = _gelu_and_grad(pre, TANH)
-        if STORE_H:
-            tl.store(h_ptr + c_offs, h.to(h_ptr.dtype.element_ty), mask=c_mask)
+        _, gelu_grad = _gelu_and_grad(pre, TANH)
         acc = acc * gelu_grad
         if BIAS_GRAD:
             # Column sums over each chunk of BIAS_GRAD_ROWS rows, into row (global chunk index) of an fp32
@@ -216,10 +215,10 @@ def _max_offset(t: torch.Tensor) -> int:
     return sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride())) if t.numel() else 0
 
 
-def _launch(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, epilogue: int, bias=None, aux=None, h=None,
+def _launch(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, epilogue: int, bias=None, aux=None,
             bias_grad=None, tanh: bool = True) -> None:
-    """Run _matmul_kernel: c = a @ b with the epilogue (see the kernel). a (M, K), b (K, N) any strides; c, aux
-    and h contiguous (M, N); bias (N,); bias_grad fp32 (cdiv(M, _BIAS_GRAD_ROWS), N)."""
+    """Run _matmul_kernel: c = a @ b with the epilogue (see the kernel). a (M, K), b (K, N) any strides; c and aux
+    contiguous (M, N); bias (N,); bias_grad fp32 (cdiv(M, _BIAS_GRAD_ROWS), N)."""
     M, K = a.shape
     N = b.shape[1]
     if M == 0 or N == 0:
@@ -228,11 +227,10 @@ def _launch(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, epilogue: int, bi
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
     _matmul_kernel[grid](
         a, b, c,
-        c if bias is None else bias, c if aux is None else aux, c if h is None else h,
-        c if bias_grad is None else bias_grad,
-        M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+        c if bias is None else bias, c if aux is None else aux, c if bias_grad is None else bias_grad,
+        M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1), triton.next_power_of_2(M),
         EPILOGUE=epilogue, HAS_BIAS=bias is not None, STORE_AUX=epilogue == _BIAS_GELU and aux is not None,
-        STORE_H=h is not None, BIAS_GRAD=bias_grad is not None, BIAS_GRAD_ROWS=_BIAS_GRAD_ROWS, TANH=tanh,
+        BIAS_GRAD=bias_grad is not None, BIAS_GRAD_ROWS=_BIAS_GRAD_ROWS, TANH=tanh,
         DOT_FP32=interpreting() and a.dtype == torch.bfloat16, INDEX_64=index_64,
     )
 
@@ -289,8 +287,7 @@ def _gelu_mlp_inference(x: torch.Tensor, fc_weight: torch.Tensor, fc_bias: torch
 
 
 def _forward_outputs(x: torch.Tensor, fc_weight: torch.Tensor, fc_bias: torch.Tensor | None,
-                     proj_weight: torch.Tensor, proj_bias: torch.Tensor | None, tanh: bool, plain_matmul: str,
-                     recompute_h: bool):
+                     proj_weight: torch.Tensor, proj_bias: torch.Tensor | None, tanh: bool, plain_matmul: str):
     """(y, pre, h), unwritten."""
     y = _inference_outputs(x, fc_weight, fc_bias, proj_weight, proj_bias, tanh, plain_matmul)
     return y, _activation(x, fc_weight), _activation(x, fc_weight)
@@ -298,48 +295,44 @@ def _forward_outputs(x: torch.Tensor, fc_weight: torch.Tensor, fc_bias: torch.Te
 
 @kernel_op("gelu_mlp_forward", fake=_forward_outputs)
 def _gelu_mlp_forward(x: torch.Tensor, fc_weight: torch.Tensor, fc_bias: torch.Tensor | None,
-                      proj_weight: torch.Tensor, proj_bias: torch.Tensor | None, tanh: bool, plain_matmul: str,
-                      recompute_h: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(y, pre, h) for x (M, D): the output and the two (M, H) activations the backward may save (recompute_h: only
-    pre, which setup_context reads)."""
+                      proj_weight: torch.Tensor, proj_bias: torch.Tensor | None, tanh: bool,
+                      plain_matmul: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, pre, h) for x (M, D): the output and the two (M, H) activations the backward saves."""
     pre = _activation(x, fc_weight)
     h = _fc_gelu(x, fc_weight, fc_bias, tanh, pre)
     return _mm(h, proj_weight.t(), proj_bias, plain_matmul), pre, h
 
 
-def _gelu_grad_outputs(dy: torch.Tensor, proj_weight: torch.Tensor, pre: torch.Tensor, tanh: bool, want_h: bool,
+def _gelu_grad_outputs(dy: torch.Tensor, proj_weight: torch.Tensor, pre: torch.Tensor, tanh: bool,
                        want_bias_grad: bool) -> List[torch.Tensor]:
-    """[d_pre, then h if want_h, then db1 (fp32) if want_bias_grad], unwritten. (typing.List: the annotation that
-    torch.library's schema inference reads as Tensor[] in every version since torch 2.4.)"""
+    """[d_pre, then db1 (fp32) if want_bias_grad], unwritten. (typing.List: the annotation that torch.library's schema
+    inference reads as Tensor[] in every version since torch 2.4.)"""
     outputs = [torch.empty_like(pre)]
-    if want_h:
-        outputs.append(torch.empty_like(pre))
     if want_bias_grad:
         outputs.append(torch.empty(pre.shape[1], device=pre.device, dtype=torch.float32))
     return outputs
 
 
 @kernel_op("gelu_grad_matmul", fake=_gelu_grad_outputs)
-def _gelu_grad_matmul(dy: torch.Tensor, proj_weight: torch.Tensor, pre: torch.Tensor, tanh: bool, want_h: bool,
+def _gelu_grad_matmul(dy: torch.Tensor, proj_weight: torch.Tensor, pre: torch.Tensor, tanh: bool,
                       want_bias_grad: bool) -> List[torch.Tensor]:
-    """[d_pre = (dy @ W2) * gelu'(pre), then h = gelu(pre) if want_h, then db1 = the fp32 row-sum of d_pre if
-    want_bias_grad]."""
+    """[d_pre = (dy @ W2) * gelu'(pre), then db1 = the fp32 row-sum of d_pre if want_bias_grad]."""
     M, H = pre.shape
-    outputs = _gelu_grad_outputs(dy, proj_weight, pre, tanh, want_h, want_bias_grad)
-    d_pre, h = outputs[0], (outputs[1] if want_h else None)
+    outputs = _gelu_grad_outputs(dy, proj_weight, pre, tanh, want_bias_grad)
+    d_pre = outputs[0]
     partials = (torch.empty((triton.cdiv(M, _BIAS_GRAD_ROWS), H), device=pre.device, dtype=torch.float32)
                 if want_bias_grad else None)
-    _launch(dy, proj_weight, d_pre, _GELU_GRAD, aux=pre, h=h, bias_grad=partials, tanh=tanh)
+    _launch(dy, proj_weight, d_pre, _GELU_GRAD, aux=pre, bias_grad=partials, tanh=tanh)
     if want_bias_grad:
         torch.sum(partials, 0, out=outputs[-1])
     return outputs
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, fc_weight, _, proj_weight, _, tanh, plain_matmul, recompute_h = inputs
+    x, fc_weight, _, proj_weight, _, tanh, plain_matmul = inputs
     _, pre, h = output
     ctx.tanh, ctx.plain_matmul = tanh, plain_matmul
-    ctx.save_for_backward(x, fc_weight, proj_weight, pre, None if recompute_h else h)
+    ctx.save_for_backward(x, fc_weight, proj_weight, pre, h)
     ctx.mark_non_differentiable(pre, h)
 
 
@@ -347,21 +340,20 @@ def _backward(ctx, dy, _dpre, _dh):
     x, fc_weight, proj_weight, pre, h = ctx.saved_tensors
     need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:5]
     dx = d_w1 = d_b1 = d_w2 = d_b2 = None
-    if need_x or need_w1 or need_b1 or (need_w2 and h is None):
-        outputs = iter(_gelu_grad_matmul(dy, proj_weight, pre, ctx.tanh, want_h=h is None, want_bias_grad=need_b1))
-        d_pre = next(outputs)
-        h = next(outputs) if h is None else h
+    if need_x or need_w1 or need_b1:
+        outputs = _gelu_grad_matmul(dy, proj_weight, pre, ctx.tanh, want_bias_grad=need_b1)
+        d_pre = outputs[0]
         if need_x:
             dx = _mm(d_pre, fc_weight, None, ctx.plain_matmul)
         if need_w1:
             d_w1 = _mm(d_pre.t(), x, None, ctx.plain_matmul)
         if need_b1:
-            d_b1 = next(outputs).to(pre.dtype)
+            d_b1 = outputs[1].to(pre.dtype)
     if need_w2:
         d_w2 = _mm(dy.t(), h, None, ctx.plain_matmul)
     if need_b2:
         d_b2 = dy.sum(0, dtype=torch.float32).to(dy.dtype)
-    return dx, d_w1, d_b1, d_w2, d_b2, None, None, None
+    return dx, d_w1, d_b1, d_w2, d_b2, None, None
 
 
 _gelu_mlp_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -408,8 +400,7 @@ def gelu_mlp(x: torch.Tensor, fc_weight: torch.Tensor, fc_bias: torch.Tensor | N
     x2d = x.reshape(-1, x.shape[-1])
     params = (x, fc_weight, fc_bias, proj_weight, proj_bias)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in params):
-        y, _, _ = _gelu_mlp_forward(x2d, fc_weight, fc_bias, proj_weight, proj_bias, tanh, options.plain_matmul,
-                                    options.recompute_h)
+        y, _, _ = _gelu_mlp_forward(x2d, fc_weight, fc_bias, proj_weight, proj_bias, tanh, options.plain_matmul)
     else:
         y = _gelu_mlp_inference(x2d, fc_weight, fc_bias, proj_weight, proj_bias, tanh, options.plain_matmul)
     return y.reshape(*x.shape[:-1], proj_weight.shape[0])

@@ -58,10 +58,13 @@ class AddLayerNorm(nn.Module):
         self.add_layer_norm = kernels.OPS["add_layer_norm"].implementations[impl]
 
     def forward(self, x: torch.Tensor, update: torch.Tensor | None = None):
+        # Under autocast the stream x stays fp32 while a sub-layer returns bf16/fp16: the op adds in x's precision and
+        # writes the normed output in the autocast dtype the next matmul reads, with no cast pass on either side.
+        device = x.device.type
+        out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
         if update is None:
-            return self.layer_norm(x, self.weight, self.bias), x
-        # Under autocast a sub-layer returns bf16/fp16 while x stays fp32: add in x's precision.
-        return self.add_layer_norm(update.to(x.dtype), x, self.weight, self.bias)
+            return self.layer_norm(x, self.weight, self.bias, out_dtype=out_dtype), x
+        return self.add_layer_norm(update, x, self.weight, self.bias, out_dtype=out_dtype)
 
 
 class CausalSelfAttention(nn.Module):

@@ -105,7 +105,9 @@ def operator_cases(device) -> dict[str, tuple]:
     packed_o, packed_lse = torch.ops.tritongpt.flash_attention_qkvpacked_forward(qkv.detach(), 2, True, 0.25)
     x, residual = rand(2, 3, 16, grad=True), rand(2, 3, 16, grad=True)
     weight, bias = rand(16, grad=True), rand(16, grad=True)
-    _, mean, rstd = torch.ops.tritongpt.layer_norm_forward(x.detach(), weight.detach(), bias.detach(), 1e-5)
+    _, mean, rstd = torch.ops.tritongpt.layer_norm_forward(x.detach(), weight.detach(), bias.detach(), 1e-5,
+                                                           torch.float32)
+    update = rand(2, 3, 16).half().requires_grad_()  # as under autocast: a low-precision update to an fp32 stream
     # Weights scaled so that the GELU's input is O(1).
     mlp_x, fc_weight, fc_bias = rand(5, 8, grad=True), rand(32, 8, scale=8 ** -0.5, grad=True), rand(32, grad=True)
     proj_weight, proj_bias = rand(8, 32, scale=32 ** -0.5, grad=True), rand(8, grad=True)
@@ -119,13 +121,13 @@ def operator_cases(device) -> dict[str, tuple]:
         "flash_attention_backward": (q.detach(), k.detach(), v.detach(), o, lse, rand(1, 2, 8, 16), True, 0.25),
         "flash_attention_qkvpacked_forward": (qkv, 2, True, 0.25),
         "flash_attention_qkvpacked_backward": (qkv.detach(), packed_o, packed_lse, rand(1, 8, 32), 2, True, 0.25),
-        "layer_norm_forward": (x, weight, bias, 1e-5),
-        "add_layer_norm_forward": (x, residual, weight, bias, 1e-5),
+        "layer_norm_forward": (x, weight, bias, 1e-5, torch.bfloat16),
+        "add_layer_norm_forward": (update, residual, weight, bias, 1e-5, torch.float16),
         "layer_norm_backward": (rand(2, 3, 16), rand(2, 3, 16), x.detach(), weight.detach(), mean, rstd),
-        "gelu_mlp_forward": (mlp_x, fc_weight, fc_bias, proj_weight, proj_bias, True, "torch", False),
+        "gelu_mlp_forward": (mlp_x, fc_weight, fc_bias, proj_weight, proj_bias, True, "torch"),
         "gelu_mlp_inference": (mlp_x.detach(), fc_weight.detach(), None, proj_weight.detach(), proj_bias.detach(),
                                False, "triton"),
-        "gelu_grad_matmul": (rand(5, 8), proj_weight.detach(), rand(5, 32), True, True, True),
+        "gelu_grad_matmul": (rand(5, 8), proj_weight.detach(), rand(5, 32), True, True),
         "matmul": (rand(5, 8), rand(16, 8).t(), rand(16)),
         "linear_cross_entropy_forward": (ce_x, head, targets, -1, torch.float32),
         "linear_cross_entropy_backward": (rand(()), ce_x.detach(), head.detach(), targets, row_max, log_sum, count, -1,

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from tritongpt.kernels import add_layer_norm, add_layer_norm_reference, layer_norm, layer_norm_reference
-from tests.parity import assert_deterministic, check_parity, forward_backward
+from tests.parity import (GRAD_FACTOR, OUTPUT_FACTOR, assert_deterministic, assert_parity, check_parity,
+                          forward_backward)
 
 
 def _leading_shape(width: int, dims: int) -> tuple[int, ...]:
@@ -60,6 +61,50 @@ def test_layer_norm_parity(width, dtype, dims, with_bias, device):
 def test_add_layer_norm_parity(width, dtype, dims, with_bias, device):
     torch.manual_seed(width * 10 + dims + 1)
     _add_layer_norm_parity((*_leading_shape(width, dims), width), dtype, device, with_bias)
+
+
+def test_chunked_rows_several_row_blocks_per_program(device):
+    """Rows wider than a block, and enough of them that a backward program sums dweight and dbias over several row
+    blocks chunk by chunk (under the interpreter: 16-row blocks, two programs)."""
+    torch.manual_seed(5)
+    _add_layer_norm_parity((40, 4097), torch.float32, device, with_bias=True)
+
+
+@pytest.mark.parametrize("low", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_mixed_dtypes_parity(low, device):
+    """As under autocast: a low-precision update added to an fp32 stream, the normed output written in low precision
+    for the next matmul. summed stays fp32, and each input's gradient comes in its own dtype. The reference runs in
+    fp64 (truth) and in the same dtypes (PyTorch's own error, by which the tolerance scales)."""
+    torch.manual_seed(11)
+    shape = (37, 768)
+    inputs = _inputs(shape, torch.float32, device, True)
+    inputs["x"] = inputs["x"].to(low)  # the update
+    upstream = [torch.randn(shape, device=device).to(low), torch.randn(shape, device=device)]
+    ours = forward_backward(add_layer_norm, inputs, upstream, out_dtype=low)
+    same = forward_backward(add_layer_norm_reference, inputs, upstream, out_dtype=low)
+    truth = forward_backward(add_layer_norm_reference, {k: v.double() for k, v in inputs.items()},
+                             [g.double() for g in upstream], out_dtype=torch.float64)
+    assert [t.dtype for t in ours[0]] == [low, torch.float32]
+    assert {k: g.dtype for k, g in ours[1].items()} == {k: v.dtype for k, v in inputs.items()}
+    for name, a, b, c in zip(("normed", "summed"), ours[0], same[0], truth[0]):
+        assert_parity(name, a, b, c, OUTPUT_FACTOR, low)
+    for name in truth[1]:
+        assert_parity(f"d{name}", ours[1][name], same[1][name], truth[1][name], GRAD_FACTOR, low)
+
+
+def test_layer_norm_out_dtype(device):
+    torch.manual_seed(12)
+    inputs = _inputs((37, 768), torch.float32, device, False)
+    upstream = [torch.randn(37, 768, device=device).to(torch.bfloat16)]
+    ours = forward_backward(layer_norm, inputs, upstream, out_dtype=torch.bfloat16)
+    same = forward_backward(layer_norm_reference, inputs, upstream, out_dtype=torch.bfloat16)
+    truth = forward_backward(layer_norm_reference, {k: v.double() for k, v in inputs.items()},
+                             [upstream[0].double()], out_dtype=torch.float64)
+    assert ours[0][0].dtype == torch.bfloat16
+    assert_parity("normed", ours[0][0], same[0][0], truth[0][0], OUTPUT_FACTOR, torch.bfloat16)
+    for name in truth[1]:
+        assert ours[1][name].dtype == torch.float32
+        assert_parity(f"d{name}", ours[1][name], same[1][name], truth[1][name], GRAD_FACTOR, torch.bfloat16)
 
 
 def test_add_layer_norm_normalises_the_rounded_sum(device):
@@ -147,7 +192,7 @@ def test_rejects_bias_of_wrong_width(device):
 
 def test_rejects_residual_of_other_shape(device):
     x, _, weight, bias = _valid(device)
-    with pytest.raises(ValueError, match="residual has shape"):
+    with pytest.raises(ValueError, match="update has shape"):
         add_layer_norm(x, torch.randn(2, 8, device=device), weight, bias)
 
 
@@ -155,6 +200,12 @@ def test_rejects_mixed_dtypes(device):
     x, residual, weight, bias = _valid(device)
     with pytest.raises(ValueError, match="weight is torch.float16"):
         add_layer_norm(x, residual, weight.half(), bias)
+
+
+def test_rejects_unsupported_out_dtype(device):
+    x, _, weight, bias = _valid(device)
+    with pytest.raises(ValueError, match="out_dtype is torch.float64"):
+        layer_norm(x, weight, bias, out_dtype=torch.float64)
 
 
 def test_rejects_mixed_devices(device):
@@ -197,3 +248,19 @@ def test_many_rows_on_gpu(width, dtype, device):
 def test_backward_is_deterministic_on_gpu(width, device):
     torch.manual_seed(6)
     _assert_deterministic((max(64, 2**23 // width), width), torch.bfloat16, device)
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_model_norm_under_autocast_writes_the_autocast_dtype(impl, device):
+    """The model's AddLayerNorm under autocast: the bf16 update is added to the fp32 stream without a cast of its
+    own, the stream stays fp32, and the normed output comes in bf16, the dtype the next matmul reads."""
+    from tritongpt.model.gpt import AddLayerNorm
+    norm = AddLayerNorm(64, bias=True, impl=impl).to(device)
+    stream = torch.randn(3, 64, device=device, requires_grad=True)
+    update = torch.randn(3, 64, device=device).to(torch.bfloat16).requires_grad_()
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        normed, summed = norm(stream, update)
+        alone, _ = norm(stream)
+    assert (normed.dtype, summed.dtype, alone.dtype) == (torch.bfloat16, torch.float32, torch.bfloat16)
+    d_stream, d_update = torch.autograd.grad(normed.float().sum() + summed.sum(), (stream, update))
+    assert (d_stream.dtype, d_update.dtype) == (torch.float32, torch.bfloat16)

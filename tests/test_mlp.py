@@ -69,14 +69,11 @@ def test_parity_without_biases(device, fc_bias, proj_bias):
     _check_parity(device, torch.float16, fc_bias=fc_bias, proj_bias=proj_bias)
 
 
-@pytest.mark.parametrize("plain_matmul,recompute_h,dtype", [
-    ("triton", False, torch.float32), ("triton", False, torch.float16),
-    ("torch", True, torch.float16), ("triton", True, torch.float16)],
-    ids=["triton_matmuls-fp32", "triton_matmuls-fp16", "recompute_h-fp16", "triton_matmuls-recompute_h-fp16"])
-def test_parity_variants(device, plain_matmul, recompute_h, dtype):
-    """The alternatives the benchmark measures: the unfused matmuls in Triton, and h recomputed in the backward."""
-    options = MLPOptions(plain_matmul=plain_matmul, recompute_h=recompute_h)
-    _check_parity(device, dtype, approximate="none" if recompute_h else "tanh", options=options)
+@pytest.mark.parametrize("dtype,approximate", [(torch.float32, "tanh"), (torch.float16, "none")],
+                         ids=["fp32-tanh", "fp16-erf"])
+def test_parity_triton_matmuls(device, dtype, approximate):
+    """The alternative the benchmark measures: the unfused matmuls in Triton."""
+    _check_parity(device, dtype, approximate=approximate, options=MLPOptions(plain_matmul="triton"))
 
 
 @pytest.mark.parametrize("lead", [(), (0,)], ids=["1d_x", "zero_rows"])
@@ -86,21 +83,39 @@ def test_parity_degenerate_rows(device, lead):
 
 @pytest.mark.parametrize("requires_grad", [("x",), ("fc_weight", "fc_bias", "proj_weight", "proj_bias"),
                                            ("proj_weight",)], ids=["x_only", "weights_only", "proj_weight_only"])
-@pytest.mark.parametrize("recompute_h", [False, True])
-def test_parity_some_gradients(device, requires_grad, recompute_h):
-    _check_parity(device, torch.float16, requires_grad=requires_grad, options=MLPOptions(recompute_h=recompute_h))
+def test_parity_some_gradients(device, requires_grad):
+    _check_parity(device, torch.float16, requires_grad=requires_grad)
+
+
+def test_autotuner_key_buckets_rows(device, monkeypatch):
+    """Generating text grows M by one row per token: the matmul's autotuning key must not, or the autotuner would
+    benchmark its tiles again at every length. M = 17..32 share one key; 33 starts the next."""
+    kernel = mlp_module._matmul_kernel
+    keys = {}
+    run = kernel.run
+
+    def record(*args, **kwargs):
+        named = {**dict(zip(kernel.arg_names, args)), **kwargs}
+        keys[named["M"]] = tuple(named[name] for name in kernel.keys)
+        return run(*args, **kwargs)
+
+    monkeypatch.setattr(kernel, "run", record)
+    params, _ = make_inputs((33,), 8, 16, 8, device)
+    for rows in range(17, 34):
+        gelu_mlp(params["x"][:rows], *list(params.values())[1:])
+    assert len({keys[rows] for rows in range(17, 33)}) == 1
+    assert keys[33] != keys[32]
 
 
 def test_options_take_effect(device, monkeypatch):
-    """The variants' parity holds only if the options reach the implementation: recompute_h keeps h out of what the
-    forward saves, and plain_matmul="triton" sends the four unfused matmuls through the Triton kernel too."""
+    """The variant's parity holds only if the option reaches the implementation: plain_matmul="triton" sends the four
+    unfused matmuls through the Triton kernel too; either way the forward saves pre and h."""
     launches = []
     launch = mlp_module._launch
     monkeypatch.setattr(mlp_module, "_launch", lambda *args, **kwargs: launches.append(1) or launch(*args, **kwargs))
     inputs, (dy,) = make_inputs((3,), 8, 32, 8, device)
     params = [t.requires_grad_() for t in inputs.values()]
-    for options, saved_hidden, matmuls in ((MLPOptions(), 2, 2), (MLPOptions(recompute_h=True), 1, 2),
-                                           (MLPOptions(plain_matmul="triton"), 2, 6)):
+    for options, saved_hidden, matmuls in ((MLPOptions(), 2, 2), (MLPOptions(plain_matmul="triton"), 2, 6)):
         saved = []
         launches.clear()
         with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
@@ -229,10 +244,8 @@ def test_parity_gpu(device, dtype, shape, approximate):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("plain_matmul,recompute_h", [("triton", False), ("torch", True), ("triton", True)],
-                         ids=["triton_matmuls", "recompute_h", "triton_matmuls-recompute_h"])
-def test_parity_variants_gpu(device, plain_matmul, recompute_h):
-    options = MLPOptions(plain_matmul=plain_matmul, recompute_h=recompute_h)
+def test_parity_triton_matmuls_gpu(device):
+    options = MLPOptions(plain_matmul="triton")
     _check_parity(device, torch.bfloat16, ((4, 1024), 768, 3072, 768), options=options)
     _check_parity(device, torch.bfloat16, ODD, options=options)
 
