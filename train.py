@@ -279,11 +279,12 @@ def save(run: Run) -> None:
 
 def closing_sample(run: Run) -> None:
     print(f"checkpoint: {run.checkpoint_path}\n--- sample ---")
+    print(run.opts.sample_prompt, end="", flush=True)
     run.model.eval()
+    prompt = prompt_ids(run.tokenizer, run.opts.sample_prompt, run.config.block_size)
     with run.autocast:
-        stream_text(run.model, run.tokenizer, prompt_ids(run.tokenizer, "", run.config.block_size),
-                    run.opts.sample_tokens, run.world.device, temperature=0.8, top_k=200,
-                    generator=torch.Generator(run.world.device).manual_seed(run.opts.seed))
+        stream_text(run.model, run.tokenizer, prompt, run.opts.sample_tokens, run.world.device, temperature=0.8,
+                    top_k=200, generator=torch.Generator(run.world.device).manual_seed(run.opts.seed))
 
 
 def rng_state(device: torch.device) -> dict:

@@ -61,8 +61,11 @@ def test_train_py_fine_tunes_from_a_gpt2_directory(tiny_dataset, tmp_path):
     result = run("train.py", "--data-dir", str(tiny_dataset), "--out-dir", str(out), *TINY_OPTIONS, "--max-iters", "1",
                  "--init-from", str(tmp_path / "gpt2"))
     assert result.returncode == 0, result.stderr
-    saved = torch.load(out / "ckpt.pt", weights_only=True)["model_config"]
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    saved = ckpt["model_config"]
     assert (saved["n_layer"], saved["n_embd"], saved["block_size"]) == (2, 32, 64)
+    # Fine-tuning's default peak rate: a twentieth of a new model's at this width, 6e-3 x 128 / 32.
+    assert ckpt["options"]["learning_rate"] == pytest.approx(6e-3 * 128 / 32 / 20)
 
     transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=500, n_positions=64, n_embd=32, n_layer=2,
                                                          n_head=2)).save_pretrained(tmp_path / "other")

@@ -41,9 +41,9 @@ def finished_run(tiny_dataset, tmp_path):
 def test_train_writes_a_checkpoint_that_sample_reads(tiny_dataset, tmp_path):
     out = tmp_path / "out"
     result = run("train.py", "--data-dir", str(tiny_dataset), "--out-dir", str(out), *TINY, "--max-iters", "4",
-                 "--eval-interval", "2", "--sample-tokens", "10")
+                 "--eval-interval", "2", "--sample-tokens", "10", "--sample-prompt", "class Stack")
     assert result.returncode == 0, result.stderr
-    assert "--- sample ---" in result.stdout
+    assert "--- sample ---\nclass Stack" in result.stdout
     assert "global batch: 4 sequences x 1 micro-batch x 64 tokens" in result.stdout
     assert "(1 process x 1 micro-batch each)" in result.stdout
     assert "mfu" not in result.stdout  # no known peak on a CPU: the column is left out
@@ -109,7 +109,9 @@ def test_a_new_run_never_replaces_an_earlier_one_unasked(finished_run, tiny_data
     (["--learning-rate", "nan"], "invalid float value: 'nan'"),
     (["--learning-rate", "inf"], "invalid float value: 'inf'"),
     (["--weight-decay", "-0.1"], "--weight-decay must be at least 0"),
-    (["--min-lr", "0.01"], "--min-lr (0.01) must not exceed --learning-rate (0.001)"),
+    (["--min-lr", "0.01", "--learning-rate", "0.001"], "--min-lr (0.01) must not exceed --learning-rate (0.001)"),
+    # Unset, the peak rate follows the width: 6e-3 x 128 / 64 for the tiny preset.
+    (["--min-lr", "0.02"], "--min-lr (0.02) must not exceed --learning-rate (0.012)"),
     (["--warmup-iters", "5", "--max-iters", "4"], "--warmup-iters (5) must not exceed --max-iters (4)"),
     (["--lr-decay-iters", "1", "--warmup-iters", "2"], "--lr-decay-iters (1) must be at least"),
     (["--dropout", "1"], "--dropout must be below 1"),
