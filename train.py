@@ -196,10 +196,14 @@ def loop(run: Run) -> None:
         last = run.step == opts.max_iters
         if run.step % opts.log_interval == 0 or last:
             clock = log_progress(run, loss, grad_norm, lr, clock)
-        if run.step % opts.eval_interval == 0 or last:
+        evaluating = run.step % opts.eval_interval == 0 or last
+        if evaluating:
             evaluate(run)
-        if run.step % (opts.ckpt_interval or opts.eval_interval) == 0 or last:
+        saving = run.step % (opts.ckpt_interval or opts.eval_interval) == 0 or last
+        if saving:
             save(run)
+        if evaluating or saving:
+            clock = (time.perf_counter(), run.step)  # tokens/s counts training steps only
     bar.close()
 
 
