@@ -9,6 +9,7 @@ This package knows nothing of the model: every op takes plain tensors.
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
+from tritongpt.kernels._common import WeightCasts
 from tritongpt.kernels.attention import (attention_qkvpacked_reference, attention_reference, flash_attention,
                                          flash_attention_qkvpacked, sdpa_attention, sdpa_attention_qkvpacked)
 from tritongpt.kernels.layernorm import add_layer_norm, add_layer_norm_reference, layer_norm, layer_norm_reference
@@ -41,7 +42,7 @@ OPS = {
 }
 
 __all__ = [
-    "OPS", "Op",
+    "OPS", "Op", "WeightCasts",
     "flash_attention", "attention_reference", "sdpa_attention",
     "flash_attention_qkvpacked", "attention_qkvpacked_reference", "sdpa_attention_qkvpacked",
     "layer_norm", "layer_norm_reference", "add_layer_norm", "add_layer_norm_reference",

@@ -1,5 +1,5 @@
 """What the Triton ops share: refusing tensors a kernel cannot take, autotuning that also runs under Triton's CPU
-interpreter, and registering a kernel's launcher as a PyTorch operator. Each op's own shape rules stay in its module,
+interpreter, registering a kernel's launcher as a PyTorch operator, and casting weights under autocast. Each op's own shape rules stay in its module,
 in a function named `_validate`."""
 import os
 from collections.abc import Callable
@@ -64,3 +64,46 @@ def kernel_op(name: str, fake: Callable):
         op.register_fake(fake)
         return op
     return register
+
+
+class WeightCasts:
+    """A scope, entered with `with`, in which the ops cast each float32 weight to the autocast dtype once per version
+    of its values instead of at every call, while no gradient is recorded. Autocast caches its own casts of
+    F.linear's weights for the length of its region; without this, a loop that runs the same weights many times
+    (decoding one token at a time) would read and write every weight again at each step. The casts live as long as
+    this object; an in-place update of a weight (an optimizer step) bumps its version, so it is cast afresh."""
+
+    def __init__(self):
+        self._casts: dict[int, tuple[torch.Tensor, int, torch.dtype, torch.Tensor]] = {}  # by id(weight)
+
+    def __enter__(self) -> "WeightCasts":
+        global _weight_casts
+        self._outer, _weight_casts = _weight_casts, self
+        return self
+
+    def __exit__(self, *exc) -> None:
+        global _weight_casts
+        _weight_casts = self._outer
+
+    def __len__(self) -> int:
+        """How many weights have a cast held here."""
+        return len(self._casts)
+
+    def cast(self, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        # The entry holds the weight itself, so that its id cannot pass to another tensor while the entry lives.
+        entry = self._casts.get(id(weight))
+        if entry is None or entry[0] is not weight or entry[1] != weight._version or entry[2] != dtype:
+            entry = (weight, weight._version, dtype, weight.to(dtype))
+            self._casts[id(weight)] = entry
+        return entry[3]
+
+
+_weight_casts: WeightCasts | None = None  # the innermost WeightCasts entered
+
+
+def autocast_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """weight in dtype, from the WeightCasts entered when there is one and no gradient is recorded (a cached cast
+    has no autograd history, so with gradients on every call casts anew, and the gradient reaches the weight)."""
+    if _weight_casts is None or torch.is_grad_enabled() or weight.is_inference():
+        return weight.to(dtype)
+    return _weight_casts.cast(weight, dtype)

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from tritongpt.kernels._common import autotune, check_tensors, interpreting, kernel_op
+from tritongpt.kernels._common import autotune, autocast_weight, check_tensors, interpreting, kernel_op
 
 
 @dataclass(frozen=True)
@@ -387,14 +387,16 @@ def gelu_mlp(x: torch.Tensor, fc_weight: torch.Tensor, fc_bias: torch.Tensor | N
     x: (..., D); fc_weight: (H, D); proj_weight: (D_out, H); the biases are optional. approximate: "tanh" (GPT-2)
     or "none" (exact erf GELU). Float16, bfloat16 or float32 (float32 dots run as TF32 on a GPU), all on one CUDA
     device (or the CPU under TRITON_INTERPRET=1). Under torch.autocast, float32 inputs are cast to the autocast
-    dtype first, as F.linear would (the casts are differentiable: float32 parameters get float32 gradients).
+    dtype first, as F.linear would (the casts are differentiable: float32 parameters get float32 gradients; inside
+    a WeightCasts scope without gradients, each weight is cast once per version of its values).
     options picks among the implementation's alternatives (MLPOptions). Raises ValueError on bad input."""
     device_type = x.device.type if isinstance(x, torch.Tensor) else None
     if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
-        x, fc_weight, fc_bias, proj_weight, proj_bias = (
-            t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype == torch.float32 else t
-            for t in (x, fc_weight, fc_bias, proj_weight, proj_bias))
+        x = x.to(dtype) if x.dtype == torch.float32 else x
+        fc_weight, fc_bias, proj_weight, proj_bias = (
+            autocast_weight(t, dtype) if isinstance(t, torch.Tensor) and t.dtype == torch.float32 else t
+            for t in (fc_weight, fc_bias, proj_weight, proj_bias))
     _validate(x, fc_weight, fc_bias, proj_weight, proj_bias, approximate)
     tanh = approximate == "tanh"
     x2d = x.reshape(-1, x.shape[-1])

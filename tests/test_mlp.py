@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import tritongpt.kernels.mlp as mlp_module  # the module: its kernel launcher
-from tritongpt.kernels import MLPOptions, gelu_mlp, gelu_mlp_reference
+from tritongpt.kernels import MLPOptions, WeightCasts, gelu_mlp, gelu_mlp_reference
 from tests.parity import (GRAD_FACTOR, OUTPUT_FACTOR, assert_deterministic, assert_parity, check_parity,
                           forward_backward, poisoned_allocations, reference_dtype)
 
@@ -145,6 +145,39 @@ def test_autocast_matches_eager(device):
         assert grads[name].dtype == torch.float32
         assert_parity(f"d{name}", grads[name].to(dtype), torch_grads[name].to(dtype), ref_grads[name], GRAD_FACTOR,
                       dtype)
+
+
+def test_weight_casts_reuse_each_cast_until_the_weight_changes(device):
+    """Inside WeightCasts, without gradients, autocast's weight casts are made once and reused, and an in-place
+    update of a weight is seen at the next call; the outputs are those of the calls outside the scope."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float16
+    inputs, _ = make_inputs(*ODD, device)
+    w1 = inputs["fc_weight"]
+    casts = WeightCasts()
+    with torch.no_grad(), torch.autocast(device.type, dtype=dtype):
+        unscoped = gelu_mlp(**inputs)
+        with casts:
+            first = gelu_mlp(**inputs)
+            assert len(casts) == 4  # both weights and both biases, not x
+            held = casts.cast(w1, dtype)
+            second = gelu_mlp(**inputs)
+            assert casts.cast(w1, dtype) is held
+            w1.mul_(0.5)
+            updated = gelu_mlp(**inputs)
+            assert casts.cast(w1, dtype) is not held
+        unscoped_updated = gelu_mlp(**inputs)
+    assert torch.equal(first, unscoped) and torch.equal(second, unscoped)
+    assert torch.equal(updated, unscoped_updated) and not torch.equal(updated, unscoped)
+
+
+def test_weight_casts_step_aside_when_gradients_are_recorded(device):
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float16
+    inputs, upstream = make_inputs(*ODD, device)
+    casts = WeightCasts()
+    with torch.autocast(device.type, dtype=dtype), casts:
+        (out,), grads = forward_backward(gelu_mlp, inputs, upstream)
+    assert len(casts) == 0
+    assert grads.keys() == inputs.keys() and all(g.dtype == torch.float32 for g in grads.values())
 
 
 def test_deterministic(device):
