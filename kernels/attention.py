@@ -23,7 +23,11 @@ from tritongpt.kernels._common import autotune, check_tensors, interpreting, ker
 def _causal_keep(seq_len_q: int, seq_len_k: int, device: torch.device) -> torch.Tensor:
     """The (seq_len_q, seq_len_k) boolean mask of the keys each query sees under the causal rule, aligned to the end:
     query i sees keys j <= i + seq_len_k - seq_len_q, so the last query sees every key (one query against a cache of
-    keys is a decoding step)."""
+    keys is a decoding step). More queries than keys would leave the first ones no key to see: refused."""
+    if seq_len_q > seq_len_k:
+        raise ValueError(f"causal attention: q has more rows than k and v (seq_len {seq_len_q} > {seq_len_k}), so "
+                         "its first queries would see no key; the queries must be the last positions of the keys' "
+                         "sequence")
     return torch.ones(seq_len_q, seq_len_k, dtype=torch.bool, device=device).tril(seq_len_k - seq_len_q)
 
 

@@ -161,6 +161,15 @@ def test_bad_input_raises_value_error(case, device):
         flash_attention(q, k, v)
 
 
+@pytest.mark.parametrize("attention", [attention_reference, sdpa_attention], ids=["reference", "sdpa"])
+def test_eager_causal_attention_refuses_more_queries_than_keys(attention):
+    """Causal queries before the first key would see nothing (rows of NaN); without the mask any lengths work."""
+    q, kv = torch.randn(1, 2, 9, 16), torch.randn(1, 2, 8, 16)
+    with pytest.raises(ValueError, match="more rows"):
+        attention(q, kv, kv, causal=True)
+    assert torch.isfinite(attention(q, kv, kv, causal=False)).all()
+
+
 @pytest.mark.parametrize("shape, n_head, message", [
     ((1, 8, 3 * 32, 1), 2, "qkv must be"),
     ((1, 8, 3 * 32 + 1), 2, "qkv must be"),
