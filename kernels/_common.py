@@ -1,6 +1,6 @@
 """What the Triton ops share: refusing tensors a kernel cannot take, autotuning that also runs under Triton's CPU
-interpreter, registering a kernel's launcher as a PyTorch operator, and casting weights under autocast. Each op's own shape rules stay in its module,
-in a function named `_validate`."""
+interpreter, registering a kernel's launcher as a PyTorch operator, and casting weights under autocast. Each op's own
+shape rules stay in its module, in a function named `_validate`."""
 import os
 from collections.abc import Callable
 

@@ -218,7 +218,8 @@ def _launch_config(N: int, n_rows: int, on_gpu: bool) -> dict:
     block_n = triton.next_power_of_2(N) if N <= max_block else chunk
     block_m = max(1, min(tile // block_n, 16, triton.next_power_of_2(n_rows)))
     elements = block_m * block_n
-    num_warps = 16 if elements >= 8192 else 8 if elements >= 2048 else 4
+    # Rows held whole from 4096 wide get 16 warps: with 8, a 4096-wide fp16 row spilled registers on sm_80.
+    num_warps = 16 if elements >= 8192 or block_n >= 4096 else 8 if elements >= 2048 else 4
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, SINGLE_BLOCK=N <= max_block, num_warps=num_warps)
 
 

@@ -185,18 +185,20 @@ def _launch_config(x: torch.Tensor, weight: torch.Tensor, on_gpu: bool) -> dict:
     than the interpreter (bench/gpu_compile.py asks for a GPU's with stand-in CPU tensors).
 
     On a GPU: 64 rows x 64 vocabulary entries per tile of z, 8 warps, and the backward's outputs in chunks of 256
-    columns of D (128 for float32, whose tiles take twice the registers), which bounds the fp32 accumulators at any D
-    at the cost of recomputing z once per chunk: 3 times at GPT-2's D = 768. Compiled for sm_90 with these sizes,
-    the kernels spill no registers (float32's forward: 8 bytes), whatever D; with D a multiple of 16 (aligned rows)
-    their loads are also pipelined. Under the interpreter, whose cost is per operation rather than per element, small
-    tiles, so that the tests' small shapes still span several blocks of rows, vocabulary and D. Offsets are 32-bit
-    (fewer registers per pointer) unless some element, counting the blocks' overhang, lies 2**31 or more away."""
+    columns of D, which bounds the fp32 accumulators at any D at the cost of recomputing z once per chunk: 3 times at
+    GPT-2's D = 768. Float32, whose exact dots run on CUDA cores and take twice the registers, gets 32 x 32 tiles, 2
+    stages and 64-column chunks: larger ones spilled registers on sm_90 or sm_80 with triton 3.6 or 3.9. Compiled
+    for both with these sizes, the kernels spill no registers (bench/gpu_compile.py checks it); with D a multiple of
+    16 (aligned rows) their loads are also pipelined. Under the interpreter, whose cost is per operation rather than
+    per element, small tiles, so that the tests' small shapes still span several blocks of rows, vocabulary and D.
+    Offsets are 32-bit (fewer registers per pointer) unless some element, counting the blocks' overhang, lies 2**31
+    or more away."""
     (N, D), V = x.shape, weight.shape[0]
     if on_gpu:
         wide = x.dtype == torch.float32
-        blocks = dict(BLOCK_N=64, BLOCK_V=64, BLOCK_D=32 if wide else 64,
-                      BLOCK_DOUT=min(128 if wide else 256, max(16, triton.next_power_of_2(D))), num_warps=8,
-                      num_stages=3)
+        blocks = dict(BLOCK_N=32 if wide else 64, BLOCK_V=32 if wide else 64, BLOCK_D=32 if wide else 64,
+                      BLOCK_DOUT=min(64 if wide else 256, max(16, triton.next_power_of_2(D))), num_warps=8,
+                      num_stages=2 if wide else 3)
     else:
         blocks = dict(BLOCK_N=16, BLOCK_V=64, BLOCK_D=32, BLOCK_DOUT=32, num_warps=4, num_stages=1)
     rows, vocab = N + blocks["BLOCK_N"], V + blocks["BLOCK_V"]

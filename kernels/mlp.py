@@ -105,9 +105,12 @@ _NONE, _BIAS_GELU, _GELU_GRAD = 0, 1, 2  # the epilogues
 # independent of the tile size, so fewer, larger tiles test fastest (the tests' sizes are still not multiples of it).
 # The key holds the shape, with M rounded up to a power of two (generating text grows M by one row per token, and
 # tuning again at every length would cost more than it gains), the operand layouts (strides) and the epilogue. Every
-# output is written, never accumulated into, so the autotuner's trial launches are harmless.
+# output is written, never accumulated into, so the autotuner's trial launches are harmless. Float32 operands take
+# twice the shared memory and registers: 128x128x64 in 4 stages needs 262,144 B, more than either GPU has, so their
+# tiles step K by 32, and of those only 128x64 with 8 warps is clean in every epilogue.
+_TILES = {"16-bit": [(128, 128, 64, 8, 4), (128, 64, 64, 4, 4)], "fp32": [(128, 64, 32, 8, 4)]}
 _GPU_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=s)
-                for m, n, k, w, s in [(128, 128, 64, 8, 4), (128, 64, 64, 4, 4)]]
+                for tiles in _TILES.values() for m, n, k, w, s in tiles]
 _INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 2}, num_warps=4,
                                     num_stages=1)
 _AUTOTUNE_KEY = ["M_KEY", "N", "K", "stride_am", "stride_ak", "stride_bk", "stride_bn",
@@ -119,7 +122,13 @@ _AUTOTUNE_KEY = ["M_KEY", "N", "K", "stride_am", "stride_ak", "stride_bk", "stri
 _BIAS_GRAD_ROWS = 32 if interpreting() else 64
 
 
-@autotune(_GPU_CONFIGS, _AUTOTUNE_KEY, _INTERPRETER_CONFIG)
+def _tiles_for_dtype(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    wanted = _TILES["fp32" if named_args["a_ptr"].dtype == torch.float32 else "16-bit"]
+    return [c for c in configs
+            if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages) in wanted]
+
+
+@autotune(_GPU_CONFIGS, _AUTOTUNE_KEY, _INTERPRETER_CONFIG, prune_configs_by={"early_config_prune": _tiles_for_dtype})
 @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
 @triton.jit
 def _matmul_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, aux_ptr, bias_grad_ptr,
