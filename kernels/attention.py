@@ -366,11 +366,12 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA,
 
 # Tile shapes (BLOCK_M, BLOCK_N, num_warps, num_stages) to tune over, per kernel and per class of input: fp32 (whose
 # exact dots run on CUDA cores, not tensor cores) or the padded head_dim of 16-bit inputs. Kept to the tiles that
-# compile without spilling registers and fit the shared memory of both an H100 and an A100 (sm_90 and sm_80), as
-# bench/gpu_compile.py checks; it reported the tiles dropped from here, each spilling on one target or the other
-# (mostly the larger tiles of their class, most often on sm_80; dq's 128x32 at head_dim 256 also needs 172,032 B of
-# shared memory, more than an A100's 166,912). One exception: fp32's dK/dV, where no tile tried is clean at every
-# head_dim on both targets; the one kept spills 8 to 16 B on sm_80 at head_dim 32 and 256. Larger tiles spilled
+# compile without spilling registers and fit the shared memory of both an H100 and an A100 (sm_90 and sm_80) with
+# triton 3.6 and 3.9, as bench/gpu_compile.py checks; it reported the tiles dropped from here, each spilling on one
+# target or the other (mostly the larger tiles of their class, most often on sm_80; dq's 128x32 at head_dim 256 also
+# needs 172,032 B of shared memory, more than an A100's 166,912). The fp32 tiles also lift the register cap ptxas
+# chooses by itself (maxnreg): under it, every fp32 dK/dV tile tried spilled somewhere (the one kept: 16 B at
+# head_dim 256 on sm_90 with triton 3.6), where with the cap lifted it takes 166 registers and spills nothing. Larger tiles spilled
 # kilobytes or overflowed shared memory, and tuning over them would only spend minutes compiling.
 _GPU_CONFIGS = {
     "fwd": {64: [(64, 64, 4, 3)],
@@ -382,10 +383,11 @@ _GPU_CONFIGS = {
              256: [(16, 32, 8, 2), (32, 32, 8, 2)],
              "fp32": [(16, 16, 8, 2)]},
     "dq": {64: [(128, 32, 8, 3), (128, 64, 8, 3), (64, 32, 4, 3)],
-           128: [(128, 32, 8, 3), (64, 32, 4, 3)],
+           128: [(128, 32, 8, 2), (64, 64, 8, 3), (64, 32, 4, 3)],
            256: [(64, 32, 8, 2), (32, 16, 4, 2)],
-           "fp32": [(16, 16, 4, 2)]},
+           "fp32": [(16, 16, 8, 2)]},
 }
+_FP32_MAX_REGISTERS = 255  # the most ptxas may give a thread: lifts its own, lower choice for the fp32 tiles
 # The interpreter runs one config (it cannot autotune), with BLOCK_M != BLOCK_N so that the tests cover diagonals
 # spanning several blocks.
 _INTERPRETER_CONFIGS = {"fwd": (64, 32), "dkdv": (32, 64), "dq": (64, 32)}
@@ -396,15 +398,16 @@ def _autotune_args(kernel: str) -> dict:
     launch to the input's class, keyed by head_dim, causality, and seq_len_q and seq_len_k each rounded up to a power
     of two (see _seq_lens), since generating text grows them one token at a time and tuning again at every length
     would cost more than it gains."""
-    by_class = _GPU_CONFIGS[kernel]
-    shapes = sorted({shape for shapes in by_class.values() for shape in shapes})
-    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
+    by_class = {cls: [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s,
+                                    maxnreg=_FP32_MAX_REGISTERS if cls == "fp32" else None)
+                      for m, n, w, s in shapes]
+                for cls, shapes in _GPU_CONFIGS[kernel].items()}
+    configs = [config for class_configs in by_class.values() for config in class_configs]
     block_m, block_n = _INTERPRETER_CONFIGS[kernel]
 
     def this_class(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
-        wanted = by_class["fp32" if args["DOT_PRECISION"] == "ieee" else max(args["BLOCK_D"], 64)]
-        return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in wanted]
+        return by_class["fp32" if args["DOT_PRECISION"] == "ieee" else max(args["BLOCK_D"], 64)]
 
     return dict(configs=configs, key=["seq_len_q_bucket", "seq_len_k_bucket", "HEAD_DIM", "CAUSAL"],
                 interpreter_config=triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}),
