@@ -245,6 +245,7 @@ class GPT(nn.Module):
         block_size = self.config.block_size
         refill = (block_size + 1) // 2
         cache = self.new_cache(idx.shape[0]) if use_cache else None
+        weight_casts = kernels.WeightCasts()  # under autocast, each weight is cast once for the whole call
         for _ in range(max_new_tokens):
             if cache is None or cache.length == 0:
                 context = idx[:, -block_size:]
@@ -253,7 +254,8 @@ class GPT(nn.Module):
             else:
                 cache.clear()
                 context = idx[:, -refill:]
-            logits = self.lm_head(self.hidden_states(context, cache)[:, -1, :])  # the last position's alone
+            with weight_casts:
+                logits = self.lm_head(self.hidden_states(context, cache)[:, -1, :])  # the last position's alone
             next_token = sample_next_token(logits.float(), temperature, top_k, top_p, generator)
             idx = torch.cat([idx, next_token[:, None]], dim=1)
             yield next_token

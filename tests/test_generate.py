@@ -4,6 +4,7 @@ import io
 
 import pytest
 import torch
+import torch.nn as nn
 
 from tritongpt.model import GPT, GPTConfig
 from tritongpt.model.gpt import sample_next_token
@@ -94,6 +95,20 @@ def test_cache_takes_the_autocast_dtype():
         assert model.new_cache(1).layers[0].k.dtype == torch.bfloat16
         out = model.generate(torch.zeros(2, 3, dtype=torch.long), 4, temperature=0)
     assert out.shape == (2, 7)
+
+
+def test_generation_casts_each_mlp_weight_once(monkeypatch):
+    """Under autocast, the Triton MLP's fp32 weights are cast once for the whole call, not once per token."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=97, block_size=BLOCK_SIZE, n_layer=2, n_head=2, n_embd=32, mlp="triton")).eval()
+    casts = []
+    make_cast = torch.Tensor.to
+    monkeypatch.setattr(torch.Tensor, "to", lambda t, *args, **kwargs: (
+        casts.append(t) if isinstance(t, nn.Parameter) else None) or make_cast(t, *args, **kwargs))
+    with torch.autocast("cpu", dtype=torch.float16):
+        model.generate(torch.zeros(1, 3, dtype=torch.long), 5, temperature=0)
+    mlp_weights = [p for block in model.transformer.h for p in block.mlp.parameters()]
+    assert len(casts) == len(mlp_weights) == 8 and {id(t) for t in casts} == {id(p) for p in mlp_weights}
 
 
 def test_cache_refuses_positions_past_block_size():
