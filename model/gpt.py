@@ -254,7 +254,7 @@ class GPT(nn.Module):
                 cache.clear()
                 context = idx[:, -refill:]
             logits = self.lm_head(self.hidden_states(context, cache)[:, -1, :])  # the last position's alone
-            next_token = sample_next_token(logits.float(), temperature, top_k, top_p, generator)
+            next_token = sample_next_token(logits, temperature, top_k, top_p, generator)
             idx = torch.cat([idx, next_token[:, None]], dim=1)
             yield next_token
 
@@ -269,19 +269,20 @@ class GPT(nn.Module):
 def sample_next_token(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
                       generator: torch.Generator | None) -> torch.Tensor:
     """One token per row of logits (B, vocab): greedy at temperature 0, else sampled from the softmax at that
-    temperature, restricted to the top_k most likely and to the smallest set whose probability reaches top_p."""
+    temperature, restricted to the top_k most likely (exactly k: ties at the k-th are broken by torch.topk) and to the
+    smallest set whose probability reaches top_p."""
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits / temperature
+    # The draw runs over the candidates alone, in descending order, and maps back to their token ids: with top_k that
+    # is k values rather than the whole vocabulary (dividing by a temperature > 0 keeps the order).
+    ids = None
     if top_k is not None and top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        logits, ids = torch.topk(logits, top_k, dim=-1)
+    elif top_p is not None and top_p < 1.0:
+        logits, ids = torch.sort(logits, dim=-1, descending=True)
+    probs = (logits.float() / temperature).softmax(dim=-1)
     if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = sorted_logits.softmax(dim=-1)
         # Drop a token when the tokens more likely than it already reach top_p; the most likely always stays.
-        drop = probs.cumsum(dim=-1) - probs >= top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+        probs = probs.masked_fill(probs.cumsum(dim=-1) - probs >= top_p, 0.0)
+    choice = torch.multinomial(probs, num_samples=1, generator=generator)
+    return (choice if ids is None else ids.gather(-1, choice)).squeeze(-1)
