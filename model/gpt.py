@@ -86,9 +86,10 @@ class CausalSelfAttention(nn.Module):
             B, T, C = x.shape
             q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
                        for t in self.c_attn(x).split(C, dim=2))
-            # The T new queries attend to the cached positions too; the causal mask is aligned to the last key.
+            # The T new queries attend to the cached positions too; the causal mask is aligned to the last key, so a
+            # single query (a decoding step) sees every key and needs no mask.
             k, v = kv.extend(k, v)
-            y = self.attend(q, k, v, causal=True).transpose(1, 2).reshape(B, T, C)
+            y = self.attend(q, k, v, causal=T > 1).transpose(1, 2).reshape(B, T, C)
         return self.dropout(self.c_proj(y))
 
 
