@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from tritongpt import kernels
 from tritongpt.model.config import GPTConfig
@@ -177,15 +178,16 @@ class GPT(nn.Module):
         h, _ = self.transformer.ln_f(x, update)
         return h
 
+    def _compute_dtype(self) -> torch.dtype:
+        """The dtype of the matrix products: the autocast dtype where autocast is on, else the weights' dtype."""
+        device = self.lm_head.weight.device.type
+        return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else self.lm_head.weight.dtype
+
     def new_cache(self, batch_size: int) -> KVCache:
         """An empty KVCache for batch_size sequences, in the dtype of the keys it will hold: the autocast dtype where
         autocast is on (so call this inside the autocast region the model runs in), else the weights' dtype."""
         c = self.config
-        device = self.lm_head.weight.device
-        if torch.is_autocast_enabled(device.type):
-            dtype = torch.get_autocast_dtype(device.type)
-        else:
-            dtype = self.lm_head.weight.dtype
+        device, dtype = self.lm_head.weight.device, self._compute_dtype()
         shape = (batch_size, c.n_head, c.block_size, c.head_dim)
         return KVCache([LayerKV(torch.empty(shape, dtype=dtype, device=device),
                                 torch.empty(shape, dtype=dtype, device=device)) for _ in range(c.n_layer)])
@@ -227,6 +229,17 @@ class GPT(nn.Module):
         c = self.config
         return 6 * self.num_params() + 12 * c.n_layer * c.n_head * c.head_dim * c.block_size
 
+    def _decoding_head(self) -> torch.Tensor:
+        """The LM head's weight (vocab, n_embd) as generate_tokens multiplies it, a row per sequence at a time. On a
+        CPU, a copy in the dtype of the product and in column-major order: BLAS (MKL) takes a row times the weight as
+        nn.Linear stores it as a dot product per token, far below the memory bandwidth, and a row times the
+        (n_embd, vocab) matrix that the copy's transpose is as a stream over its rows, over twice as fast for the
+        `small` preset (bench/bench_generate.py); a GPU's BLAS reads either order at full speed."""
+        weight = self.lm_head.weight
+        if weight.device.type != "cpu":
+            return weight
+        return weight.to(self._compute_dtype()).t().contiguous().t()
+
     @torch.no_grad()
     def generate_tokens(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                         top_k: int | None = None, top_p: float | None = None,
@@ -246,6 +259,7 @@ class GPT(nn.Module):
         block_size = self.config.block_size
         refill = (block_size + 1) // 2
         cache = self.new_cache(idx.shape[0]) if use_cache else None
+        head = self._decoding_head()
         for _ in range(max_new_tokens):
             if cache is None or cache.length == 0:
                 context = idx[:, -block_size:]
@@ -254,7 +268,7 @@ class GPT(nn.Module):
             else:
                 cache.clear()
                 context = idx[:, -refill:]
-            logits = self.lm_head(self.hidden_states(context, cache)[:, -1, :])  # the last position's alone
+            logits = F.linear(self.hidden_states(context, cache)[:, -1, :], head)  # the last position's alone
             next_token = sample_next_token(logits, temperature, top_k, top_p, generator)
             idx = torch.cat([idx, next_token[:, None]], dim=1)
             yield next_token
