@@ -229,14 +229,22 @@ class GPT(nn.Module):
         c = self.config
         return 6 * self.num_params() + 12 * c.n_layer * c.n_head * c.head_dim * c.block_size
 
+    @torch.no_grad()
+    def column_major_(self) -> "GPT":
+        """Store the Linear layers' weights (the tied LM head included) in column-major order, in place: the same
+        values, in the order a CPU's BLAS (MKL) multiplies one or a few rows by fastest, as text generation does at
+        each step. A row times a (out, in) weight stored row by row runs as one dot product per output, far below
+        the memory bandwidth; stored column by column it streams the weight. For generation on a CPU (sample.py)."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                module.weight.data = module.weight.data.t().contiguous().t()
+        return self
+
     def _decoding_head(self) -> torch.Tensor:
-        """The LM head's weight (vocab, n_embd) as generate_tokens multiplies it, a row per sequence at a time. On a
-        CPU, a copy in the dtype of the product and in column-major order: BLAS (MKL) takes a row times the weight as
-        nn.Linear stores it as a dot product per token, far below the memory bandwidth, and a row times the
-        (n_embd, vocab) matrix that the copy's transpose is as a stream over its rows, over twice as fast for the
-        `small` preset (bench/bench_generate.py); a GPU's BLAS reads either order at full speed."""
+        """The LM head's weight as generate_tokens multiplies it: on a CPU, column-major (column_major_ says why), a
+        copy made for the call in the dtype of the product unless the weight is stored so already."""
         weight = self.lm_head.weight
-        if weight.device.type != "cpu":
+        if weight.device.type != "cpu" or weight.stride(0) == 1:
             return weight
         return weight.to(self._compute_dtype()).t().contiguous().t()
 
