@@ -10,7 +10,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from tritongpt import kernels
 from tritongpt.model.config import GPTConfig
@@ -178,16 +177,15 @@ class GPT(nn.Module):
         h, _ = self.transformer.ln_f(x, update)
         return h
 
-    def _compute_dtype(self) -> torch.dtype:
-        """The dtype of the matrix products: the autocast dtype where autocast is on, else the weights' dtype."""
-        device = self.lm_head.weight.device.type
-        return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else self.lm_head.weight.dtype
-
     def new_cache(self, batch_size: int) -> KVCache:
         """An empty KVCache for batch_size sequences, in the dtype of the keys it will hold: the autocast dtype where
         autocast is on (so call this inside the autocast region the model runs in), else the weights' dtype."""
         c = self.config
-        device, dtype = self.lm_head.weight.device, self._compute_dtype()
+        device = self.lm_head.weight.device
+        if torch.is_autocast_enabled(device.type):
+            dtype = torch.get_autocast_dtype(device.type)
+        else:
+            dtype = self.lm_head.weight.dtype
         shape = (batch_size, c.n_head, c.block_size, c.head_dim)
         return KVCache([LayerKV(torch.empty(shape, dtype=dtype, device=device),
                                 torch.empty(shape, dtype=dtype, device=device)) for _ in range(c.n_layer)])
@@ -232,21 +230,14 @@ class GPT(nn.Module):
     @torch.no_grad()
     def column_major_(self) -> "GPT":
         """Store the Linear layers' weights (the tied LM head included) in column-major order, in place: the same
-        values, in the order a CPU's BLAS (MKL) multiplies one or a few rows by fastest, as text generation does at
-        each step. A row times a (out, in) weight stored row by row runs as one dot product per output, far below
-        the memory bandwidth; stored column by column it streams the weight. For generation on a CPU (sample.py)."""
+        values, in the order a CPU's BLAS (MKL) multiplies one or a few rows by fastest, as each step of text
+        generation does. A row times an (out, in) weight stored row by row runs as one dot product per output, well
+        below the memory bandwidth; stored column by column, the weight is streamed. For generation on a CPU
+        (sample.py); training keeps nn.Linear's order."""
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 module.weight.data = module.weight.data.t().contiguous().t()
         return self
-
-    def _decoding_head(self) -> torch.Tensor:
-        """The LM head's weight as generate_tokens multiplies it: on a CPU, column-major (column_major_ says why), a
-        copy made for the call in the dtype of the product unless the weight is stored so already."""
-        weight = self.lm_head.weight
-        if weight.device.type != "cpu" or weight.stride(0) == 1:
-            return weight
-        return weight.to(self._compute_dtype()).t().contiguous().t()
 
     @torch.no_grad()
     def generate_tokens(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
@@ -267,7 +258,6 @@ class GPT(nn.Module):
         block_size = self.config.block_size
         refill = (block_size + 1) // 2
         cache = self.new_cache(idx.shape[0]) if use_cache else None
-        head = self._decoding_head()
         for _ in range(max_new_tokens):
             if cache is None or cache.length == 0:
                 context = idx[:, -block_size:]
@@ -276,7 +266,7 @@ class GPT(nn.Module):
             else:
                 cache.clear()
                 context = idx[:, -refill:]
-            logits = F.linear(self.hidden_states(context, cache)[:, -1, :], head)  # the last position's alone
+            logits = self.lm_head(self.hidden_states(context, cache)[:, -1, :])  # the last position's alone
             next_token = sample_next_token(logits, temperature, top_k, top_p, generator)
             idx = torch.cat([idx, next_token[:, None]], dim=1)
             yield next_token
