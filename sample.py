@@ -63,6 +63,8 @@ def main(argv: list[str] | None = None) -> None:
     model = GPT(config)
     model.load_state_dict(ckpt["model"])
     model.to(device).eval()
+    if device.type == "cpu":
+        model.column_major_()
 
     context = prompt_ids(tokenizer, prompt, config.block_size)
     generator = torch.Generator(device).manual_seed(opts.seed)

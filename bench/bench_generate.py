@@ -6,8 +6,9 @@ the model again), and for the cached decoding steps the bandwidth achieved readi
 
 A 16-token prompt and 200 new tokens, batch 1 and 8, sampled as sample.py samples by default (temperature 0.8, top-k
 200) from random weights (speed does not depend on them); the ops are sample.py's (the Triton kernels on a GPU, the
-PyTorch references on a CPU) unless chosen with --attention, --layernorm, --mlp. Each case runs once to warm up
-(Triton's autotuning, allocator and cast caches), then --runs times; the median is reported:
+PyTorch references on a CPU, over weights in column-major order there) unless chosen with --attention, --layernorm,
+--mlp. Each case runs once to warm up (Triton's autotuning, allocator and cast caches), then --runs times; the median
+is reported:
   tokens/s      every row's new tokens over the whole call, the first pass over the prompt included
   decode ms     one step after the first token (with the cache: one position through the model)
   weight GB/s   the weights' bytes in the compute dtype (every parameter but the position table, which a step reads
@@ -103,6 +104,8 @@ def main(argv=None):
     torch.manual_seed(SEED)
     with device:
         model = GPT(preset(args.model, vocab_size=VOCAB_SIZE, **ops)).eval()
+    if device.type == "cpu":
+        model.column_major_()  # as sample.py
     copy_gbps = copy_bandwidth_gbps() if device.type == "cuda" else None
     print(f"{args.model} ({model.num_params() / 1e6:.1f}M parameters), {dtype}, ops {ops}, "
           f"{PROMPT_TOKENS}-token prompt + {NEW_TOKENS} new tokens, median of {args.runs}"

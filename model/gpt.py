@@ -86,9 +86,10 @@ class CausalSelfAttention(nn.Module):
             B, T, C = x.shape
             q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
                        for t in self.c_attn(x).split(C, dim=2))
-            # The T new queries attend to the cached positions too; the causal mask is aligned to the last key.
+            # The T new queries attend to the cached positions too; the causal mask is aligned to the last key, so a
+            # single query (a decoding step) sees every key and needs no mask.
             k, v = kv.extend(k, v)
-            y = self.attend(q, k, v, causal=True).transpose(1, 2).reshape(B, T, C)
+            y = self.attend(q, k, v, causal=T > 1).transpose(1, 2).reshape(B, T, C)
         return self.dropout(self.c_proj(y))
 
 
@@ -227,6 +228,18 @@ class GPT(nn.Module):
         return 6 * self.num_params() + 12 * c.n_layer * c.n_head * c.head_dim * c.block_size
 
     @torch.no_grad()
+    def column_major_(self) -> "GPT":
+        """Store the Linear layers' weights (the tied LM head included) in column-major order, in place: the same
+        values, in the order a CPU's BLAS (MKL) multiplies one or a few rows by fastest, as each step of text
+        generation does. A row times an (out, in) weight stored row by row runs as one dot product per output, well
+        below the memory bandwidth; stored column by column, the weight is streamed. For generation on a CPU
+        (sample.py); training keeps nn.Linear's order."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                module.weight.data = module.weight.data.t().contiguous().t()
+        return self
+
+    @torch.no_grad()
     def generate_tokens(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                         top_k: int | None = None, top_p: float | None = None,
                         generator: torch.Generator | None = None, use_cache: bool = True):
@@ -256,7 +269,7 @@ class GPT(nn.Module):
                 context = idx[:, -refill:]
             with weight_casts:
                 logits = self.lm_head(self.hidden_states(context, cache)[:, -1, :])  # the last position's alone
-            next_token = sample_next_token(logits.float(), temperature, top_k, top_p, generator)
+            next_token = sample_next_token(logits, temperature, top_k, top_p, generator)
             idx = torch.cat([idx, next_token[:, None]], dim=1)
             yield next_token
 
@@ -271,19 +284,20 @@ class GPT(nn.Module):
 def sample_next_token(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
                       generator: torch.Generator | None) -> torch.Tensor:
     """One token per row of logits (B, vocab): greedy at temperature 0, else sampled from the softmax at that
-    temperature, restricted to the top_k most likely and to the smallest set whose probability reaches top_p."""
+    temperature, restricted to the top_k most likely (exactly k: ties at the k-th are broken by torch.topk) and to the
+    smallest set whose probability reaches top_p."""
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits / temperature
+    # The draw runs over the candidates alone, in descending order, and maps back to their token ids: with top_k that
+    # is k values rather than the whole vocabulary (dividing by a temperature > 0 keeps the order).
+    ids = None
     if top_k is not None and top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        logits, ids = torch.topk(logits, top_k, dim=-1)
+    elif top_p is not None and top_p < 1.0:
+        logits, ids = torch.sort(logits, dim=-1, descending=True)
+    probs = (logits.float() / temperature).softmax(dim=-1)
     if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = sorted_logits.softmax(dim=-1)
         # Drop a token when the tokens more likely than it already reach top_p; the most likely always stays.
-        drop = probs.cumsum(dim=-1) - probs >= top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+        probs = probs.masked_fill(probs.cumsum(dim=-1) - probs >= top_p, 0.0)
+    choice = torch.multinomial(probs, num_samples=1, generator=generator)
+    return (choice if ids is None else ids.gather(-1, choice)).squeeze(-1)

@@ -88,6 +88,19 @@ def test_sampling_is_reproducible_and_matches_the_uncached_path():
     assert not torch.equal(first[0], first[1])  # rows draw their own tokens
 
 
+def test_column_major_weights_keep_their_values_and_the_tokens():
+    model = tiny(sharp=True)
+    idx = torch.randint(0, 97, (3, 5))
+    before = {name: p.clone() for name, p in model.named_parameters()}
+    rows = model.generate(idx, 8, temperature=0)
+    model.column_major_()
+    assert model.lm_head.weight is model.transformer.wte.weight  # still tied
+    assert model.lm_head.weight.stride() == (1, 97) and model.transformer.h[0].mlp.c_fc.weight.stride() == (1, 128)
+    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
+    assert torch.equal(model.generate(idx, 8, temperature=0), rows)
+    assert torch.equal(model.generate(idx, 8, temperature=0, use_cache=False), rows)
+
+
 def test_cache_takes_the_autocast_dtype():
     model = tiny()
     assert model.new_cache(1).layers[0].k.dtype == torch.float32

@@ -138,6 +138,53 @@ def test_top_k_and_top_p_restrict_the_candidates():
     assert only_first == {0}
 
 
+def draws(logits: torch.Tensor, n: int, temperature: float, top_k: int | None, top_p: float | None,
+          seed: int = 0) -> torch.Tensor:
+    """n tokens drawn in one call, from n copies of one row of logits."""
+    return sample_next_token(logits.expand(n, -1), temperature, top_k, top_p, torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_top_k_draws_the_k_most_likely_tokens_with_their_softmax_probabilities(dtype):
+    # Distinct logits, exact in bf16 too, in shuffled order: the five largest are 2.25, 2.0, ..., 1.25.
+    torch.manual_seed(0)
+    logits = torch.randperm(50) * 0.25 - 10.0
+    top = torch.topk(logits, 5)
+    n = 20000
+    tokens = draws(logits.to(dtype), n, 0.8, 5, None)
+    assert set(tokens.tolist()) == set(top.indices.tolist())
+    frequency = torch.bincount(tokens, minlength=50)[top.indices] / n
+    # Binomial frequencies: each within 5 standard deviations (at most 5 * sqrt(0.25 / n) < 0.018) of its probability.
+    torch.testing.assert_close(frequency, (top.values / 0.8).softmax(-1), atol=0.018, rtol=0)
+
+
+def test_top_p_keeps_the_smallest_set_of_the_top_k_candidates_that_reaches_p():
+    # Probabilities 0.4, 0.3, 0.2, 0.1 at shuffled ids. Among all four, the two most likely reach only 0.7, so top_p
+    # 0.75 keeps three; among the top three, renormalised to 4/9, 3/9, 2/9, the first two reach 7/9 and stay alone.
+    ids = torch.tensor([3, 0, 2, 1])
+    logits = torch.empty(4)
+    logits[ids] = torch.tensor([0.4, 0.3, 0.2, 0.1]).log()
+    n = 20000
+    assert set(draws(logits, n, 1.0, None, 0.75).tolist()) == {3, 0, 2}
+    tokens = draws(logits, n, 1.0, 3, 0.75)
+    assert set(tokens.tolist()) == {3, 0}
+    assert abs((tokens == 3).float().mean().item() - 4 / 7) < 0.018  # renormalised again over the two kept
+
+
+@pytest.mark.parametrize("top_k", [None, 50])
+def test_a_temperature_near_zero_draws_the_most_likely_token(top_k):
+    logits = torch.randn(8, 500, generator=torch.Generator().manual_seed(0))
+    best = logits.argmax(-1)
+    logits[torch.arange(8), best] += 0.1  # a margin that 1e-3 turns into a factor of e^100
+    assert torch.equal(sample_next_token(logits, 1e-3, top_k, None, torch.Generator().manual_seed(1)), best)
+
+
+def test_draws_repeat_with_the_seed():
+    logits = torch.randn(500)
+    assert torch.equal(draws(logits, 64, 1.0, 100, 0.9, seed=3), draws(logits, 64, 1.0, 100, 0.9, seed=3))
+    assert not torch.equal(draws(logits, 64, 1.0, 100, 0.9, seed=3), draws(logits, 64, 1.0, 100, 0.9, seed=4))
+
+
 def test_flops_per_token():
     model = tiny()
     c = model.config
