@@ -92,7 +92,7 @@ class WeightCasts:
     def cast(self, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         # The entry holds the weight itself, so that its id cannot pass to another tensor while the entry lives.
         entry = self._casts.get(id(weight))
-        if entry is None or entry[0] is not weight or entry[1] != weight._version or entry[2] != dtype:
+        if entry is None or entry[1] != weight._version or entry[2] != dtype:
             entry = (weight, weight._version, dtype, weight.to(dtype))
             self._casts[id(weight)] = entry
         return entry[3]

@@ -371,8 +371,8 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA,
 # target or the other (mostly the larger tiles of their class, most often on sm_80; dq's 128x32 at head_dim 256 also
 # needs 172,032 B of shared memory, more than an A100's 166,912). The fp32 tiles also lift the register cap ptxas
 # chooses by itself (maxnreg): under it, every fp32 dK/dV tile tried spilled somewhere (the one kept: 16 B at
-# head_dim 256 on sm_90 with triton 3.6), where with the cap lifted it takes 166 registers and spills nothing. Larger tiles spilled
-# kilobytes or overflowed shared memory, and tuning over them would only spend minutes compiling.
+# head_dim 256 on sm_90 with triton 3.6), where with the cap lifted it takes 166 registers and spills nothing.
+# Larger tiles spilled kilobytes or overflowed shared memory, and tuning over them would only spend minutes compiling.
 _GPU_CONFIGS = {
     "fwd": {64: [(64, 64, 4, 3)],
             128: [(128, 32, 8, 3)],

@@ -109,8 +109,9 @@ _NONE, _BIAS_GELU, _GELU_GRAD = 0, 1, 2  # the epilogues
 # twice the shared memory and registers: 128x128x64 in 4 stages needs 262,144 B, more than either GPU has, so their
 # tiles step K by 32, and of those only 128x64 with 8 warps is clean in every epilogue.
 _TILES = {"16-bit": [(128, 128, 64, 8, 4), (128, 64, 64, 4, 4)], "fp32": [(128, 64, 32, 8, 4)]}
-_GPU_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=s)
-                for tiles in _TILES.values() for m, n, k, w, s in tiles]
+_GPU_CONFIGS = {operands: [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w,
+                                         num_stages=s) for m, n, k, w, s in tiles]
+                for operands, tiles in _TILES.items()}
 _INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 2}, num_warps=4,
                                     num_stages=1)
 _AUTOTUNE_KEY = ["M_KEY", "N", "K", "stride_am", "stride_ak", "stride_bk", "stride_bn",
@@ -123,12 +124,11 @@ _BIAS_GRAD_ROWS = 32 if interpreting() else 64
 
 
 def _tiles_for_dtype(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    wanted = _TILES["fp32" if named_args["a_ptr"].dtype == torch.float32 else "16-bit"]
-    return [c for c in configs
-            if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages) in wanted]
+    return _GPU_CONFIGS["fp32" if named_args["a_ptr"].dtype == torch.float32 else "16-bit"]
 
 
-@autotune(_GPU_CONFIGS, _AUTOTUNE_KEY, _INTERPRETER_CONFIG, prune_configs_by={"early_config_prune": _tiles_for_dtype})
+@autotune([config for configs in _GPU_CONFIGS.values() for config in configs], _AUTOTUNE_KEY, _INTERPRETER_CONFIG,
+          prune_configs_by={"early_config_prune": _tiles_for_dtype})
 @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
 @triton.jit
 def _matmul_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, aux_ptr, bias_grad_ptr,
