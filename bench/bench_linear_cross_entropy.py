@@ -8,14 +8,16 @@ bf16, GPT-2's head: D = 768, V = 50,257, N = 16,384 and 8,192 tokens (micro-batc
 the targets ignored (-1). Each call is the training step's: the loss, then the gradients of x and weight.
 Time: median of CUDA events over inputs rotated past the L2 cache. Memory: the peak allocated during one
 forward+backward above what was allocated before it (the inputs), less the two gradients every implementation
-must return (x's and weight's): what the loss itself needs on top.
+must return (x's and weight's): what the loss itself needs on top. Rate: the fused op's 4 N V D multiply-adds (eager's
+matmuls do 3) as TFLOP/s, beside the measured cuBLAS matmul ceiling.
 """
 import gc
 import importlib.metadata
 
 import torch
 
-from bench.common import environment, median_ms, print_table, require_cuda, rotating, write_results
+from bench.common import (environment, matmul_peak_tflops, median_ms, print_table, require_cuda, rotating,
+                          write_results)
 from tritongpt.kernels.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
 
 TOKENS = (16384, 8192)
@@ -85,6 +87,7 @@ def main():
     require_cuda()
     torch.manual_seed(0)
     env = environment()
+    peak = matmul_peak_tflops()
     liger, liger_status = _liger()
     results, table, targets = [], [], []
     for tokens in TOKENS:
@@ -109,6 +112,7 @@ def main():
             torch.cuda.empty_cache()
         del sets
         torch.cuda.empty_cache()
+        row["triton TFLOP/s"] = 8 * tokens * VOCAB * WIDTH / (row["triton ms"] * 1e9)
         targets.append({"N": tokens, "target": f"extra memory <= {MEMORY_VS_EAGER}x eager's",
                         "value": row["triton MiB"] / row["eager MiB"],
                         "met": row["triton MiB"] <= MEMORY_VS_EAGER * row["eager MiB"]})
@@ -123,19 +127,20 @@ def main():
 
     path = write_results("linear_cross_entropy", {
         "environment": env, "liger_kernel": liger_status, "width": WIDTH, "vocab": VOCAB, "dtype": str(DTYPE),
-        "ignored_fraction": IGNORED_FRACTION,
+        "ignored_fraction": IGNORED_FRACTION, "ceilings": {"matmul_bf16_tflops": peak},
+        "flops": "triton: 8*N*V*D (forward logits, backward logits again, dx, dW); eager's matmuls: 6*N*V*D",
         "memory_model": "peak allocated during one forward+backward above the inputs, less the returned gradients",
         "torch_compile": "torch.compile(reference, dynamic=False), donated_buffer off, recompiled per N",
         "results": results, "targets": targets,
     })
     missed = [t for t in targets if not t["met"]]
-    print(f"{env['device']}: torch {env['torch']}, triton {env['triton']}; liger-kernel: {liger_status}; "
-          f"results in {path}")
+    print(f"{env['device']}: torch {env['torch']}, triton {env['triton']}; bf16 matmul ceiling {peak:.0f} TFLOP/s; "
+          f"liger-kernel: {liger_status}; results in {path}")
     print(f"targets met: {len(targets) - len(missed)}/{len(targets)}"
           + "".join(f"\n  missed: N={t['N']}: {t['target']} (got {t['value']:.2f})" for t in missed))
     print_table(table,
-                ["N"] + [f"{impl} {unit}" for impl in ("triton", "eager", "compile", "liger")
-                         for unit in ("ms", "MiB")])
+                ["N", "triton TFLOP/s"] + [f"{impl} {unit}" for impl in ("triton", "eager", "compile", "liger")
+                                           for unit in ("ms", "MiB")])
 
 
 if __name__ == "__main__":

@@ -94,7 +94,8 @@ KERNELS = {name: getattr(module, name) for module, names in (
     (attention, ("_attn_fwd", "_attn_bwd_delta", "_attn_bwd_dkdv", "_attn_bwd_dq")),
     (layernorm, ("_layer_norm_fwd_kernel", "_layer_norm_bwd_kernel")),
     (mlp, ("_matmul_kernel",)),
-    (linear_cross_entropy, ("_forward_kernel", "_grad_x_kernel", "_grad_weight_kernel")),
+    (linear_cross_entropy,
+     ("_forward_kernel", "_forward_merge_kernel", "_softmax_grad_kernel", "_grad_matmul_kernel")),
 ) for name in names}
 
 

@@ -10,23 +10,25 @@ equal to ignore_index), and counted(n) says whether row n's target counts.
     backward  G_nv    = counted(n) * (exp((z_nv - m_n) - l_n) - [v = t_n])   (softmax minus one-hot)
               dx      = (g / c) * G @ W,   dW = (g / c) * G^T @ x          (g: the loss's upstream gradient)
 
-Each kernel recomputes its (rows x vocabulary) tiles of z from x and W, so nothing of size N x V is ever stored:
-besides the gradients themselves, the op keeps m, l and the per-row losses, fp32 vectors of length N. (m and l
-are kept apart rather than as the log-sum-exp m + l: with large logits that sum would round to the ulp of m, while
-z - m and m - z are exact where the softmax is not negligible, as in PyTorch's log-softmax.)
-Every tile of z is a dot over D in chunks, accumulated in fp32.
+The forward recomputes nothing and stores nothing of size N x V: each program sweeps the vocabulary for a block of
+rows, computing z tile by tile (a dot over D in fp32) and keeping the running statistics, and the op saves m, l and
+the per-row losses, fp32 vectors of length N. (m and l are kept apart rather than as the log-sum-exp m + l: with
+large logits that sum would round to the ulp of m, while z - m and m - z are exact where the softmax is not
+negligible, as in PyTorch's log-softmax.)
 
-No atomics: dx is written by a kernel whose programs each own a block of rows (and a chunk of D's columns), looping
-over the whole vocabulary; dW by a kernel whose programs each own a block of the vocabulary (and a chunk of D),
-looping over every row. The price is recomputing z: once in the forward, and in each backward kernel once per
-chunk of D its programs split D into. The tile sizes depend only on the shape and dtype (no autotuning), and each
-sum runs in a fixed order, so the results are bitwise identical from run to run.
+The backward takes the vocabulary in chunks of _VOCAB_CHUNK entries, in order. For each chunk it recomputes the
+chunk's logits and writes G's (N, chunk) block, in the inputs' dtype as PyTorch's gradient of the logits is; then two
+matmuls use it: dW's rows for the chunk = G_block^T @ x, complete in one pass over all N rows, and dx += G_block @
+W_chunk, an fp32 sum over the chunks kept in an (N, D) buffer. No atomics, no autotuning: the tile sizes depend only
+on the shape and dtype and every sum runs in a fixed order, so results are bitwise identical from run to run.
 
-Cost, by counting (bench/bench_linear_cross_entropy.py measures it). Memory: at GPT-2's head in bf16 (N = 16,384
-tokens, V = 50,257, D = 768) the op adds 192 KiB to its inputs and gradients, where eager PyTorch holds the logits
-(1.6 GB), their fp32 log-softmax (3.3 GB) and the logits' gradient. Work: with k chunks of D in the backward, the op
-computes (3 + 2k) N V D multiply-adds, eager 3 N V D (one matmul forward, two backward): 9 against 3 at D = 768
-(k = 3), all in tensor-core dots, while eager's softmax passes over the N x V logits are bound by memory.
+Cost, by counting (bench/bench_linear_cross_entropy.py measures it). Work: 4 N V D multiply-adds (the forward's z,
+the backward's z again, dx and dW), against eager PyTorch's 3, all in tensor-core dots; the fourth is traded for
+eager's passes over N x V tensors in memory (the logits written and read, their log-softmax and gradient likewise).
+Memory: at GPT-2's head in bf16 (N = 16,384 tokens, V = 50,257, D = 768), G's block of 16,384 x 8,192 (256 MiB) and
+dx's fp32 sums (48 MiB) on top of the inputs and gradients, where eager PyTorch holds N x V tensors of 1.6 GB each:
+the logits, their log-softmax and their gradient. The block grows with N but not with V; the forward alone
+(evaluation) needs only the O(N) statistics.
 """
 from typing import List
 
@@ -44,167 +46,196 @@ def linear_cross_entropy_reference(x: torch.Tensor, weight: torch.Tensor, target
 
 
 @triton.jit
-def _logits_tile(X, W, rows, cols, row_mask, col_mask, stride_x, D,
-                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-                 DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
-    """z[rows, cols] = x[rows] @ W[cols]^T in fp32, summed over D in BLOCK_D chunks (zero for rows or columns
-    outside the masks)."""
-    offs_d = tl.arange(0, BLOCK_D)
-    z = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
-    for d in range(0, D, BLOCK_D):
-        d_mask = d + offs_d < D
-        x = tl.load(X + rows[:, None] * stride_x + (d + offs_d)[None, :],
-                    mask=row_mask[:, None] & d_mask[None, :], other=0.0)
-        w = tl.load(W + cols[None, :] * D + (d + offs_d)[:, None],  # W^T's (BLOCK_D, BLOCK_V) tile
-                    mask=d_mask[:, None] & col_mask[None, :], other=0.0)
+def _dot_tile(A, B, offs_m, offs_n, stride_am, stride_ak, stride_bk, stride_bn, K, acc,
+              BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
+    """acc + A[offs_m, :] @ B[:, offs_n], summed over K in BLOCK_K steps in fp32. Every offset in offs_m and offs_n
+    must be valid: callers wrap those past an edge around to real rows and columns and never store what they compute,
+    so that only K needs a mask (and none when EVEN_K: K is a multiple of BLOCK_K)."""
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = A + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
+    b_ptrs = B + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
+    for k in range(0, K, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            a = tl.load(a_ptrs, mask=offs_k[None, :] < K - k, other=0.0)
+            b = tl.load(b_ptrs, mask=offs_k[:, None] < K - k, other=0.0)
         if DOT_FP32:
-            x = x.to(tl.float32)
-            w = w.to(tl.float32)
-        z = tl.dot(x, w, z, input_precision=PRECISION)
-    return z
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    return acc
 
 
+# Forward, step 1. Program (i, s) takes rows block i and sweeps split s of the vocabulary (span entries, a whole
+# number of blocks) block by block, keeping per row the running maximum m and the sum s of exp(z - m): a new block
+# with maximum m' updates them to max(m, m') and s * exp(m - max(m, m')) + sum exp(z - max(m, m')), which never
+# overflows. The target's logit is picked out of whichever block holds it (zero when the split has none). Splitting
+# the vocabulary keeps every SM busy when there are few row blocks; each split stores its (m, s, target logit).
 @triton.jit
-def _softmax_minus_onehot(z, row_max, log_sum, targets, cols, counted, col_mask):
-    """G's tile: exp((z - m) - l) - [col = target] on counted rows and real columns, zero elsewhere."""
-    g = tl.exp((z - row_max[:, None]) - log_sum[:, None]) - tl.where(cols[None, :] == targets[:, None], 1.0, 0.0)
-    return tl.where(counted[:, None] & col_mask[None, :], g, 0.0)
-
-
-# Forward. Each program takes BLOCK_N rows and sweeps the vocabulary block by block, keeping per row the running
-# maximum m and the sum s of exp(z - m): a new block with maximum m' updates them to max(m, m') and
-# s * exp(m - max(m, m')) + sum exp(z - max(m, m')), which never overflows; l = log(s). The target's logit is
-# picked out of whichever block holds it. Stores m, l and each row's loss (zero for an ignored target).
-@triton.jit
-def _forward_kernel(X, W, Targets, RowMax, LogSum, RowLoss, stride_x, N, V, D, ignore_index,
-                    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+def _forward_kernel(X, W, Targets, PartMax, PartSum, PartTarget, stride_x, N, V, D, span,
+                    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
                     DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, INDEX_64: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     if INDEX_64:
         rows = rows.to(tl.int64)
-    targets = tl.load(Targets + rows, mask=row_mask, other=ignore_index)
+    real_rows = rows % N
+    targets = tl.load(Targets + real_rows)
+    v_start = tl.program_id(1) * span
+    v_end = tl.minimum(v_start + span, V)
     running_max = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
     running_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
     target_logit = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for v in range(0, V, BLOCK_V):
+    for v in range(v_start, v_end, BLOCK_V):
         cols = v + tl.arange(0, BLOCK_V)
-        col_mask = cols < V
+        col_mask = cols < v_end
         if INDEX_64:
             cols = cols.to(tl.int64)
-        z = _logits_tile(X, W, rows, cols, row_mask, col_mask, stride_x, D,
-                         BLOCK_N, BLOCK_V, BLOCK_D, DOT_FP32, PRECISION)
+        z = _dot_tile(X, W, real_rows, cols % V, stride_x, 1, 1, D, D, tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32),
+                      BLOCK_D, EVEN_D, DOT_FP32, PRECISION)
         z = tl.where(col_mask[None, :], z, float("-inf"))
         new_max = tl.maximum(running_max, tl.max(z, axis=1))  # finite: every block holds a real column
         running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(z - new_max[:, None]), axis=1)
         running_max = new_max
         target_logit += tl.sum(tl.where(cols[None, :] == targets[:, None], z, 0.0), axis=1)
-    log_sum = tl.log(running_sum)
-    tl.store(RowMax + rows, running_max, mask=row_mask)
-    tl.store(LogSum + rows, log_sum, mask=row_mask)
-    row_loss = (running_max - target_logit) + log_sum
-    tl.store(RowLoss + rows, tl.where(targets != ignore_index, row_loss, 0.0), mask=row_mask)
+    out = tl.program_id(1) * N + rows
+    tl.store(PartMax + out, running_max, mask=row_mask)
+    tl.store(PartSum + out, running_sum, mask=row_mask)
+    tl.store(PartTarget + out, target_logit, mask=row_mask)
 
 
-# dx = (g / c) * G @ W. Program (i, j) owns rows block i and columns chunk j of dx: it sweeps the vocabulary,
-# recomputing each tile of z over all of D, turning it into G's tile with the saved m and l, and accumulating
-# G_tile @ W[tile, chunk j] in fp32. G is rounded to the input dtype for the dot, as PyTorch's own gradient of the
-# logits is; the scale g / c is applied once at the end, so small factors cannot underflow in float16.
+# Forward, step 2: per row, the splits' (m, s) merged in order by the same update, l = log(s), and the loss
+# (m - z_t) + l (zero for an ignored target). Rows past N read stand-ins whose logarithm is finite, and are not stored.
 @triton.jit
-def _grad_x_kernel(X, W, Targets, RowMax, LogSum, GradScale, DX, stride_x, N, V, D, ignore_index,
-                   BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DOUT: tl.constexpr,
-                   DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, INDEX_64: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+def _forward_merge_kernel(PartMax, PartSum, PartTarget, Targets, RowMax, LogSum, RowLoss, N, splits, ignore_index,
+                          BLOCK: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     row_mask = rows < N
+    row_max = tl.full((BLOCK,), float("-inf"), dtype=tl.float32)
+    row_sum = tl.zeros((BLOCK,), dtype=tl.float32)
+    target_logit = tl.zeros((BLOCK,), dtype=tl.float32)
+    for split in range(0, splits):
+        split_max = tl.load(PartMax + split * N + rows, mask=row_mask, other=0.0)
+        new_max = tl.maximum(row_max, split_max)
+        row_sum = (row_sum * tl.exp(row_max - new_max)
+                   + tl.load(PartSum + split * N + rows, mask=row_mask, other=1.0) * tl.exp(split_max - new_max))
+        row_max = new_max
+        target_logit += tl.load(PartTarget + split * N + rows, mask=row_mask, other=0.0)
+    log_sum = tl.log(row_sum)
+    targets = tl.load(Targets + rows, mask=row_mask, other=ignore_index)
+    tl.store(RowMax + rows, row_max, mask=row_mask)
+    tl.store(LogSum + rows, log_sum, mask=row_mask)
+    tl.store(RowLoss + rows, tl.where(targets != ignore_index, (row_max - target_logit) + log_sum, 0.0), mask=row_mask)
+
+
+# Backward, step 1 for one chunk of the vocabulary, columns [v0, v0 + width) (WChunk: those rows of W): G's
+# (N, width) block, written in the inputs' dtype (as PyTorch's gradient of the logits is). Program (i, j) recomputes
+# the logits of rows block i and chunk columns block j over all of D, then G from them and the saved m and l.
+@triton.jit
+def _softmax_grad_kernel(X, WChunk, Targets, RowMax, LogSum, G, stride_x, stride_g, N, width, v0, D, ignore_index,
+                         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+                         DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, INDEX_64: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    chunk_cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    row_mask = rows < N
+    col_mask = chunk_cols < width
     if INDEX_64:
         rows = rows.to(tl.int64)
-    targets = tl.load(Targets + rows, mask=row_mask, other=ignore_index)
-    row_max = tl.load(RowMax + rows, mask=row_mask, other=0.0)
-    log_sum = tl.load(LogSum + rows, mask=row_mask, other=0.0)
-    counted = row_mask & (targets != ignore_index)
-    out_cols = tl.program_id(1) * BLOCK_DOUT + tl.arange(0, BLOCK_DOUT)
-    out_mask = out_cols < D
-    dx = tl.zeros((BLOCK_N, BLOCK_DOUT), dtype=tl.float32)
-    for v in range(0, V, BLOCK_V):
-        cols = v + tl.arange(0, BLOCK_V)
-        col_mask = cols < V
-        if INDEX_64:
-            cols = cols.to(tl.int64)
-        z = _logits_tile(X, W, rows, cols, row_mask, col_mask, stride_x, D,
-                         BLOCK_N, BLOCK_V, BLOCK_D, DOT_FP32, PRECISION)
-        g = _softmax_minus_onehot(z, row_max, log_sum, targets, cols, counted, col_mask).to(W.dtype.element_ty)
-        w = tl.load(W + cols[:, None] * D + out_cols[None, :], mask=col_mask[:, None] & out_mask[None, :], other=0.0)
-        if DOT_FP32:
-            g = g.to(tl.float32)
-            w = w.to(tl.float32)
-        dx = tl.dot(g, w, dx, input_precision=PRECISION)
-    dx *= tl.load(GradScale)
-    tl.store(DX + rows[:, None] * D + out_cols[None, :], dx.to(DX.dtype.element_ty),
-             mask=row_mask[:, None] & out_mask[None, :])
+        chunk_cols = chunk_cols.to(tl.int64)
+    real_rows = rows % N
+    targets = tl.load(Targets + real_rows)
+    row_max = tl.load(RowMax + real_rows)
+    log_sum = tl.load(LogSum + real_rows)
+    z = _dot_tile(X, WChunk, real_rows, chunk_cols % width, stride_x, 1, 1, D, D,
+                  tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32), BLOCK_D, EVEN_D, DOT_FP32, PRECISION)
+    is_target = (v0 + chunk_cols)[None, :] == targets[:, None]
+    g = tl.exp((z - row_max[:, None]) - log_sum[:, None]) - tl.where(is_target, 1.0, 0.0)
+    g = tl.where((targets != ignore_index)[:, None], g, 0.0)
+    tl.store(G + rows[:, None] * stride_g + chunk_cols[None, :], g.to(G.dtype.element_ty),
+             mask=row_mask[:, None] & col_mask[None, :])
 
 
-# dW = (g / c) * G^T @ x. Program (i, j) owns vocabulary block i and columns chunk j of dW: it sweeps the rows,
-# recomputing each tile of z over all of D and accumulating G_tile^T @ x[rows, chunk j] in fp32, as above.
+# Backward, step 2: the gradients' matmuls, C (M, K') = A (M, K) @ B (K, K') with any strides, fp32 accumulator.
+#   dW's rows of the chunk:  A = G^T, B = x, K = N     written once: FINAL, C = (g / c) * acc in dW's dtype
+#   dx:                      A = G,   B = W's rows of the chunk, K = width   summed over the chunks in order:
+#                            acc starts from the fp32 Partial sums unless FIRST, and is stored back into Partial
+#                            unless FINAL (the last chunk), where C = (g / c) * acc in dx's dtype
+# The scale g / c comes last, so that small factors cannot underflow G in float16.
 @triton.jit
-def _grad_weight_kernel(X, W, Targets, RowMax, LogSum, GradScale, DW, stride_x, N, V, D, ignore_index,
-                        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-                        BLOCK_DOUT: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
-                        INDEX_64: tl.constexpr):
-    cols = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
-    col_mask = cols < V
+def _grad_matmul_kernel(A, B, C, Partial, GradScale, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
+                        FIRST: tl.constexpr, FINAL: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+                        DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, INDEX_64: tl.constexpr):
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     if INDEX_64:
-        cols = cols.to(tl.int64)
-    out_cols = tl.program_id(1) * BLOCK_DOUT + tl.arange(0, BLOCK_DOUT)
-    out_mask = out_cols < D
-    dw = tl.zeros((BLOCK_V, BLOCK_DOUT), dtype=tl.float32)
-    for n in range(0, N, BLOCK_N):
-        rows = n + tl.arange(0, BLOCK_N)
-        row_mask = rows < N
-        if INDEX_64:
-            rows = rows.to(tl.int64)
-        targets = tl.load(Targets + rows, mask=row_mask, other=ignore_index)
-        row_max = tl.load(RowMax + rows, mask=row_mask, other=0.0)
-        log_sum = tl.load(LogSum + rows, mask=row_mask, other=0.0)
-        counted = row_mask & (targets != ignore_index)
-        z = _logits_tile(X, W, rows, cols, row_mask, col_mask, stride_x, D,
-                         BLOCK_N, BLOCK_V, BLOCK_D, DOT_FP32, PRECISION)
-        g = _softmax_minus_onehot(z, row_max, log_sum, targets, cols, counted, col_mask).to(X.dtype.element_ty)
-        x = tl.load(X + rows[:, None] * stride_x + out_cols[None, :], mask=row_mask[:, None] & out_mask[None, :],
-                    other=0.0)
-        if DOT_FP32:
-            g = g.to(tl.float32)
-            x = x.to(tl.float32)
-        dw = tl.dot(tl.trans(g), x, dw, input_precision=PRECISION)
-    dw *= tl.load(GradScale)
-    tl.store(DW + cols[:, None] * D + out_cols[None, :], dw.to(DW.dtype.element_ty),
-             mask=col_mask[:, None] & out_mask[None, :])
+        offs_m = offs_m.to(tl.int64)
+        offs_n = offs_n.to(tl.int64)
+    c_offs = offs_m[:, None] * N + offs_n[None, :]
+    if FIRST:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    else:
+        acc = tl.load(Partial + c_offs, mask=mask, other=0.0)
+    acc = _dot_tile(A, B, offs_m % M, offs_n % N, stride_am, stride_ak, stride_bk, stride_bn, K, acc,
+                    BLOCK_K, EVEN_K, DOT_FP32, PRECISION)
+    if FINAL:
+        tl.store(C + c_offs, (acc * tl.load(GradScale)).to(C.dtype.element_ty), mask=mask)
+    else:
+        tl.store(Partial + c_offs, acc, mask=mask)
+
+
+# Programs the forward aims for: it splits the vocabulary into as many parts as it takes for its rows blocks to
+# number this many, a few waves on any GPU (an H100 has 132 SMs), with the vocabulary's blocks as the limit. Its
+# merge kernel takes _MERGE_ROWS rows a program. Under the interpreter, few, so that the tests' shapes get splits
+# of several blocks each.
+_FORWARD_PROGRAMS = 4 if interpreting() else 1024
+_MERGE_ROWS = 16 if interpreting() else 512
+
+# Vocabulary entries per chunk of the backward: N x this many elements of G are stored at a time. On a GPU 8192: dW's
+# matmul for a chunk then has (8192 / 128) x (D / 128) output tiles, 384 at D = 768, nearly three full waves over an
+# H100's 132 SMs (4096 would give 192, and the second of two waves would leave more than half the SMs idle), while
+# G's block costs N x 16 KiB in bf16: 256 MiB at N = 16,384, against the 1.6 GB of each N x V tensor eager PyTorch
+# keeps. Under the interpreter 128, so that the tests' vocabularies span several chunks with a narrower last one.
+_VOCAB_CHUNK = 128 if interpreting() else 8192
 
 
 def _launch_config(x: torch.Tensor, weight: torch.Tensor, on_gpu: bool) -> dict:
     """Tile sizes, fixed by the shape and dtype so that every run sums in the same order; on_gpu: for a GPU rather
-    than the interpreter (bench/gpu_compile.py asks for a GPU's with stand-in CPU tensors).
+    than the interpreter (bench/gpu_compile.py asks for a GPU's with stand-in CPU tensors). Returns one keyword
+    dictionary per kernel ("forward", "softmax_grad", "matmul"); the matmul's launcher adds EVEN_K.
 
-    On a GPU: 64 rows x 64 vocabulary entries per tile of z, 8 warps, and the backward's outputs in chunks of 256
-    columns of D, which bounds the fp32 accumulators at any D at the cost of recomputing z once per chunk: 3 times at
-    GPT-2's D = 768. Float32, whose exact dots run on CUDA cores and take twice the registers, gets 32 x 32 tiles, 2
-    stages and 64-column chunks: larger ones spilled registers on sm_90 or sm_80 with triton 3.6 or 3.9. Compiled
-    for both with these sizes, the kernels spill no registers (bench/gpu_compile.py checks it); with D a multiple of
-    16 (aligned rows) their loads are also pipelined. Under the interpreter, whose cost is per operation rather than
-    per element, small tiles, so that the tests' small shapes still span several blocks of rows, vocabulary and D.
-    Offsets are 32-bit (fewer registers per pointer) unless some element, counting the blocks' overhang, lies 2**31
-    or more away."""
+    On a GPU, in 16-bit: 128 x 128 tiles in every kernel, D (or K) in steps of 64, 8 warps. Float32, whose exact
+    dots run on CUDA cores and take twice the registers and shared memory, gets the forward 32 x 32 tiles in 2
+    stages, G's kernel 128 x 64 and the matmuls 64 x 128, stepping by 32. Compiled for sm_90 and sm_80 with these
+    sizes, no kernel spills registers or overflows shared memory (bench/gpu_compile.py checks it). Under the
+    interpreter, whose cost is per operation rather than per element, small tiles, so that the tests' small shapes
+    still span several blocks of each dimension. Offsets are 32-bit (fewer registers per pointer) unless some
+    element, counting the blocks' overhang, lies 2**31 or more away."""
     (N, D), V = x.shape, weight.shape[0]
-    if on_gpu:
-        wide = x.dtype == torch.float32
-        blocks = dict(BLOCK_N=32 if wide else 64, BLOCK_V=32 if wide else 64, BLOCK_D=32 if wide else 64,
-                      BLOCK_DOUT=min(64 if wide else 256, max(16, triton.next_power_of_2(D))), num_warps=8,
-                      num_stages=2 if wide else 3)
+    wide = x.dtype == torch.float32
+    if not on_gpu:
+        tiles = {"forward": (16, 64, 32, 4, 1), "softmax_grad": (16, 64, 32, 4, 1), "matmul": (32, 32, 32, 4, 1)}
+    elif wide:
+        tiles = {"forward": (32, 32, 32, 8, 2), "softmax_grad": (128, 64, 32, 8, 3), "matmul": (64, 128, 32, 8, 4)}
     else:
-        blocks = dict(BLOCK_N=16, BLOCK_V=64, BLOCK_D=32, BLOCK_DOUT=32, num_warps=4, num_stages=1)
-    rows, vocab = N + blocks["BLOCK_N"], V + blocks["BLOCK_V"]
-    index_64 = max(rows * max(x.stride(0), D), vocab * D) + D >= 2**31
-    return dict(**blocks, DOT_FP32=interpreting() and x.dtype == torch.bfloat16,
-                PRECISION="ieee" if x.dtype == torch.float32 else "tf32", INDEX_64=index_64)
+        tiles = {"forward": (128, 128, 64, 8, 3), "softmax_grad": (128, 128, 64, 8, 3), "matmul": (128, 128, 64, 8, 4)}
+    longest_row = max(x.stride(0), D, min(V, _VOCAB_CHUNK))
+    index_64 = (max(N, V) + 128) * longest_row + D >= 2**31
+    common = dict(DOT_FP32=interpreting() and x.dtype == torch.bfloat16,
+                  PRECISION="ieee" if wide else "tf32", INDEX_64=index_64)
+    config = {}
+    for kernel, (rows, cols, depth, warps, stages) in tiles.items():
+        if kernel == "matmul":
+            blocks = dict(BLOCK_M=rows, BLOCK_N=cols, BLOCK_K=depth)
+        else:
+            blocks = dict(BLOCK_N=rows, BLOCK_V=cols, BLOCK_D=depth, EVEN_D=D % depth == 0)
+        config[kernel] = dict(**blocks, **common, num_warps=warps, num_stages=stages)
+    return config
 
 
 # Operators rather than an autograd Function, so that torch.compile keeps the kernels in its graph (kernel_op says why
@@ -228,9 +259,15 @@ def _run_forward(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, i
     _, row_max, log_sum, _ = _forward_outputs(x, weight, targets, ignore_index, loss_dtype)
     row_loss = torch.empty(N, dtype=torch.float32, device=x.device)
     if N:
-        fwd = {k: v for k, v in _launch_config(x, weight, on_gpu).items() if k != "BLOCK_DOUT"}
-        _forward_kernel[(triton.cdiv(N, fwd["BLOCK_N"]),)](
-            x, weight, targets, row_max, log_sum, row_loss, x.stride(0), N, V, D, ignore_index, **fwd)
+        cfg = _launch_config(x, weight, on_gpu)["forward"]
+        row_blocks, vocab_blocks = triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(V, cfg["BLOCK_V"])
+        span = triton.cdiv(vocab_blocks, min(vocab_blocks, triton.cdiv(_FORWARD_PROGRAMS, row_blocks)))
+        splits = triton.cdiv(vocab_blocks, span)  # every split holds at least one block of the vocabulary
+        partials = torch.empty(3, splits, N, dtype=torch.float32, device=x.device)
+        _forward_kernel[(row_blocks, splits)](x, weight, targets, *partials, x.stride(0), N, V, D,
+                                              span * cfg["BLOCK_V"], **cfg)
+        _forward_merge_kernel[(triton.cdiv(N, _MERGE_ROWS),)](*partials, targets, row_max, log_sum, row_loss, N,
+                                                               splits, ignore_index, BLOCK=_MERGE_ROWS)
     count = (targets != ignore_index).sum()
     # With every target ignored this is 0 / 0 = nan, as F.cross_entropy's mean.
     return (row_loss.sum() / count).to(loss_dtype), row_max, log_sum, count
@@ -258,25 +295,49 @@ def _backward_outputs(grad_loss: torch.Tensor, x: torch.Tensor, weight: torch.Te
 def _run_backward(grad_loss: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                   row_max: torch.Tensor, log_sum: torch.Tensor, count: torch.Tensor, ignore_index: int, want_x: bool,
                   want_weight: bool, on_gpu: bool) -> List[torch.Tensor]:
-    """The backward operator's work, launched with the configuration for a GPU (on_gpu) or the interpreter."""
+    """The backward operator's work, launched with the configuration for a GPU (on_gpu) or the interpreter: for each
+    chunk of the vocabulary in order, G's block, then its share of dW and of dx."""
     N, D = x.shape
     V = weight.shape[0]
-    cfg = _launch_config(x, weight, on_gpu)
     outputs = _backward_outputs(grad_loss, x, weight, targets, row_max, log_sum, count, ignore_index, want_x,
                                 want_weight)
+    grads = iter(outputs)
+    dx, dweight = (next(grads) if want_x else None), (next(grads) if want_weight else None)
+    if N == 0:
+        if dweight is not None:
+            dweight.zero_()
+        return outputs
+    cfg = _launch_config(x, weight, on_gpu)
     # g / c on the device (no synchronisation); with no counted target G is zero and so are the gradients.
     grad_scale = (grad_loss.float() / count.clamp(min=1)).reshape(1)
-    args = (x, weight, targets, row_max, log_sum, grad_scale)
-    grads = iter(outputs)
-    if want_x:
-        dx = next(grads)
-        if N:
-            grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(D, cfg["BLOCK_DOUT"]))
-            _grad_x_kernel[grid](*args, dx, x.stride(0), N, V, D, ignore_index, **cfg)
-    if want_weight:
-        grid = (triton.cdiv(V, cfg["BLOCK_V"]), triton.cdiv(D, cfg["BLOCK_DOUT"]))
-        _grad_weight_kernel[grid](*args, next(grads), x.stride(0), N, V, D, ignore_index, **cfg)
+    chunk = min(V, _VOCAB_CHUNK)
+    g = torch.empty(N, chunk, dtype=x.dtype, device=x.device)
+    partial = None  # dx's fp32 sums over the chunks so far, when there is more than one
+    if dx is not None and V > chunk:
+        partial = dx if dx.dtype == torch.float32 else torch.empty(N, D, dtype=torch.float32, device=x.device)
+    softmax_grad = cfg["softmax_grad"]
+    for v0 in range(0, V, chunk):
+        width = min(chunk, V - v0)
+        weight_chunk = weight[v0:v0 + width]
+        grid = (triton.cdiv(N, softmax_grad["BLOCK_N"]), triton.cdiv(width, softmax_grad["BLOCK_V"]))
+        _softmax_grad_kernel[grid](x, weight_chunk, targets, row_max, log_sum, g, x.stride(0), chunk, N, width, v0, D,
+                                   ignore_index, **softmax_grad)
+        if dweight is not None:
+            _grad_matmul(g.T[:width], x, dweight[v0:v0 + width], None, grad_scale, True, True, cfg["matmul"])
+        if dx is not None:
+            _grad_matmul(g[:, :width], weight_chunk, dx, partial, grad_scale, v0 == 0, v0 + width == V,
+                         cfg["matmul"])
     return outputs
+
+
+def _grad_matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, partial: torch.Tensor | None,
+                 grad_scale: torch.Tensor, first: bool, final: bool, cfg: dict) -> None:
+    """_grad_matmul_kernel's launch for out (M, K') from a @ b, a (M, K) and b (K, K') as views with any strides."""
+    (M, K), n = a.shape, b.shape[1]
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]))
+    _grad_matmul_kernel[grid](a, b, out, out if partial is None else partial, grad_scale, M, n, K, a.stride(0),
+                              a.stride(1), b.stride(0), b.stride(1), FIRST=first, FINAL=final,
+                              EVEN_K=K % cfg["BLOCK_K"] == 0, **cfg)
 
 
 @kernel_op("linear_cross_entropy_backward", fake=_backward_outputs)

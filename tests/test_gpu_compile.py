@@ -36,7 +36,7 @@ def test_gpt2_kernels_compile_for_h100_without_spills_or_overflow():
     assert ": 0 with a problem" in result.stdout
     kernels = {line.split()[0] for line in result.stdout.splitlines() if line.startswith("_")}
     assert {"_attn_fwd", "_attn_bwd_dq", "_attn_bwd_dkdv", "_layer_norm_fwd_kernel", "_layer_norm_bwd_kernel",
-            "_matmul_kernel", "_forward_kernel", "_grad_x_kernel", "_grad_weight_kernel"} <= kernels
+            "_matmul_kernel", "_forward_kernel", "_softmax_grad_kernel", "_grad_matmul_kernel"} <= kernels
 
 
 # A matmul tile too large for any GPU's shared memory (64 x 512 and 512 x 64 bf16 tiles, 4 stages), and a LayerNorm

@@ -1,8 +1,9 @@
 """The fused linear + cross-entropy against its reference (F.linear, then F.cross_entropy), by the parity rule in
 tests/parity.py: the loss, dx and dweight, with fresh random inputs and the kernel's allocations poisoned.
 
-Under the interpreter the kernels' tiles are 16 rows x 64 vocabulary entries x 32 columns of D, so the shapes
-below span several blocks of each, with partial blocks at every edge.
+Under the interpreter the kernels' tiles are 16 rows x 64 vocabulary entries x 32 columns of D (32 x 32 x 32 in
+the backward's matmuls), and the backward takes the vocabulary 128 entries at a time, so the shapes below span
+several blocks of each and several chunks, with partial blocks and chunks at every edge.
 """
 import pytest
 import torch
@@ -39,6 +40,15 @@ def _check(inputs, targets, dtype, ignore_index=-1):
 def test_parity(leading, vocab, width, dtype, device):
     torch.manual_seed(vocab + width)
     _check(_inputs(leading, vocab, width, dtype, device), _targets(leading, vocab, device), dtype)
+
+
+@pytest.mark.parametrize("wanted", [("x",), ("weight",)])
+def test_one_gradient(wanted, device):
+    """A frozen head (dx alone) or a frozen input (dW alone): the backward computes only what is asked for."""
+    torch.manual_seed(11)
+    inputs = _inputs((3, 11), 290, 40, torch.bfloat16, device)
+    check_parity(linear_cross_entropy, linear_cross_entropy_reference, inputs, [torch.tensor(0.6)], torch.bfloat16,
+                 ("loss",), requires_grad=wanted, targets=_targets((3, 11), 290, device))
 
 
 def test_large_logits(device):
