@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # The GPU session in one script: the environment, the whole test suite run natively, the kernels under
-# compute-sanitizer, the three kernel benchmarks, the text-generation benchmark, the training-throughput benchmark
-# and a profile of one training step. Each step logs to bench/results/gpu_run-<step>-<device>.log and runs under its
+# compute-sanitizer, the four kernel benchmarks, the text-generation benchmark, the training-throughput benchmark
+# (also at the largest micro-batch that fits) and a profile of one training step. Each step logs to bench/results/gpu_run-<step>-<device>.log and runs under its
 # own time limit; a step that fails or runs out of time is recorded and the next one runs. A summary of the steps
 # comes last.
 #
-#   bash bench/gpu_run.sh STEP...   env tests sanitizer (= memcheck racecheck) kernels (= attention layernorm mlp)
-#                                   generate throughput profile throughput-medium; none: all of them (about 30 min
-#                                   on an H100)
+#   bash bench/gpu_run.sh STEP...   env tests sanitizer (= memcheck racecheck) kernels (= attention layernorm mlp
+#                                   cross-entropy) generate throughput throughput-largest profile throughput-medium;
+#                                   none: all of them (about 40 min on an H100)
 #
 # On any machine with an NVIDIA GPU, PyTorch and Triton, from the repository root. The project is installed first
 # (`pip install -e .`, without dependencies or network) when `import tritongpt` fails. Each group of steps above takes
@@ -85,25 +85,32 @@ step_racecheck() { sanitize racecheck; }
 step_attention() { "$PY" -m bench.bench_attention; }
 step_layernorm() { "$PY" -m bench.bench_layernorm; }
 step_mlp() { "$PY" -m bench.bench_mlp; }
+step_cross_entropy() { "$PY" -m bench.bench_linear_cross_entropy; }
 step_generate() { "$PY" -m bench.bench_generate; }
 step_throughput() { "$PY" -m bench.train_throughput --models gpt2; }
+step_throughput_largest() {
+    "$PY" -m bench.train_throughput --models gpt2 --variants a,c --largest-batch 512 --steps 5 --warmup 2
+}
 step_throughput_medium() { "$PY" -m bench.train_throughput --models gpt2-medium; }
 step_profile() { "$PY" -m bench.profile_step --model gpt2 --variant c,b ${ARCHIVE_DIR:+--trace "$ARCHIVE_DIR"}; }
 export -f step_env sanitizer_path sanitize step_tests step_memcheck step_racecheck step_attention step_layernorm \
-    step_mlp step_generate step_throughput step_throughput_medium step_profile
+    step_mlp step_cross_entropy step_generate step_throughput step_throughput_largest step_throughput_medium \
+    step_profile
 
 declare -A LIMIT=([env]=30 [tests]=330 [memcheck]=110 [racecheck]=90 [attention]=180 [layernorm]=180 [mlp]=180
-                  [generate]=180 [throughput]=390 [profile]=180 [throughput-medium]=560)
+                  [cross-entropy]=180 [generate]=180 [throughput]=390 [throughput-largest]=420 [profile]=180
+                  [throughput-medium]=560)
 
 STEPS=()
-for arg in "${@:-env tests sanitizer kernels generate throughput profile throughput-medium}"; do
+for arg in "${@:-env tests sanitizer kernels generate throughput throughput-largest profile throughput-medium}"; do
     for step in $arg; do
         case $step in
             sanitizer) STEPS+=(memcheck racecheck) ;;
-            kernels) STEPS+=(attention layernorm mlp) ;;
+            kernels) STEPS+=(attention layernorm mlp cross-entropy) ;;
             *) if [[ -v LIMIT[$step] ]]; then STEPS+=("$step"); else
-                   echo "unknown step '$step'; steps: env tests sanitizer kernels generate throughput profile" \
-                        "throughput-medium (or: memcheck racecheck attention layernorm mlp)"; exit 2; fi ;;
+                   echo "unknown step '$step'; steps: env tests sanitizer kernels generate throughput" \
+                        "throughput-largest profile throughput-medium (or: memcheck racecheck attention layernorm" \
+                        "mlp cross-entropy)"; exit 2; fi ;;
         esac
     done
 done

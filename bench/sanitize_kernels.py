@@ -9,7 +9,7 @@ two, causal and not. The first call of each kernel also runs its autotuner, so e
 import torch
 
 from bench.common import require_cuda
-from tritongpt.kernels import add_layer_norm, flash_attention, gelu_mlp, layer_norm
+from tritongpt.kernels import add_layer_norm, flash_attention, gelu_mlp, layer_norm, linear_cross_entropy
 
 
 def main():
@@ -32,8 +32,13 @@ def main():
     params = (leaf(100, 96), leaf(200, 96, scale=0.1), leaf(200, scale=0.1), leaf(96, 200, scale=0.1),
               leaf(96, scale=0.1))
     forward_backward(gelu_mlp(*params, approximate="tanh"), params)
+    vocab = 8192 + 777  # two of the backward's vocabulary chunks, the second ragged
+    x, head = leaf(3, 100, 200), leaf(vocab, 200, scale=0.1)
+    targets = torch.randint(0, vocab, (3, 100), device=device)
+    targets = targets.masked_fill(torch.rand(3, 100, device=device) < 0.2, -1)
+    forward_backward(linear_cross_entropy(x, head, targets), (x, head))
     torch.cuda.synchronize()
-    print("ran flash_attention, layer_norm, add_layer_norm and gelu_mlp forward and backward")
+    print("ran flash_attention, layer_norm, add_layer_norm, gelu_mlp and linear_cross_entropy forward and backward")
 
 
 if __name__ == "__main__":
