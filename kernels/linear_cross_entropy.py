@@ -70,7 +70,7 @@ def _dot_tile(A, B, offs_m, offs_n, stride_am, stride_ak, stride_bk, stride_bn, 
     return acc
 
 
-# Forward, step 1. Program (i, s) takes rows block i and sweeps split s of the vocabulary (span entries, a whole
+# Forward, step 1. Program (i, j) takes rows block i and sweeps split j of the vocabulary (span entries, a whole
 # number of blocks) block by block, keeping per row the running maximum m and the sum s of exp(z - m): a new block
 # with maximum m' updates them to max(m, m') and s * exp(m - max(m, m')) + sum exp(z - max(m, m')), which never
 # overflows. The target's logit is picked out of whichever block holds it (zero when the split has none). Splitting
