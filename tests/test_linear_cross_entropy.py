@@ -5,11 +5,14 @@ Under the interpreter the kernels' tiles are 16 rows x 64 vocabulary entries x 3
 the backward's matmuls), and the backward takes the vocabulary 128 entries at a time, so the shapes below span
 several blocks of each and several chunks, with partial blocks and chunks at every edge.
 """
+from unittest import mock
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from tritongpt.kernels import linear_cross_entropy, linear_cross_entropy_reference
+from tritongpt.kernels.linear_cross_entropy import _VOCAB_CHUNK
 from tests.parity import GRAD_FACTOR, OUTPUT_FACTOR, assert_deterministic, assert_parity, check_parity, forward_backward
 
 
@@ -49,6 +52,29 @@ def test_one_gradient(wanted, device):
     inputs = _inputs((3, 11), 290, 40, torch.bfloat16, device)
     check_parity(linear_cross_entropy, linear_cross_entropy_reference, inputs, [torch.tensor(0.6)], torch.bfloat16,
                  ("loss",), requires_grad=wanted, targets=_targets((3, 11), 290, device))
+
+
+def test_memory_bounded_by_a_vocabulary_chunk(device):
+    """No tensor the op's launchers allocate (all through torch.empty*) holds the N x V logits or their gradient: the
+    largest is G's block of one chunk of the vocabulary (N x _VOCAB_CHUNK); the rest are O(N), O(N x D) or the
+    gradients themselves."""
+    torch.manual_seed(12)
+    rows, vocab, width = 40, 5 * _VOCAB_CHUNK + 3, 24
+    inputs, targets = _inputs((rows,), vocab, width, torch.float16, device), _targets((rows,), vocab, device)
+    sizes = []
+
+    def recording(factory):
+        def make(*args, **kwargs):
+            t = factory(*args, **kwargs)
+            sizes.append(t.numel())
+            return t
+        return make
+
+    with mock.patch("torch.empty", recording(torch.empty)), \
+            mock.patch("torch.empty_like", recording(torch.empty_like)):
+        forward_backward(linear_cross_entropy, inputs, [None], targets=targets)
+    gradients = {rows * width, vocab * width}
+    assert max(n for n in sizes if n not in gradients) <= rows * _VOCAB_CHUNK < rows * vocab
 
 
 def test_large_logits(device):
@@ -179,6 +205,24 @@ def test_bf16_gpt2_batch_on_gpu(device):
     x = torch.randn(4, 1024, 800, device=device).to(torch.bfloat16)[..., 16:784]
     weight = _inputs((1,), 50257, 768, torch.bfloat16, device)["weight"]
     _check({"x": x, "weight": weight}, _targets((4, 1024), 50257, device), torch.bfloat16)
+
+
+@pytest.mark.gpu
+def test_extra_memory_on_gpu(device):
+    """GPT-2's head at 8 x 1024 tokens in bf16: beyond its inputs and the two gradients, the op needs at most G's
+    block of one vocabulary chunk, dx's fp32 sums and 16 MiB of statistics and slack; eager PyTorch holds three
+    N x V tensors (2.4 GiB)."""
+    torch.manual_seed(13)
+    rows, vocab, width = 8192, 50257, 768
+    inputs = {name: t.requires_grad_() for name, t in _inputs((rows,), vocab, width, torch.bfloat16, device).items()}
+    targets = _targets((rows,), vocab, device)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    grads = torch.autograd.grad(linear_cross_entropy(*inputs.values(), targets), list(inputs.values()))
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - before - sum(g.numel() * g.element_size() for g in grads)
+    assert extra <= rows * _VOCAB_CHUNK * 2 + rows * width * 4 + 16 * 2**20 < rows * vocab * 2 * 3 / 10
 
 
 @pytest.mark.gpu
