@@ -1,11 +1,12 @@
 """What the Triton ops share: refusing tensors a kernel cannot take, autotuning that also runs under Triton's CPU
-interpreter, registering a kernel's launcher as a PyTorch operator, and casting weights under autocast. Each op's own
-shape rules stay in its module, in a function named `_validate`."""
+interpreter, registering a kernel's launcher as a PyTorch operator, casting weights under autocast, and a matmul's
+main loop. Each op's own shape rules stay in its module, in a function named `_validate`."""
 import os
 from collections.abc import Callable
 
 import torch
 import triton
+import triton.language as tl
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -107,3 +108,30 @@ def autocast_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if _weight_casts is None or torch.is_grad_enabled() or weight.is_inference():
         return weight.to(dtype)
     return _weight_casts.cast(weight, dtype)
+
+
+@triton.jit
+def dot_tile(A, B, offs_m, offs_n, stride_am, stride_ak, stride_bk, stride_bn, K, acc,
+             BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
+    """A matmul's main loop: acc + A[offs_m, :] @ B[:, offs_n], summed over K in BLOCK_K steps into acc (fp32), for
+    A and B with any strides. Every offset in offs_m and offs_n must be valid: callers wrap those past an edge around
+    to real rows and columns and never store what they compute, so that only K needs a mask (and none when EVEN_K: K
+    is a multiple of BLOCK_K). DOT_FP32 casts the tiles to fp32 first (bf16 under the interpreter); PRECISION is
+    tl.dot's input_precision, None for its default (TF32 for fp32 operands on a GPU)."""
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = A + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
+    b_ptrs = B + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
+    for k in range(0, K, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            a = tl.load(a_ptrs, mask=offs_k[None, :] < K - k, other=0.0)
+            b = tl.load(b_ptrs, mask=offs_k[:, None] < K - k, other=0.0)
+        if DOT_FP32:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    return acc

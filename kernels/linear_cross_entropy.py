@@ -12,9 +12,9 @@ equal to ignore_index), and counted(n) says whether row n's target counts.
 
 The forward stores nothing of size N x V: each program sweeps a split of the vocabulary for a block of rows,
 computing z tile by tile (a dot over D in fp32) and keeping the running statistics, a second kernel merges the
-splits' statistics, and the op saves m and l, fp32 vectors of length N. (m and l are kept apart rather than as the log-sum-exp m + l: with
-large logits that sum would round to the ulp of m, while z - m and m - z are exact where the softmax is not
-negligible, as in PyTorch's log-softmax.)
+splits' statistics, and the op saves m and l, fp32 vectors of length N. (m and l are kept apart rather than as the
+log-sum-exp m + l: with large logits that sum would round to the ulp of m, while z - m and m - z are exact where the
+softmax is not negligible, as in PyTorch's log-softmax.)
 
 The backward takes the vocabulary in chunks of _VOCAB_CHUNK entries, in order. For each chunk it recomputes the
 chunk's logits and writes G's (N, chunk) block, in the inputs' dtype as PyTorch's gradient of the logits is; then two
@@ -42,37 +42,12 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from tritongpt.kernels._common import check_tensors, interpreting, kernel_op
+from tritongpt.kernels._common import check_tensors, dot_tile, interpreting, kernel_op
 
 
 def linear_cross_entropy_reference(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                                    ignore_index: int = -1) -> torch.Tensor:
     return F.cross_entropy(F.linear(x, weight).flatten(0, -2), targets.flatten(), ignore_index=ignore_index)
-
-
-@triton.jit
-def _dot_tile(A, B, offs_m, offs_n, stride_am, stride_ak, stride_bk, stride_bn, K, acc,
-              BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
-    """acc + A[offs_m, :] @ B[:, offs_n], summed over K in BLOCK_K steps in fp32. Every offset in offs_m and offs_n
-    must be valid: callers wrap those past an edge around to real rows and columns and never store what they compute,
-    so that only K needs a mask (and none when EVEN_K: K is a multiple of BLOCK_K)."""
-    offs_k = tl.arange(0, BLOCK_K)
-    a_ptrs = A + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
-    b_ptrs = B + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
-    for k in range(0, K, BLOCK_K):
-        if EVEN_K:
-            a = tl.load(a_ptrs)
-            b = tl.load(b_ptrs)
-        else:
-            a = tl.load(a_ptrs, mask=offs_k[None, :] < K - k, other=0.0)
-            b = tl.load(b_ptrs, mask=offs_k[:, None] < K - k, other=0.0)
-        if DOT_FP32:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
-        a_ptrs += BLOCK_K * stride_ak
-        b_ptrs += BLOCK_K * stride_bk
-    return acc
 
 
 # Forward, step 1. Program (i, j) takes rows block i and sweeps split j of the vocabulary (span entries, a whole
@@ -100,7 +75,7 @@ def _forward_kernel(X, W, Targets, PartMax, PartSum, PartTarget, stride_x, N, V,
         col_mask = cols < v_end
         if INDEX_64:
             cols = cols.to(tl.int64)
-        z = _dot_tile(X, W, real_rows, cols % V, stride_x, 1, 1, D, D, tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32),
+        z = dot_tile(X, W, real_rows, cols % V, stride_x, 1, 1, D, D, tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32),
                       BLOCK_D, EVEN_D, DOT_FP32, PRECISION)
         z = tl.where(col_mask[None, :], z, float("-inf"))
         new_max = tl.maximum(running_max, tl.max(z, axis=1))  # finite: every block holds a real column
@@ -155,7 +130,7 @@ def _softmax_grad_kernel(X, WChunk, Targets, RowMax, LogSum, G, stride_x, stride
     targets = tl.load(Targets + real_rows)
     row_max = tl.load(RowMax + real_rows)
     log_sum = tl.load(LogSum + real_rows)
-    z = _dot_tile(X, WChunk, real_rows, chunk_cols % width, stride_x, 1, 1, D, D,
+    z = dot_tile(X, WChunk, real_rows, chunk_cols % width, stride_x, 1, 1, D, D,
                   tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32), BLOCK_D, EVEN_D, DOT_FP32, PRECISION)
     is_target = (v0 + chunk_cols)[None, :] == targets[:, None]
     g = tl.exp((z - row_max[:, None]) - log_sum[:, None]) - tl.where(is_target, 1.0, 0.0)
@@ -169,7 +144,9 @@ def _softmax_grad_kernel(X, WChunk, Targets, RowMax, LogSum, G, stride_x, stride
 #   dx:                      A = G,   B = W's rows of the chunk, K = width   summed over the chunks in order:
 #                            acc starts from the fp32 Partial sums unless FIRST, and is stored back into Partial
 #                            unless FINAL (the last chunk), where C = (g / c) * acc in dx's dtype
-# The scale g / c comes last, so that small factors cannot underflow G in float16.
+# The scale g / c comes last, so that small factors cannot underflow G in float16. Not the MLP's matmul kernel, whose
+# main loop (dot_tile) it shares: that one autotunes, so the tile, and with it the order of the sums, could differ
+# from one process to the next, and its trial launches may only write their outputs, never add to them.
 @triton.jit
 def _grad_matmul_kernel(A, B, C, Partial, GradScale, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
                         FIRST: tl.constexpr, FINAL: tl.constexpr,
@@ -186,7 +163,7 @@ def _grad_matmul_kernel(A, B, C, Partial, GradScale, M, N, K, stride_am, stride_
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     else:
         acc = tl.load(Partial + c_offs, mask=mask, other=0.0)
-    acc = _dot_tile(A, B, offs_m % M, offs_n % N, stride_am, stride_ak, stride_bk, stride_bn, K, acc,
+    acc = dot_tile(A, B, offs_m % M, offs_n % N, stride_am, stride_ak, stride_bk, stride_bn, K, acc,
                     BLOCK_K, EVEN_K, DOT_FP32, PRECISION)
     if FINAL:
         tl.store(C + c_offs, (acc * tl.load(GradScale)).to(C.dtype.element_ty), mask=mask)

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from tritongpt.kernels._common import autotune, autocast_weight, check_tensors, interpreting, kernel_op
+from tritongpt.kernels._common import autotune, autocast_weight, check_tensors, dot_tile, interpreting, kernel_op
 
 
 @dataclass(frozen=True)
@@ -166,27 +166,11 @@ def _matmul_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, aux_ptr, bias_grad_ptr,
     offs_bn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
     offs_am = tl.max_contiguous(tl.multiple_of(offs_am, BLOCK_M), BLOCK_M)
     offs_bn = tl.max_contiguous(tl.multiple_of(offs_bn, BLOCK_N), BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
     if INDEX_64:
         offs_am = offs_am.to(tl.int64)
         offs_bn = offs_bn.to(tl.int64)
-    a_ptrs = a_ptr + offs_am[:, None] * stride_am + offs_k[None, :] * stride_ak
-    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_bn[None, :] * stride_bn
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, (K + BLOCK_K - 1) // BLOCK_K):
-        if EVEN_K:
-            a = tl.load(a_ptrs)
-            b = tl.load(b_ptrs)
-        else:
-            k_left = K - k * BLOCK_K
-            a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
-            b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
-        if DOT_FP32:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc)  # fp32 operands: TF32 on a GPU, exact under the interpreter
-        a_ptrs += BLOCK_K * stride_ak
-        b_ptrs += BLOCK_K * stride_bk
+    acc = dot_tile(a_ptr, b_ptr, offs_am, offs_bn, stride_am, stride_ak, stride_bk, stride_bn, K,
+                   tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), BLOCK_K, EVEN_K, DOT_FP32, None)
 
     # Epilogue.
     offs_cm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
