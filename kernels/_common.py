@@ -40,10 +40,15 @@ def autotune(configs: list[triton.Config], key: list[str], interpreter_config: t
              prune_configs_by: dict | None = None):
     """triton.autotune over configs, retuned whenever the arguments named in key change (the autotuner adds the
     tensors' dtypes itself). The interpreter cannot autotune: there the kernel runs interpreter_config alone, and there
-    is nothing to prune."""
+    is nothing to prune.
+
+    The choice is kept in Triton's cache on disk (cache_results), and a later process on the same machine takes it
+    from there instead of timing the configs again: tiles of another shape sum in another order, so a choice made
+    afresh, from timings that vary from run to run, could round a resumed run's gradients differently from the
+    run it continues."""
     if interpreting():
         return triton.autotune([interpreter_config], key=key)
-    return triton.autotune(configs, key=key, prune_configs_by=prune_configs_by)
+    return triton.autotune(configs, key=key, prune_configs_by=prune_configs_by, cache_results=True)
 
 
 def kernel_op(name: str, fake: Callable):
