@@ -1,7 +1,8 @@
 """Causal attention, bf16: the Triton flash attention against PyTorch's SDPA backends (flash, cuDNN, memory-efficient)
 and the eager reference, forward, backward and forward+backward, at the GPT-2 124M training shape and at long context.
 
-    python -m bench.bench_attention        (from the repository root; needs a CUDA GPU)
+    python -m bench.bench_attention          (from the repository root; needs a CUDA GPU)
+    python -m bench.bench_attention --quick  (GPT-2's shape, against SDPA's flash and cuDNN backends alone)
 
 FLOPs: forward 4·B·H·T²·D, halved for causal; backward 2.5× the forward. The forward is timed as in training (inputs
 that require grad); the backward alone replays autograd on a retained graph. Eager attention is the reference
@@ -15,8 +16,8 @@ import math
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from bench.common import (environment, matmul_peak_tflops, median_ms, print_table, require_cuda, rotating,
-                          write_results)
+from bench.common import (bench_args, environment, matmul_peak_tflops, median_ms, print_table, require_cuda,
+                          results_name, rotating, write_results)
 from tritongpt.kernels import attention_reference, flash_attention, sdpa_attention
 
 DTYPE = torch.bfloat16
@@ -30,6 +31,7 @@ SHAPES = [  # (batch, heads, seq_len, head_dim); the long-context ones keep 16K 
 ]
 SDPA_BACKENDS = {"sdpa_flash": "FLASH_ATTENTION", "sdpa_cudnn": "CUDNN_ATTENTION",
                  "sdpa_efficient": "EFFICIENT_ATTENTION"}
+QUICK_SHAPES, QUICK_PEERS = SHAPES[:1], ("triton", "sdpa_flash", "sdpa_cudnn")
 EAGER_MEMORY_FRACTION = 0.7  # of the free memory that eager attention's T×T matrices may take
 
 
@@ -100,19 +102,28 @@ def check_output(shape) -> float:
             ).abs().max().item()
 
 
-def main():
+def main(argv=None):
+    args = bench_args(__doc__, "GPT-2's training shape against SDPA's flash and cuDNN backends only", argv)
+    shapes = QUICK_SHAPES if args.quick else SHAPES
+    wanted = QUICK_PEERS if args.quick else tuple(peers())
+    print(f"causal attention, {str(DTYPE).removeprefix('torch.')}, forward / backward / both: "
+          f"{', '.join(wanted)} at (batch, heads, seq_len, head_dim) {', '.join(map(str, shapes))}", flush=True)
+    if args.dry_run:
+        return
     require_cuda()
     torch.manual_seed(0)
     env = environment()
     peak = matmul_peak_tflops()
     rows = []
-    for shape in SHAPES:
+    for shape in shapes:
         batch, heads, seq_len, head_dim = shape
         flops = forward_flops(*shape)
         label = f"{batch}x{heads}x{seq_len}x{head_dim}"
         max_err = check_output(shape)
         n_sets = _rotation_length(_set_bytes(shape))
         for name, (attend, context) in peers().items():
+            if name not in wanted:
+                continue
             row = {"shape": label, "batch": batch, "heads": heads, "seq_len": seq_len, "head_dim": head_dim,
                    "backend": name}
             free_bytes = torch.cuda.mem_get_info()[0]
@@ -141,7 +152,7 @@ def main():
                 r["fwd_bwd_vs_sdpa_flash"] = flash["fwd_bwd_ms"] / r["fwd_bwd_ms"]
 
     targets = _targets(rows)
-    path = write_results("attention", {
+    path = write_results(results_name("attention", args.quick), {
         "environment": env, "dtype": str(DTYPE), "causal": CAUSAL,
         "ceilings": {"matmul_bf16_tflops": peak},
         "flops": "forward 4*B*H*T^2*D (x0.5 causal); backward 2.5x forward; fwd+bwd 3.5x forward",

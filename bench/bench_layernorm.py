@@ -2,7 +2,8 @@
 the eager PyTorch reference, torch.compile of the reference and Liger-Kernel's LayerNorm (when installed), against the
 measured device-to-device copy bandwidth.
 
-    python -m bench.bench_layernorm         # writes bench/results/layernorm-<device>.json
+    python -m bench.bench_layernorm          # writes bench/results/layernorm-<device>.json
+    python -m bench.bench_layernorm --quick  # LayerNorm at GPT-2's width alone: layernorm-quick-<device>.json
 
 bf16, 16384 rows (batch x seq_len of GPT-2 training), widths 768 ... 8192, eps 1e-5, every input requiring grad
 (the training forward, which saves mean and rstd). Bytes are the op's own tensors, each input read once and each
@@ -16,12 +17,14 @@ import importlib.metadata
 
 import torch
 
-from bench.common import (copy_bandwidth_gbps, environment, median_ms, print_table, require_cuda, rotating,
-                          write_results)
+from bench.common import (bench_args, copy_bandwidth_gbps, environment, median_ms, print_table, require_cuda,
+                          results_name, rotating, write_results)
 from tritongpt.kernels.layernorm import add_layer_norm, add_layer_norm_reference, layer_norm, layer_norm_reference
 
 ROWS = 16384
 WIDTHS = (768, 1024, 1600, 4096, 8192)
+OPS = ("layer_norm", "add_layer_norm")
+QUICK_OPS, QUICK_WIDTHS = OPS[:1], WIDTHS[:1]
 DTYPE = torch.bfloat16
 EPS = 1e-5
 PASSES = ("fwd", "bwd", "fwd+bwd")
@@ -113,15 +116,22 @@ def _time_impl(fn, sets, set_bytes: int) -> dict:
     return {name: median_ms(f, warmup_ms=50, rep_ms=300) for name, f in passes.items()}
 
 
-def main():
+def main(argv=None):
+    args = bench_args(__doc__, "LayerNorm at GPT-2's width (768) only", argv)
+    ops, widths = (QUICK_OPS, QUICK_WIDTHS) if args.quick else (OPS, WIDTHS)
+    print(f"{', '.join(ops)}, {str(DTYPE).removeprefix('torch.')}, {ROWS} rows, widths {', '.join(map(str, widths))}: "
+          "triton, eager, compile and liger (if installed), fwd / bwd / fwd+bwd GB/s against the copy bandwidth",
+          flush=True)
+    if args.dry_run:
+        return
     require_cuda()
     torch.manual_seed(0)
     env = environment()
     liger, liger_status = _liger()
     copy_gbps = copy_bandwidth_gbps()
     results, table = [], []
-    for op in ("layer_norm", "add_layer_norm"):
-        for width in WIDTHS:
+    for op in ops:
+        for width in widths:
             torch._dynamo.reset()  # each width compiles afresh: no recompile limit, no dynamic-shape fallback
             nbytes = _bytes(op, width)
             sets = rotating(_make_inputs(op, width), nbytes["fwd+bwd"])
@@ -158,9 +168,9 @@ def main():
                 targets.append({"width": row["width"], "target": f"fwd+bwd >= {need}x {impl}",
                                 "value": row[f"x {impl}"], "met": row[f"x {impl}"] >= need})
 
-    path = write_results("layernorm", {
+    path = write_results(results_name("layernorm", args.quick), {
         "environment": env, "liger_kernel": liger_status, "copy_gbps": copy_gbps,
-        "rows": ROWS, "widths": list(WIDTHS), "dtype": str(DTYPE), "eps": EPS,
+        "rows": ROWS, "widths": list(widths), "dtype": str(DTYPE), "eps": EPS,
         "bytes_model": "each input read once, each output written once; mean/rstd not counted (see module doc)",
         "mode": "training: every input requires grad; bwd timed with retain_graph=True on rotating forward graphs",
         "torch_compile": "torch.compile(reference, dynamic=False), donated_buffer off, recompiled per width",

@@ -1,6 +1,7 @@
 """Benchmark the Triton GELU-MLP (kernels.mlp) against eager PyTorch (cuBLAS matmuls + a separate GELU) and
 torch.compile of the same eager code, bf16, at GPT-2 training shapes (16384 rows; 768->3072->768, 1024->4096->1024,
-1600->6400->1600). Run from the repository root: python -m bench.bench_mlp
+1600->6400->1600). Run from the repository root: python -m bench.bench_mlp (--quick: the whole MLP at GPT-2 small's
+widths alone, against eager and torch.compile).
 
 Cases, each timed as the median of many runs (bench.common.median_ms) over rotated input sets, after warm-up (which
 also runs the Triton autotuner and torch.compile's compilation):
@@ -18,8 +19,8 @@ cuBLAS's plain matmul. The JSON (bench/results/gelu_mlp-<device>.json) holds eve
 import torch
 import torch.nn.functional as F
 
-from bench.common import (environment, matmul_peak_tflops, median_ms, print_table, require_cuda, rotating,
-                          write_results)
+from bench.common import (bench_args, environment, matmul_peak_tflops, median_ms, print_table, require_cuda,
+                          results_name, rotating, write_results)
 
 ROWS = 16384
 WIDTHS = [(768, 3072), (1024, 4096), (1600, 6400)]  # (D, H): GPT-2 small, medium, XL
@@ -56,8 +57,9 @@ def memory_mb(mlp_fn, params, dy) -> tuple[float, float]:
     return saved / 2**20, (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
-def bench_width(mlp, compiled, d, h, device, results):
-    """Time every case at widths D -> H -> D; append one dict per (case, implementation) to results."""
+def bench_width(mlp, compiled, d, h, device, results, whole_mlp_only=False):
+    """Time every case at widths D -> H -> D (the whole MLP's alone if whole_mlp_only); append one dict per (case,
+    implementation) to results."""
     shape = f"{d}->{h}->{d}"
     sets = rotating(lambda: make_inputs(d, h, device), bytes_per_set=2 * (2 * ROWS * d + 2 * h * d + h + d))
     mlp_flops = 4 * ROWS * d * h  # two matmuls of 2*M*D*H each; the backward does twice the forward
@@ -74,8 +76,9 @@ def bench_width(mlp, compiled, d, h, device, results):
                         "tflops": flops / (ms * 1e-3) / 1e12, **extra})
 
     # --- the whole MLP ----------------------------------------------------------------------------------------------
-    impls = [("eager", eager), ("torch.compile", compiled), ("triton", ours()),
-             ("triton all-Triton matmuls", ours(mlp.MLPOptions(plain_matmul="triton")))]
+    impls = [("eager", eager), ("torch.compile", compiled), ("triton", ours())]
+    if not whole_mlp_only:
+        impls.append(("triton all-Triton matmuls", ours(mlp.MLPOptions(plain_matmul="triton"))))
     fwd_ms, both_ms, memory = {}, {}, {}
     for name, fn in impls:
         fwd_ms[name] = timed(lambda: fn(*next(sets)[0]))
@@ -91,6 +94,8 @@ def bench_width(mlp, compiled, d, h, device, results):
         saved_mb, peak_mb = memory[name]
         record("mlp fwd+bwd", name, ms, 3 * mlp_flops, x_eager=both_ms["eager"] / ms,
                x_compile=both_ms["torch.compile"] / ms, saved_MB=saved_mb, peak_MB=peak_mb)
+    if whole_mlp_only:
+        return
 
     # --- the first matmul alone: cuBLAS's plain matmul vs the fused one -----------------------------------------------
     def plain_fc():
@@ -154,18 +159,25 @@ def _d_pre_inputs(input_set):
     return dy, w2.detach(), pre
 
 
-def main():
+def main(argv=None):
+    args = bench_args(__doc__, "the whole MLP (fwd, fwd+bwd) at 768->3072->768 only", argv)
+    widths = WIDTHS[:1] if args.quick else WIDTHS
+    print(f"GELU MLP, {str(DTYPE).removeprefix('torch.')}, {ROWS} rows, D->H->D in "
+          f"{', '.join(f'{d}->{h}->{d}' for d, h in widths)}: triton, eager, torch.compile"
+          + ("" if args.quick else "; and the fc, d_pre and proj matmuls against cuBLAS"), flush=True)
+    if args.dry_run:
+        return
     device = require_cuda()
     import tritongpt.kernels.mlp as mlp
     env = environment()
     peak = matmul_peak_tflops()
     compiled = torch.compile(mlp.gelu_mlp_reference, dynamic=False)
     results = []
-    for d, h in WIDTHS:
+    for d, h in widths:
         print(f"timing {d}->{h}->{d} ...", flush=True)
-        bench_width(mlp, compiled, d, h, device, results)
+        bench_width(mlp, compiled, d, h, device, results, whole_mlp_only=args.quick)
         torch.cuda.empty_cache()
-    path = write_results("mlp", {
+    path = write_results(results_name("mlp", args.quick), {
         "environment": env, "dtype": str(DTYPE), "rows": ROWS, "matmul_peak_tflops": peak,
         "targets": {"mlp fwd+bwd x_eager": 1.15, "mlp fwd+bwd x_compile": 1.0, "fc fused vs_cublas": 0.9},
         "results": results})

@@ -2,7 +2,10 @@
 warm-up), inputs rotated so the L2 cache does not flatter, the device's measured ceilings, and the JSON + table out.
 
 Run a benchmark from the repository root: `python -m bench.bench_attention` (each writes bench/results/*.json).
+Each kernel benchmark also takes --quick (its headline shape against its main peers: the short GPU session of
+`bash bench/gpu_run.sh quick`) and --dry-run (say what it would measure and exit, on any machine).
 """
+import argparse
 import itertools
 import json
 import os
@@ -15,6 +18,21 @@ import torch
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 L2_FLUSH_BYTES = 256 * 1024 * 1024  # rotate through at least this much input: several times an H100's 50 MB L2
+
+
+def bench_args(doc: str, quick: str, argv=None, parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:
+    """The options every kernel benchmark shares: --quick (described by `quick`) and --dry-run. A benchmark with
+    options of its own passes its parser."""
+    p = parser or argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help=quick)
+    p.add_argument("--dry-run", action="store_true",
+                   help="print what would be measured and exit without touching a GPU (checks the arguments)")
+    return p.parse_args(argv)
+
+
+def results_name(name: str, quick: bool) -> str:
+    """A quick run's results sit beside the full run's instead of replacing them."""
+    return f"{name}-quick" if quick else name
 
 
 def require_cuda() -> torch.device:

@@ -1,26 +1,25 @@
 #!/usr/bin/env bash
 # The GPU session in one script: the environment, the whole test suite run natively, the kernels under
 # compute-sanitizer, the four kernel benchmarks, the text-generation benchmark, the training-throughput benchmark
-# (also at the largest micro-batch that fits) and a profile of one training step. Each step logs to bench/results/gpu_run-<step>-<device>.log and runs under its
-# own time limit; a step that fails or runs out of time is recorded and the next one runs. A summary of the steps
-# comes last.
+# (also at the largest micro-batch that fits) and a profile of one training step. Each step logs to
+# bench/results/gpu_run-<step>-<device>.log and runs under its own time limit; a step that fails or runs out of time is
+# recorded and the next one runs. A summary of the steps comes last.
 #
+#   bash bench/gpu_run.sh quick     the most important answers first, in at most 8 minutes on an H100 with cold
+#                                   caches (below)
 #   bash bench/gpu_run.sh STEP...   env tests sanitizer (= memcheck racecheck) kernels (= attention layernorm mlp
-#                                   cross-entropy) generate throughput throughput-largest profile throughput-medium;
-#                                   none: all of them (about 40 min on an H100)
+#                                   cross-entropy) generate throughput throughput-largest profile throughput-medium
+#                                   host-overhead; none: all of them (about 40 min on an H100)
 #
-# On any machine with an NVIDIA GPU, PyTorch and Triton, from the repository root. The project is installed first
-# (`pip install -e .`, without dependencies or network) when `import tritongpt` fails. Each group of steps above takes
-# 5-8 minutes, so they can also run as separate invocations; the Triton and Inductor caches make a second run on the
-# same machine faster. With ARCHIVE_DIR set, bench/results/ is packed into ARCHIVE_DIR/gpu_run-<steps>.tar.gz after
-# every step (with summary.txt beside it, and the profile's chrome traces), to carry the results off a machine that
-# is about to go away; bench/results/ holds what to commit.
+# quick runs, in this order: env; tests-gpu, the GPU-marked tests (are the kernels right on this hardware, in bf16);
+# throughput-quick, GPT-2 124M training steps as nanoGPT runs them (SDPA + torch.compile) against every op on Triton,
+# with and without torch.compile; attention-quick, layernorm-quick, mlp-quick, cross-entropy-quick, each kernel at its
+# headline shape against its peers; repeatability, two processes' losses bitwise equal over 10 steps. Each step's limit
+# is its budget, estimated from its compile and autotune counts and its steps, and each step's results are written as
+# soon as they exist. On a machine without a GPU, quick (or any of its steps alone) is a dry run: each step checks its
+# command (imports, arguments; the tests are collected) and reports itself skipped with its budget, the budgets' sum
+# comes last, and it exits 0, or 1 if a step's command fails.
 #
-# Liger-Kernel (optional: bench_layernorm compares against it when it imports) is pure Python and needs only torch
-# and triton. On a machine without a network, put its wheel in .whl/ (git-ignored), e.g.
-#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#     --platform manylinux_2_28_x86_64 -d .whl liger-kernel==0.8.5
-# and this script installs .whl/*.whl into /tmp/site when it finds them.
 set -u  # not -e: a failing step must not stop the others
 
 cd "$(dirname "$0")/.."       # the repository root, where the benchmarks run as modules
@@ -33,10 +32,23 @@ DEVICE=${DEVICE:-no-GPU}      # the device part of the benchmarks' file names (b
 SKIPPED=99                    # a step's exit status for "could not run here", told apart from a failure
 export PY DEVICE SKIPPED
 [ -n "${ARCHIVE_DIR:-}" ] && export ARCHIVE_DIR  # the profile step's traces go there
-mkdir -p "$RESULTS"
+
+link_package() {  # the installed layout (pyproject.toml's package-dir) as links on PYTHONPATH, where pip cannot install
+    local root
+    root=$(mktemp -d)
+    mkdir "$root/tritongpt"
+    ln -s "$PWD"/tritongpt/*.py "$root/tritongpt/"
+    for sub in kernels model data; do ln -s "$PWD/$sub" "$root/tritongpt/$sub"; done
+    export PYTHONPATH=$root${PYTHONPATH:+:$PYTHONPATH}
+}
 
 if ! "$PY" -c "import tritongpt.kernels" 2>/dev/null; then
-    "$PY" -m pip install -q --no-deps --no-build-isolation -e . || { echo "cannot install the project"; exit 2; }
+    "$PY" -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -n 3 || true
+    if ! "$PY" -c "import tritongpt.kernels" 2>/dev/null; then
+        echo "pip could not install the project here: importing it from links instead"
+        link_package
+        "$PY" -c "import tritongpt.kernels" || { echo "cannot import the project"; exit 2; }
+    fi
 fi
 
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -80,6 +92,27 @@ sanitize() {  # tool: each kernel forward and backward once (bench/sanitize_kern
 }
 
 step_tests() { "$PY" -m pytest -q -rs --durations=20; }
+step_tests_gpu() {
+    if [ -n "${DRY_RUN:-}" ]; then "$PY" -m pytest -m gpu -q --collect-only -p no:cacheprovider | tail -n 1; return; fi
+    # The tests run in 8 processes (pytest-xdist, where installed), since compiling their ~180 kernel variants one at a
+    # time would take most of the budget. Their autotuners time configs while sharing the GPU, so they tune in a Triton
+    # cache of their own; the kernels they compiled, without those choices, then join the cache the later steps use.
+    local own main=${TRITON_CACHE_DIR:-$HOME/.triton/cache} parallel=() rc
+    own=$(mktemp -d)
+    "$PY" -c "import xdist" 2>/dev/null && parallel=(-n 8)
+    TRITON_CACHE_DIR=$own "$PY" -m pytest -m gpu -q -rs -p no:cacheprovider --durations=10 "${parallel[@]}"
+    rc=$?
+    find "$own" -name '*.autotune.json' -delete
+    mkdir -p "$main" && cp -r "$own"/. "$main"/  # entries are named by their contents' hash: nothing is replaced
+    return $rc
+}
+step_throughput_quick() { "$PY" -m bench.train_throughput --quick ${DRY_RUN:+--dry-run}; }
+step_attention_quick() { "$PY" -m bench.bench_attention --quick ${DRY_RUN:+--dry-run}; }
+step_layernorm_quick() { "$PY" -m bench.bench_layernorm --quick ${DRY_RUN:+--dry-run}; }
+step_mlp_quick() { "$PY" -m bench.bench_mlp --quick ${DRY_RUN:+--dry-run}; }
+step_cross_entropy_quick() { "$PY" -m bench.bench_linear_cross_entropy --quick ${DRY_RUN:+--dry-run}; }
+step_repeatability() { "$PY" -m bench.repeatability ${DRY_RUN:+--dry-run}; }
+step_host_overhead() { "$PY" -m bench.host_overhead; }
 step_memcheck() { sanitize memcheck; }
 step_racecheck() { sanitize racecheck; }
 step_attention() { "$PY" -m bench.bench_attention; }
@@ -95,25 +128,55 @@ step_throughput_medium() { "$PY" -m bench.train_throughput --models gpt2-medium;
 step_profile() { "$PY" -m bench.profile_step --model gpt2 --variant c,b ${ARCHIVE_DIR:+--trace "$ARCHIVE_DIR"}; }
 export -f step_env sanitizer_path sanitize step_tests step_memcheck step_racecheck step_attention step_layernorm \
     step_mlp step_cross_entropy step_generate step_throughput step_throughput_largest step_throughput_medium \
-    step_profile
+    step_profile step_tests_gpu step_throughput_quick step_attention_quick step_layernorm_quick step_mlp_quick \
+    step_cross_entropy_quick step_repeatability step_host_overhead
 
-declare -A LIMIT=([env]=30 [tests]=330 [memcheck]=110 [racecheck]=90 [attention]=180 [layernorm]=180 [mlp]=180
+declare -A LIMIT=([env]=20 [tests]=330 [memcheck]=110 [racecheck]=90 [attention]=180 [layernorm]=180 [mlp]=180
                   [cross-entropy]=180 [generate]=180 [throughput]=390 [throughput-largest]=420 [profile]=180
-                  [throughput-medium]=560)
+                  [throughput-medium]=560 [host-overhead]=90)
+# quick's budgets, in seconds (450 in all, with ~20 s for the script's own start in an 8-minute session), each about
+# 1.3x what it took on an H100 (HBM3, 80 GB) with cold caches: tests-gpu ~180 compiles in 8 processes and 60 tests,
+# 66 s; throughput-quick two cold torch.compile runs of GPT-2 (27 s for nanoGPT's) and 8 steps a variant; the kernels
+# one compile per compiled peer and ~2 s of timing per peer and pass, 14-29 s; repeatability two processes starting
+# PyTorch and GPT-2 for 10 steps, 28 s.
+LIMIT+=([tests-gpu]=90 [throughput-quick]=175 [attention-quick]=30 [layernorm-quick]=35 [mlp-quick]=35
+        [cross-entropy-quick]=30 [repeatability]=35)
+QUICK="env tests-gpu throughput-quick attention-quick layernorm-quick mlp-quick cross-entropy-quick repeatability"
 
 STEPS=()
-for arg in "${@:-env tests sanitizer kernels generate throughput throughput-largest profile throughput-medium}"; do
+for arg in "${@:-env tests sanitizer kernels generate throughput throughput-largest profile throughput-medium \
+              host-overhead}"; do
     for step in $arg; do
         case $step in
+            quick) STEPS+=($QUICK) ;;
             sanitizer) STEPS+=(memcheck racecheck) ;;
             kernels) STEPS+=(attention layernorm mlp cross-entropy) ;;
             *) if [[ -v LIMIT[$step] ]]; then STEPS+=("$step"); else
-                   echo "unknown step '$step'; steps: env tests sanitizer kernels generate throughput" \
-                        "throughput-largest profile throughput-medium (or: memcheck racecheck attention layernorm" \
-                        "mlp cross-entropy)"; exit 2; fi ;;
+                   echo "unknown step '$step'; steps: quick env tests sanitizer kernels generate throughput" \
+                        "throughput-largest profile throughput-medium host-overhead (or: memcheck racecheck" \
+                        "attention layernorm mlp cross-entropy, and quick's: $QUICK)"; exit 2; fi ;;
         esac
     done
 done
+
+only_quick=1
+for step in "${STEPS[@]}"; do [[ " $QUICK " == *" $step "* ]] || only_quick=; done
+if [ -n "$only_quick" ] && ! "$PY" -c "import sys, torch; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
+    echo "no CUDA GPU here: a dry run, in which each step checks its command and is skipped"
+    total=0 broken=0
+    for step in "${STEPS[@]}"; do
+        total=$((total + LIMIT[$step]))
+        echo "=== $step: skipped (no GPU), budget ${LIMIT[$step]} s"
+        [ "$step" = env ] && continue  # nvidia-smi and versions: nothing to check without a GPU
+        DRY_RUN=1 bash -c "step_${step//-/_}" 2>&1 | sed 's/^/    /'
+        [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "    BROKEN: the step's command fails"; broken=$((broken + 1)); }
+    done
+    [ "$broken" -eq 0 ] || echo "=== $broken step(s) BROKEN: their commands fail (above)"
+    echo "=== budgets' sum: $total s for ${#STEPS[@]} steps"
+    exit $((broken > 0))
+fi
+
+mkdir -p "$RESULTS"
 ARCHIVE="gpu_run-$(IFS=_; echo "${STEPS[*]}").tar.gz"
 SUMMARY=()
 FAILED=0
@@ -145,6 +208,6 @@ for step in "${STEPS[@]}"; do
 done
 
 echo
-echo "=== summary ($DEVICE)${ARCHIVE_DIR:+; $ARCHIVE_DIR holds $ARCHIVE and summary.txt}"
+echo "=== summary ($DEVICE, $SECONDS s in all)${ARCHIVE_DIR:+; $ARCHIVE_DIR holds $ARCHIVE and summary.txt}"
 printf '%s\n' "${SUMMARY[@]}"
 exit $((FAILED > 0))  # 1 when a step failed or ran out of time

@@ -4,6 +4,7 @@
     python -m bench.train_throughput --models gpt2-medium   # 350M: a separate run (see the time budget below)
     python -m bench.train_throughput --variants a,c --largest-batch 512 --steps 5 --warmup 2
                                                             # each at the largest micro-batch that fits
+    python -m bench.train_throughput --quick                # b against c and d, 3 warm-up and 5 timed steps
     TRITON_INTERPRET=1 python -m bench.train_throughput --device cpu --models tiny --batch-size 2 --steps 3 --warmup 1
 
 Variants (a and b run attention on PyTorch's SDPA and the other ops on their eager PyTorch references):
@@ -53,7 +54,8 @@ from typing import NamedTuple
 
 import torch
 
-from bench.common import environment, matmul_peak_tflops, print_table, require_cuda, write_results
+from bench.common import (bench_args, environment, matmul_peak_tflops, print_table, require_cuda, results_name,
+                          write_results)
 from tritongpt.kernels._common import interpreting
 from tritongpt.model.config import OP_FIELDS, preset
 from tritongpt.metrics import mfu, peak_bf16_flops
@@ -71,6 +73,8 @@ LEARNING_RATE, BETAS, WEIGHT_DECAY, GRAD_CLIP = 6e-4, (0.9, 0.95), 0.1, 1.0
 # the loss further within 30 steps (and the parity tests hold each op to its twin in any case).
 LOSS_ATOL, LOSS_RTOL = 0.02, 0.01
 VS_B_TARGET, MFU_TARGET = 1.1, 0.5  # the project's targets on an H100, for (c) or (d)
+STEPS, WARMUP = 30, 10
+QUICK_STEPS, QUICK_WARMUP, QUICK_VARIANTS = 5, 3, "b,c,d"
 
 
 class Variant(NamedTuple):
@@ -94,17 +98,25 @@ def parse_args(argv=None):
     p.add_argument("--models", default="gpt2",
                    help="comma-separated presets (model/config.py): gpt2, gpt2-medium, ...; tiny for a smoke run")
     p.add_argument("--batch-size", type=int, default=16, help="sequences per step (of the preset's block_size)")
-    p.add_argument("--steps", type=int, default=30, help="timed steps after the warm-up")
-    p.add_argument("--warmup", type=int, default=10, help="untimed steps first (compilation, autotuning)")
-    p.add_argument("--variants", default=",".join(VARIANTS),
-                   help="comma-separated, from: " + "; ".join(f"{k} = {v.label}" for k, v in VARIANTS.items()))
+    p.add_argument("--steps", type=int,
+                   help=f"timed steps after the warm-up (default {STEPS}; {QUICK_STEPS} with --quick)")
+    p.add_argument("--warmup", type=int, help="untimed steps first, for compilation and autotuning "
+                                              f"(default {WARMUP}; {QUICK_WARMUP} with --quick)")
+    p.add_argument("--variants",
+                   help="comma-separated, from: " + "; ".join(f"{k} = {v.label}" for k, v in VARIANTS.items())
+                   + f" (default {','.join(VARIANTS)}; {QUICK_VARIANTS} with --quick)")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cpu: a smoke run of the logic")
     p.add_argument("--largest-batch", type=int, metavar="MAX",
                    help="double each variant's batch from --batch-size up to MAX until a step fails; report the "
                         "largest that ran")
-    args = p.parse_args(argv)
+    args = bench_args(__doc__, f"nanoGPT's recipe (b) against the Triton kernels (c, d): variants {QUICK_VARIANTS}, "
+                               f"{QUICK_WARMUP} warm-up and {QUICK_STEPS} timed steps", argv, parser=p)
+    if args.steps is None:
+        args.steps = QUICK_STEPS if args.quick else STEPS
+    if args.warmup is None:
+        args.warmup = QUICK_WARMUP if args.quick else WARMUP
     args.models = args.models.split(",")
-    args.variants = args.variants.split(",")
+    args.variants = (args.variants or (QUICK_VARIANTS if args.quick else ",".join(VARIANTS))).split(",")
     for name in args.models:
         try:
             preset(name)  # fail here, with the list of presets, rather than after minutes of GPU time
@@ -308,6 +320,11 @@ def table_row(model_name: str, r: dict) -> dict:
 
 def main(argv=None):
     args = parse_args(argv)
+    print(f"{', '.join(args.models)}: variants {', '.join(f'({v}) {VARIANTS[v].label}' for v in args.variants)}; "
+          f"batch {args.batch_size}" + (f" doubling up to {args.largest_batch}" if args.largest_batch else "")
+          + f", {args.warmup} warm-up and {args.steps} timed steps", flush=True)
+    if args.dry_run:
+        return
     device = resolve_device(args.device)
     smoke = device.type == "cpu"
     dtype = torch.float32 if smoke else torch.bfloat16  # GPU training runs in bf16; the project computes in fp32 on CPU
@@ -329,7 +346,7 @@ def main(argv=None):
                                   "against": "variant a, else the first variant that ran"},
                "targets": {"tokens/s of c or d over b": VS_B_TARGET, "mfu_datasheet": MFU_TARGET}, "targets_met": {},
                "variants": {k: v._asdict() for k, v in VARIANTS.items()}, "results": results}
-    name = "train_throughput-" + "_".join(args.models)
+    name = results_name("train_throughput-" + "_".join(args.models), args.quick)
     for model_name in args.models:
         config = preset(model_name, vocab_size=VOCAB_SIZE)
         torch.manual_seed(SEED)
