@@ -66,6 +66,13 @@ def _normalize_store(Y, W, B, s, mean, rstd, rows, cols, N, mask, HAS_BIAS: tl.c
 # chunk's own (mean, M2) into the running ones by Chan et al.'s pairwise formula, which stays accurate where
 # E[s^2] - E[s]^2 would cancel; and once to normalise.
 @triton.jit
+def _div(x, n):
+    """x / n rounded to nearest, as PyTorch divides: Triton's `/` on fp32 is the approximate div.full.f32 (2 ulp), and
+    a row's statistics must not be off by more than rounding (at width 1, s - mean must be exactly 0)."""
+    return tl.math.div_rn(x, tl.cast(n, tl.float32))
+
+
+@triton.jit
 def _layer_norm_fwd_kernel(X, R, W, B, Y, S, Mean, Rstd,
                            stride_x, stride_r, n_rows, N, eps,
                            HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -79,9 +86,9 @@ def _layer_norm_fwd_kernel(X, R, W, B, Y, S, Mean, Rstd,
         s = _load_input(X, R, rows, cols, stride_x, stride_r, mask, HAS_RESIDUAL)
         if HAS_RESIDUAL:
             tl.store(S + rows[:, None] * N + cols[None, :], s.to(S.dtype.element_ty), mask=mask)
-        mean = tl.sum(s, axis=1) / N
+        mean = _div(tl.sum(s, axis=1), N)
         centred = tl.where(mask, s - mean[:, None], 0.0)
-        rstd = tl.rsqrt(tl.sum(centred * centred, axis=1) / N + eps)
+        rstd = tl.rsqrt(_div(tl.sum(centred * centred, axis=1), N) + eps)
         _normalize_store(Y, W, B, s, mean, rstd, rows, cols, N, mask, HAS_BIAS)
     else:
         mean = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -93,12 +100,12 @@ def _layer_norm_fwd_kernel(X, R, W, B, Y, S, Mean, Rstd,
                 tl.store(S + rows[:, None] * N + start + cols[None, :], s.to(S.dtype.element_ty), mask=mask)
             seen = tl.cast(start, tl.float32)
             count = tl.minimum(N - start, BLOCK_N).to(tl.float32)
-            chunk_mean = tl.sum(s, axis=1) / count
+            chunk_mean = _div(tl.sum(s, axis=1), count)
             centred = tl.where(mask, s - chunk_mean[:, None], 0.0)
             delta = chunk_mean - mean
-            mean += delta * (count / (seen + count))
-            m2 += tl.sum(centred * centred, axis=1) + delta * delta * (seen * count / (seen + count))
-        rstd = tl.rsqrt(m2 / N + eps)
+            mean += delta * _div(count, seen + count)
+            m2 += tl.sum(centred * centred, axis=1) + delta * delta * _div(seen * count, seen + count)
+        rstd = tl.rsqrt(_div(m2, N) + eps)
         for start in range(0, N, BLOCK_N):
             mask = row_mask[:, None] & (start + cols < N)[None, :]
             s = _load_input(X, R, rows, start + cols, stride_x, stride_r, mask, HAS_RESIDUAL)
@@ -162,8 +169,8 @@ def _layer_norm_bwd_kernel(S, W, Mean, Rstd, DY, DS, DX, DWp, DBp, C1, C2,
             rows, row_mask, mean, rstd = _row_block(Mean, Rstd, first_row, n_rows, BLOCK_M)
             mask = row_mask[:, None] & (cols < N)[None, :]
             xhat, dy, g = _grad_terms(S, DY, w, rows, cols, stride_s, stride_dy, mean, rstd, mask)
-            c1 = tl.sum(xhat * g, axis=1) / N
-            c2 = tl.sum(g, axis=1) / N
+            c1 = _div(tl.sum(xhat * g, axis=1), N)
+            c2 = _div(tl.sum(g, axis=1), N)
             _store_dx(DX, DS, xhat, g, c1, c2, rstd, rows, cols, stride_ds, N, mask, HAS_DSUMMED)
             dw += tl.sum(dy * xhat, axis=0)
             db += tl.sum(dy, axis=0)
@@ -181,8 +188,8 @@ def _layer_norm_bwd_kernel(S, W, Mean, Rstd, DY, DS, DX, DWp, DBp, C1, C2,
                 xhat, dy, g = _grad_terms(S, DY, w, rows, start + cols, stride_s, stride_dy, mean, rstd, mask)
                 c1 += tl.sum(xhat * g, axis=1)
                 c2 += tl.sum(g, axis=1)
-            tl.store(C1 + rows, c1 / N, mask=row_mask)
-            tl.store(C2 + rows, c2 / N, mask=row_mask)
+            tl.store(C1 + rows, _div(c1, N), mask=row_mask)
+            tl.store(C2 + rows, _div(c2, N), mask=row_mask)
         tl.debug_barrier()
         for start in range(0, N, BLOCK_N):
             col_mask = start + cols < N
