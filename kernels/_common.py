@@ -116,13 +116,20 @@ def autocast_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 @triton.jit
+def _round_to_tf32(x):
+    return tl.inline_asm_elementwise("cvt.rna.tf32.f32 $0, $1;", "=r, r", [x], dtype=tl.float32, is_pure=True,
+                                     pack=1)
+
+
+@triton.jit
 def dot_tile(A, B, offs_m, offs_n, stride_am, stride_ak, stride_bk, stride_bn, K, acc,
              BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
     """A matmul's main loop: acc + A[offs_m, :] @ B[:, offs_n], summed over K in BLOCK_K steps into acc (fp32), for
     A and B with any strides. Every offset in offs_m and offs_n must be valid: callers wrap those past an edge around
     to real rows and columns and never store what they compute, so that only K needs a mask (and none when EVEN_K: K
     is a multiple of BLOCK_K). DOT_FP32 casts the tiles to fp32 first (bf16 under the interpreter); PRECISION is
-    tl.dot's input_precision, None for its default (TF32 for fp32 operands on a GPU)."""
+    tl.dot's input_precision, or "tf32_rounded": fp32 operands rounded to TF32 (to nearest) before TF32 products,
+    as cuBLAS rounds them, where the tensor cores alone would truncate (a bias that about doubles the error)."""
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = A + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
     b_ptrs = B + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
@@ -136,7 +143,10 @@ def dot_tile(A, B, offs_m, offs_n, stride_am, stride_ak, stride_bk, stride_bn, K
         if DOT_FP32:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        if PRECISION == "tf32_rounded":
+            acc = tl.dot(_round_to_tf32(a), _round_to_tf32(b), acc, input_precision="tf32")
+        else:
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
     return acc

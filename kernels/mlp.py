@@ -141,6 +141,7 @@ def _matmul_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, aux_ptr, bias_grad_ptr,
                    BIAS_GRAD_ROWS: tl.constexpr,
                    TANH: tl.constexpr,          # GELU form: tanh approximation, else erf
                    DOT_FP32: tl.constexpr,      # cast tiles to fp32 before tl.dot (bf16 under the interpreter)
+                   PRECISION: tl.constexpr,     # dot_tile's: "tf32_rounded" for fp32 operands on a GPU
                    INDEX_64: tl.constexpr,      # offsets may pass 2^31 elements
                    EVEN_K: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
@@ -170,7 +171,7 @@ def _matmul_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, aux_ptr, bias_grad_ptr,
         offs_am = offs_am.to(tl.int64)
         offs_bn = offs_bn.to(tl.int64)
     acc = dot_tile(a_ptr, b_ptr, offs_am, offs_bn, stride_am, stride_ak, stride_bk, stride_bn, K,
-                   tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), BLOCK_K, EVEN_K, DOT_FP32, None)
+                   tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), BLOCK_K, EVEN_K, DOT_FP32, PRECISION)
 
     # Epilogue.
     offs_cm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -225,6 +226,7 @@ def _launch(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, epilogue: int, bi
         EPILOGUE=epilogue, HAS_BIAS=bias is not None, STORE_AUX=epilogue == _BIAS_GELU and aux is not None,
         BIAS_GRAD=bias_grad is not None, BIAS_GRAD_ROWS=_BIAS_GRAD_ROWS, TANH=tanh,
         DOT_FP32=interpreting() and a.dtype == torch.bfloat16, INDEX_64=index_64,
+        PRECISION="tf32_rounded" if a.dtype == torch.float32 and not interpreting() else "tf32",
     )
 
 
@@ -378,10 +380,11 @@ def gelu_mlp(x: torch.Tensor, fc_weight: torch.Tensor, fc_bias: torch.Tensor | N
     """gelu(x @ fc_weight^T + fc_bias) @ proj_weight^T + proj_bias through the Triton kernels; differentiable.
 
     x: (..., D); fc_weight: (H, D); proj_weight: (D_out, H); the biases are optional. approximate: "tanh" (GPT-2)
-    or "none" (exact erf GELU). Float16, bfloat16 or float32 (float32 dots run as TF32 on a GPU), all on one CUDA
-    device (or the CPU under TRITON_INTERPRET=1). Under torch.autocast, float32 inputs are cast to the autocast
-    dtype first, as F.linear would (the casts are differentiable: float32 parameters get float32 gradients; inside
-    a WeightCasts scope without gradients, each weight is cast once per version of its values).
+    or "none" (exact erf GELU). Float16, bfloat16 or float32 (float32 dots run as TF32 on a GPU, the operands rounded
+    to nearest as cuBLAS rounds them), all on one CUDA device (or the CPU under TRITON_INTERPRET=1). Under
+    torch.autocast, float32 inputs are cast to the autocast dtype first, as F.linear would (the casts are
+    differentiable: float32 parameters get float32 gradients; inside a WeightCasts scope without gradients, each
+    weight is cast once per version of its values).
     options picks among the implementation's alternatives (MLPOptions). Raises ValueError on bad input."""
     device_type = x.device.type if isinstance(x, torch.Tensor) else None
     if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):
