@@ -1,7 +1,9 @@
 """What the Triton ops share: refusing tensors a kernel cannot take, autotuning that also runs under Triton's CPU
 interpreter, registering a kernel's launcher as a PyTorch operator, casting weights under autocast, and a matmul's
 main loop. Each op's own shape rules stay in its module, in a function named `_validate`."""
+import functools
 import os
+import sys
 from collections.abc import Callable
 
 import torch
@@ -67,9 +69,25 @@ def kernel_op(name: str, fake: Callable):
     the op's backward operator, registered the same way."""
     def register(launcher: Callable):
         op = torch.library.custom_op(f"tritongpt::{name}", launcher, mutates_args=())
-        op.register_fake(fake)
+
+        @functools.wraps(fake)
+        def fake_declaring_fallback(*args, **kwargs):
+            _declare_inductor_fallback(op._opoverload)
+            return fake(*args, **kwargs)
+        op.register_fake(fake_declaring_fallback)
         return op
     return register
+
+
+def _declare_inductor_fallback(overload: torch._ops.OpOverload) -> None:
+    """Declare the operator to Inductor, once Inductor is loaded, as a kernel it calls as it stands, with the strides
+    the fake gives: what Inductor would decide itself on meeting the operator, less the log line it writes on the way,
+    for which PyTorch 2.11 (not 2.13) renders every argument's whole expression, even with the log off; at GPT-2's
+    depth the residual stream's expression takes minutes. The fake runs when Inductor's ahead-of-time autograd traces
+    the graph, before the graph is lowered."""
+    lowering = sys.modules.get("torch._inductor.lowering")
+    if lowering is not None and overload not in lowering.lowerings:
+        lowering.make_fallback(overload, layout_constraint=lowering.constrain_to_fx_strides, warn=False)
 
 
 class WeightCasts:

@@ -149,3 +149,23 @@ def test_opcheck(name, device):
     eager, gradients included."""
     torch.manual_seed(2)
     torch.library.opcheck(getattr(torch.ops.tritongpt, name), operator_cases(device)[name])
+
+
+def test_inductor_meets_the_operators_as_declared_fallbacks(device, monkeypatch):
+    """Inductor finds each operator declared as a kernel it calls as it stands, so it never takes the path on which
+    it creates such a fallback itself and logs every argument's whole expression (which PyTorch 2.11 renders even
+    with the log off: minutes at GPT-2's depth)."""
+    import torch._inductor.graph
+    from tritongpt.kernels import layer_norm
+    logged = []
+    monkeypatch.setattr(torch._inductor.graph.log, "info", lambda message, *args, **kwargs: logged.append(
+        message % tuple(str(a) for a in args) if args else message))
+    x = torch.randn(4, 8, device=device, requires_grad=True)
+    weight, bias = torch.randn(8, device=device), torch.randn(8, device=device)
+    compiled = torch.compile(lambda x: layer_norm(2 * x, weight, bias).sin())
+    with torch._inductor.config.patch(force_disable_caches=True):  # a cached graph would not be lowered again
+        out = compiled(x)
+        out.sum().backward()
+    torch.testing.assert_close(out, layer_norm(2 * x, weight, bias).sin())
+    implicit = [m for m in logged if "implicit fallback" in m and "tritongpt" in m]
+    assert not implicit, implicit[0][:300]
