@@ -36,7 +36,6 @@ from pathlib import Path
 
 import numpy as np
 import sentencepiece as spm
-from sentencepiece import sentencepiece_model_pb2
 from tqdm import tqdm
 
 from tritongpt.data.default_corpus import default_corpus
@@ -56,6 +55,7 @@ SAMPLE_SEED = 0
 # Tokens every vocabulary holds before any text: the 256 bytes, <unk> and the end-of-document token, and then at
 # least one character.
 MIN_VOCAB_SIZE = 256 + 2 + 1
+MAX_TOKEN_CHARS = 16  # sentencepiece's max_sentencepiece_length, left at its default
 # How split_documents picks val; it enters inputs_hash, so a dataset split another way is rebuilt.
 VAL_SPLIT = "documents evenly spaced along the corpus ordered by folder, then by a hash of the name"
 
@@ -316,18 +316,17 @@ WORD = re.compile(r" *[^ ]+| +")
 
 def check_vocab_size(lines: list[str], vocab_size: int, model_type: str) -> None:
     """Refuses, before training, a vocabulary larger than the lines can fill. A bpe or unigram token is a byte, a
-    special token, a character, or 2 to max_sentencepiece_length characters of a word, so the distinct ones of those
+    special token, a character, or 2 to MAX_TOKEN_CHARS characters of a word, so the distinct ones of those
     bound it; training finds the exact size, often far below that bound. (A char model just stops short.)"""
     if model_type == "char":
         return
-    longest = sentencepiece_model_pb2.TrainerSpec().max_sentencepiece_length
     room = vocab_size - (MIN_VOCAB_SIZE - 1)
     tokens, words = set(), set()
     for line in lines:
         tokens.update(line)
         for word in set(WORD.findall(line)) - words:
             words.add(word)
-            for n in range(2, min(len(word), longest) + 1):
+            for n in range(2, min(len(word), MAX_TOKEN_CHARS) + 1):
                 tokens.update(word[i:i + n] for i in range(len(word) - n + 1))
         if len(tokens) >= room:  # it may fit: only training can tell
             return

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from sentencepiece import sentencepiece_model_pb2
 
 from tritongpt.data import prepare as prep
 from tritongpt.data.default_corpus import CAP_BYTES, data_share, default_corpus
@@ -380,6 +381,7 @@ def test_a_vocabulary_the_corpus_cannot_fill_is_refused_before_training(built, t
     assert_user_error(result, "vocab size 100000 is more than this corpus can fill")
     assert result.returncode == 2 and not (tmp_path / "out").exists()
     # The check is a bound, never stricter than sentencepiece: the largest vocabulary training reaches passes it.
+    assert prep.MAX_TOKEN_CHARS == sentencepiece_model_pb2.TrainerSpec().max_sentencepiece_length
     lines = prep.tokenizer_sample(prep.find_documents([str(built[0])])[0], progress=False)
     for model_type in ("bpe", "unigram"):
         with pytest.raises(UserError, match=r"--vocab-size \d+ or less") as error:
