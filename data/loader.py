@@ -5,6 +5,10 @@ a random offset and shuffles them (seeded by the run's seed and the epoch); each
 `micro_batch * grad_accum` windows of that list, and each rank takes its own slice of them. So no two ranks ever
 read the same window in a step, N ranks train on exactly the windows one process would with the same global
 batch, and the data position is just (epoch, cursor), which a checkpoint stores to resume exactly.
+
+A token file is checked against what meta.json records before training starts: its size, and the ids of a sample
+spread along it; every batch drawn is checked too, so a damaged file stops a run with one line instead of an index
+error (or, on a GPU, a device-side assert).
 """
 from pathlib import Path
 
@@ -14,13 +18,20 @@ import torch
 from tritongpt.errors import UserError
 
 
+# A damaged file is found on opening from this many evenly spaced runs of this many tokens (the whole of a file that
+# short): a few MB read however large it is.
+CHECKED_RUNS = 64
+CHECKED_RUN_TOKENS = 16_384
+
+
 class TokenWindows:
-    def __init__(self, path: str | Path, dtype: str, block_size: int, micro_batch: int, grad_accum: int = 1,
-                 rank: int = 0, world_size: int = 1, seed: int = 0, device: torch.device | str = "cpu"):
+    def __init__(self, path: str | Path, dtype: str, vocab_size: int, num_tokens: int, block_size: int,
+                 micro_batch: int, grad_accum: int = 1, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 device: torch.device | str = "cpu"):
+        """path: a token file of num_tokens ids of the given dtype, each below vocab_size, as meta.json records."""
         self.path = Path(path)
-        if not self.path.is_file():
-            raise UserError(f"token file {self.path} is missing; run `python data/prepare.py` to build it")
-        self.tokens = np.memmap(self.path, dtype=np.dtype(dtype), mode="r")
+        self.vocab_size = vocab_size
+        self.tokens = open_tokens(self.path, dtype, vocab_size, num_tokens)
         if len(self.tokens) < block_size + 1:
             raise UserError(f"{self.path} holds {len(self.tokens)} tokens, fewer than block_size + 1 = "
                             f"{block_size + 1}; use a smaller --block-size or more text")
@@ -69,6 +80,10 @@ class TokenWindows:
     def fetch(self, starts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The (x, y) token windows starting at `starts`, y shifted by one, on the loader's device."""
         rows = np.stack([self.tokens[s:s + self.block_size + 1] for s in starts.tolist()]).astype(np.int64)
+        if rows.max() >= self.vocab_size:  # where the check on opening did not look
+            row, col = np.unravel_index(rows.argmax(), rows.shape)
+            raise UserError(_out_of_vocabulary(self.path, int(rows.max()), int(starts[row]) + int(col),
+                                               self.vocab_size))
         xy = torch.from_numpy(rows)
         x, y = xy[:, :-1], xy[:, 1:]
         if self.device.type == "cuda":
@@ -92,3 +107,40 @@ class TokenWindows:
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.cursor, self._order = int(state["epoch"]), int(state["cursor"]), None
+
+
+def open_tokens(path: Path, dtype: str, vocab_size: int, num_tokens: int) -> np.memmap:
+    """The token file, memory-mapped, once it is known to hold num_tokens ids and, where checked, ids below
+    vocab_size."""
+    if not path.is_file():
+        raise UserError(f"token file {path} is missing; run `python data/prepare.py` to build it")
+    itemsize = np.dtype(dtype).itemsize
+    size = path.stat().st_size
+    if size != num_tokens * itemsize:
+        found = ("is empty" if size == 0 else f"holds {size:,} bytes, not a whole number of {dtype} tokens"
+                 if size % itemsize else f"holds {size // itemsize:,} tokens")
+        raise UserError(f"{path} {found} but meta.json records {num_tokens:,} {dtype} tokens: it is damaged or was "
+                        f"replaced; {_rebuild(path)}")
+    tokens = np.memmap(path, dtype=np.dtype(dtype).newbyteorder("<"), mode="r") if size else np.zeros(0, dtype)
+    for start in _checked_runs(len(tokens)):
+        run = tokens[start:start + CHECKED_RUN_TOKENS]
+        if (top := int(run.max())) >= vocab_size:
+            raise UserError(_out_of_vocabulary(path, top, start + int(run.argmax()), vocab_size))
+    return tokens
+
+
+def _checked_runs(num_tokens: int) -> list[int]:
+    """Where the runs of tokens checked on opening start: evenly spaced, the first at 0 and the last at the end."""
+    if num_tokens <= CHECKED_RUNS * CHECKED_RUN_TOKENS:
+        return list(range(0, num_tokens, CHECKED_RUN_TOKENS))
+    return np.linspace(0, num_tokens - CHECKED_RUN_TOKENS, CHECKED_RUNS).astype(np.int64).tolist()
+
+
+def _out_of_vocabulary(path: Path, token: int, position: int, vocab_size: int) -> str:
+    return (f"{path} holds token id {token} at position {position:,}, outside the {vocab_size}-token vocabulary "
+            f"meta.json records: it is damaged or from another dataset; {_rebuild(path)}")
+
+
+def _rebuild(path: Path) -> str:
+    return (f"rebuild the dataset with `python data/prepare.py [INPUT ...] --out-dir {path.parent} --overwrite` (its "
+            "own inputs; none for the default corpus)")

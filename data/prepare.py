@@ -8,18 +8,28 @@ to the output directory:
     tokenizer.model     the sentencepiece model; data/tokenizer.py loads it
     train.bin, val.bin  raw little-endian token ids, uint16 when the vocabulary fits, uint32 otherwise
     meta.json           vocab_size, dtype, eot_id, token and document counts, the tokenizer file, the split rule,
-                        what the default corpus left out and why, inputs_hash
+                        what was left out and why (machine-made sources of the default corpus, files that are
+                        not text), inputs_hash
+
+Files in a folder that are not UTF-8 text throughout (binary, compressed, another encoding) are left out, counted
+and listed in meta.json; a file named as an input that is not is an error. The tokenizer trains on at most
+TOKENIZER_SAMPLE_LINES lines, drawn evenly at random across the corpus with a fixed seed, so the same inputs always
+give the same tokenizer and token files.
 
 Run again on the same inputs and options, it reuses what is there; a dataset built from other inputs or options is
-replaced only with --overwrite (checkpoints trained on it depend on its tokenizer). Every file is written under a
-temporary name and renamed into place only once all of them are complete, meta.json last, so a failure leaves an
-existing dataset whole.
+replaced only with --overwrite (checkpoints trained on it depend on its tokenizer), which also rebuilds one that
+is there already. Every file is written under a temporary name and renamed into place only once all of them are
+complete, meta.json last, so a failure (a full disk, Ctrl-C) leaves an existing dataset whole, and removes the
+output directory again if it made it.
 """
 import codecs
+import contextlib
+import errno
 import hashlib
 import io
 import json
 import os
+import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,8 +48,14 @@ DEFAULT_VOCAB_SIZE = 4096
 TOKENIZER_FILE = "tokenizer.model"
 CHUNK_BYTES = 1 << 18  # documents are encoded in pieces of about this size, so one huge file streams through too
 BATCH_CHUNKS = 4  # chunks per thread in each batch encoded at once
-SNIFF_BYTES = 8192  # a file is taken for text when this much of its start is UTF-8 with no NUL (as git does)
+SNIFF_BYTES = 8192  # a file with a NUL this near its start is binary (as git tells), even if it is valid UTF-8
 MAX_SENTENCE_CHARS = 4096  # longer lines are cut into pieces this long for tokenizer training
+TOKENIZER_SAMPLE_LINES = 300_000  # the tokenizer trains on at most this many lines, so it stays quick on any corpus
+SAMPLE_SEED = 0
+# Tokens every vocabulary holds before any text: the 256 bytes, <unk> and the end-of-document token, and then at
+# least one character.
+MIN_VOCAB_SIZE = 256 + 2 + 1
+MAX_TOKEN_CHARS = 16  # sentencepiece's max_sentencepiece_length, left at its default
 # How split_documents picks val; it enters inputs_hash, so a dataset split another way is rebuilt.
 VAL_SPLIT = "documents evenly spaced along the corpus ordered by folder, then by a hash of the name"
 
@@ -56,8 +72,9 @@ SENTENCEPIECE_OPTIONS = dict(
     split_digits=True,  # numbers as digits rather than memorized pieces
     unk_id=0, eos_id=1, bos_id=-1, pad_id=-1,  # eos (</s>) is the end-of-document token
     max_sentence_length=4 * MAX_SENTENCE_CHARS,  # in bytes
-    # Training samples this many lines at most (uniformly, over the whole corpus), so it stays quick on any corpus.
-    input_sentence_size=300_000,
+    # tokenizer_sample draws the lines: sentencepiece's own draw, from more lines than this, differs from one process
+    # to the next.
+    input_sentence_size=TOKENIZER_SAMPLE_LINES,
     shuffle_input_sentence=True,
     # Fixed rather than one per core: a unigram model comes out different for a different number of threads.
     num_threads=4,
@@ -69,6 +86,7 @@ class Document:
     name: str  # its path relative to the input it came from: the val split and inputs_hash use it
     source: Path | bytes  # the file holding it, or its UTF-8 text (the documentation topics are no files)
     size: int  # in bytes
+    named: bool = False  # given as an input itself, not found in a folder: if it is not text, that is an error
 
     def open(self):
         return io.BytesIO(self.source) if isinstance(self.source, bytes) else open(self.source, "rb")
@@ -78,10 +96,14 @@ def prepare(inputs: list[str] | None = None, out_dir: str | Path = "data/default
             model_type: str = "bpe", val_fraction: float = 0.05, workers: int | None = None,
             progress: bool = True, overwrite: bool = False) -> Path:
     """Builds the dataset in out_dir (or reuses the one there, when made from the same inputs and options) and
-    returns the path of its meta.json. A dataset there from other inputs or options is replaced only when
-    overwrite is True."""
+    returns the path of its meta.json. With overwrite, it builds it anew whatever is there; without, a dataset there
+    from other inputs or options is an error."""
     if model_type not in MODEL_TYPES:
         raise UserError(f"unknown model type {model_type!r}; use one of {', '.join(MODEL_TYPES)}")
+    if vocab_size < MIN_VOCAB_SIZE:
+        raise UserError(f"vocab size {vocab_size} is too small: 258 tokens (the 256 bytes, unknown and "
+                        f"end-of-document) come before any text; pass --vocab-size {MIN_VOCAB_SIZE} or more (default "
+                        f"{DEFAULT_VOCAB_SIZE})")
     if not 0 < val_fraction < 1:
         raise UserError(f"val fraction {val_fraction} is not between 0 and 1; pass e.g. --val-fraction 0.05")
     if workers is None:
@@ -89,23 +111,53 @@ def prepare(inputs: list[str] | None = None, out_dir: str | Path = "data/default
     if workers < 1:
         raise UserError(f"{workers} workers; pass --workers 1 or more")
     out_dir = Path(out_dir)
-    docs, left_out = find_documents(inputs, skip=out_dir)
+    _check_out_dir(out_dir)
+    docs, machine_made = find_documents(inputs, skip=out_dir)
     options = dict(vocab_size=vocab_size, model_type=model_type, val_fraction=val_fraction, val_split=VAL_SPLIT,
                    sentencepiece=SENTENCEPIECE_OPTIONS)
-    digest = inputs_hash(docs, options, progress)
-    if _reusable(out_dir, digest):
+    docs, not_text, digest = read_documents(docs, options, progress)
+    if not docs:
+        raise UserError(f"no text in {' '.join(inputs)}: no non-empty UTF-8 files found; pass text files or "
+                        "directories that contain some (or no inputs, for the default corpus)")
+    if not overwrite and _reusable(out_dir, digest):
         if progress:
             print(f"{out_dir} already holds this dataset; reusing it")
         return out_dir / "meta.json"
-    if (out_dir / "meta.json").exists() and not overwrite:
+    had_dataset = (out_dir / "meta.json").exists()
+    if had_dataset and not overwrite:
         raise UserError(f"{out_dir} holds a dataset built from other inputs or options, and checkpoints trained on it "
                         "need its tokenizer; pass --overwrite to replace it, or another --out-dir")
-    if left_out and progress:
-        print(f"left out {len(left_out)} machine-made sources ({sum(doc['bytes'] for doc in left_out) / 1e6:.1f} MB), "
-              "mostly data literals; meta.json lists them")
+    if machine_made and progress:
+        print(f"left out {_count(len(machine_made), 'machine-made source')} ({_megabytes(machine_made)}), mostly data "
+              "literals; meta.json lists them")
+    if not_text and progress:
+        names = ", ".join(doc["name"] for doc in not_text[:3]) + (", ..." if len(not_text) > 3 else "")
+        print(f"left out {_count(len(not_text), 'file')} that {'is' if len(not_text) == 1 else 'are'} not UTF-8 text "
+              f"({_megabytes(not_text)}): {names}; meta.json lists them and why")
 
-    model = train_tokenizer(docs, vocab_size, model_type, progress)
-    _make_out_dir(out_dir)
+    lines = tokenizer_sample(docs, progress)
+    check_vocab_size(lines, vocab_size, model_type)
+    model = train_tokenizer(lines, vocab_size, model_type, progress)
+    made = _make_out_dir(out_dir)
+    try:
+        write_dataset(out_dir, model, model_type, docs, val_fraction, machine_made + not_text, digest, workers,
+                      progress)
+    except BaseException as e:
+        for folder in made:  # empty again: the temporary files are gone
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            kept = "the dataset already there is unchanged" if had_dataset else "nothing was left behind"
+            raise UserError(f"the disk holding {out_dir} is full ({e.strerror}); free some space there or pass an "
+                            f"--out-dir on another disk ({kept})") from None
+        raise
+    return out_dir / "meta.json"
+
+
+def write_dataset(out_dir: Path, model: bytes, model_type: str, docs: list[Document], val_fraction: float,
+                  left_out: list[dict], digest: str, workers: int, progress: bool) -> None:
+    """Writes the tokenizer, the token files and meta.json into out_dir, each complete before it replaces the one
+    there."""
     names = (TOKENIZER_FILE, "train.bin", "val.bin", "meta.json")  # the order they are renamed in: meta.json last
     temp = {name: out_dir / f".{name}.{os.getpid()}.tmp" for name in names}
     try:
@@ -130,22 +182,33 @@ def prepare(inputs: list[str] | None = None, out_dir: str | Path = "data/default
     finally:
         for path in temp.values():
             path.unlink(missing_ok=True)
-    return out_dir / "meta.json"
 
 
-def _make_out_dir(out_dir: Path):
+def _check_out_dir(out_dir: Path) -> None:
+    """Refuses, before any work, an out_dir that is a file or lies where nothing can be written; creates nothing."""
+    existing = next(path for path in (out_dir, *out_dir.parents) if path.exists())
+    if existing == out_dir and not out_dir.is_dir():
+        raise UserError(f"--out-dir {out_dir} is a file, not a directory; pass another --out-dir")
+    if not existing.is_dir():
+        raise UserError(f"--out-dir {out_dir} cannot be made: {existing} is a file; pass another --out-dir")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write to {existing}; pass an --out-dir you can write to")
+
+
+def _make_out_dir(out_dir: Path) -> list[Path]:
+    """Creates out_dir and any missing parents; returns those it created, deepest first."""
+    made = [path for path in (out_dir, *out_dir.parents) if not path.exists()]
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create {out_dir} ({e.strerror}); pass another --out-dir") from None
-    if not os.access(out_dir, os.W_OK | os.X_OK):
-        raise UserError(f"cannot write to {out_dir}; pass an --out-dir you can write to")
+    return made
 
 
 def find_documents(inputs: list[str] | None, skip: Path | None = None) -> tuple[list[Document], list[dict]]:
-    """(the documents of the inputs, in order (directories walked in sorted order), or of the default corpus; the
-    sources the default corpus leaves out, and why). A folder `skip` (the output directory, which may lie inside an
-    input) is left out."""
+    """(the non-empty documents of the inputs, in order (directories walked in sorted order), or of the default
+    corpus; the sources the default corpus leaves out, and why). A folder `skip` (the output directory, which may lie
+    inside an input) is left out. Whether each is text, read_documents finds out."""
     if not inputs:
         docs, left_out = default_corpus()
         return [Document(*doc) for doc in docs], left_out
@@ -154,57 +217,68 @@ def find_documents(inputs: list[str] | None, skip: Path | None = None) -> tuple[
         path = Path(arg)
         if path.is_dir():
             docs += [Document(file.relative_to(path).as_posix(), file, file.stat().st_size)
-                     for file in _walk(path, skip) if _is_text(file)]
+                     for file in _walk(path, skip)]
         elif path.is_file():
-            if not _is_text(path):
-                raise UserError(f"{arg} does not look like UTF-8 text (unreadable, or invalid UTF-8 or NUL bytes near "
-                                "its start); pass text files or directories")
-            docs.append(Document(path.name, path, path.stat().st_size))
+            docs.append(Document(path.name, path, path.stat().st_size, named=True))
         else:
             raise UserError(f"input {arg} does not exist; check the path (inputs are text files or directories)")
-    docs = [doc for doc in docs if doc.size]
-    if not docs:
-        raise UserError(f"no text in {' '.join(inputs)}: no non-empty UTF-8 files found; pass text files or "
-                        "directories that contain some (or no inputs, for the default corpus)")
-    return docs, []
+    return [doc for doc in docs if doc.size], []
 
 
 def _walk(folder: Path, skip: Path | None) -> list[Path]:
-    """The files under folder, in sorted order, skipping hidden ones (.git and the like) and the folder `skip`."""
+    """The files under folder, in sorted order, skipping hidden ones (.git and the like), the folder `skip`, and
+    anything that is no file (a broken link, a socket)."""
     skip = skip.resolve() if skip is not None else None
     found = []
     for parent, dirs, files in os.walk(folder):
         dirs[:] = [d for d in dirs if not d.startswith(".") and Path(parent, d).resolve() != skip]
-        found += [Path(parent, f) for f in files if not f.startswith(".")]
+        found += [Path(parent, f) for f in files if not f.startswith(".") and Path(parent, f).is_file()]
     return sorted(found)
 
 
-def _is_text(path: Path) -> bool:
-    """Whether the file's start is UTF-8 with no NUL: binary files (images, archives, .pyc) fail that."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(SNIFF_BYTES)
-    except OSError:
-        return False
-    try:
-        # An incremental decoder, as the sniffed bytes may end inside a character.
-        codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
-    except UnicodeDecodeError:
-        return False
-    return b"\0" not in head
-
-
-def inputs_hash(docs: list[Document], options: dict, progress: bool) -> str:
-    """sha256 over the options and each document's name and contents."""
+def read_documents(docs: list[Document], options: dict, progress: bool) -> tuple[list[Document], list[dict], str]:
+    """(the documents that are text; those that are not, each {"name", "bytes", "why"}; sha256 over the options and
+    each text document's name and contents), in one pass over the inputs. Text is UTF-8 throughout with no NUL near
+    its start; a document named as an input that is not text is an error."""
     digest = hashlib.sha256(json.dumps(options, sort_keys=True).encode())
-    with _bar(docs, "hashing inputs", progress) as bar:
+    text, not_text = [], []
+    with _bar(docs, "reading inputs", progress) as bar:
         for doc in docs:
-            digest.update(f"{doc.name}\0{doc.size}\0".encode())
-            with doc.open() as f:
-                while block := f.read(CHUNK_BYTES):
-                    digest.update(block)
+            with_doc = digest.copy()
+            with_doc.update(f"{doc.name}\0{doc.size}\0".encode())
+            if (why := _hash_text(doc, with_doc)) is None:
+                text.append(doc)
+                digest = with_doc
+            elif doc.named:
+                raise UserError(f"{doc.source} is not UTF-8 text ({why}); pass text files or directories")
+            else:
+                not_text.append(dict(name=doc.name, bytes=doc.size, why=why))
             bar.update(doc.size)
-    return digest.hexdigest()
+    return text, not_text, digest.hexdigest()
+
+
+def _hash_text(doc: Document, digest) -> str | None:
+    """Feeds the document's bytes to digest; returns why it is not text, or None when it is."""
+    decoder = codecs.getincrementaldecoder("utf-8")()  # blocks may end inside a character
+    try:
+        with doc.open() as f:
+            block = f.read(SNIFF_BYTES)
+            if (nul := block.find(b"\0")) >= 0:
+                return f"binary: a NUL byte at offset {nul}"
+            offset = 0  # of block in the file
+            while True:
+                held = len(decoder.getstate()[0])  # the start of a character the last block ended in
+                try:
+                    decoder.decode(block, final=not block)
+                except UnicodeDecodeError as e:
+                    return f"not UTF-8: an invalid byte at offset {offset - held + e.start:,}"
+                if not block:
+                    return None
+                digest.update(block)
+                offset += len(block)
+                block = f.read(CHUNK_BYTES)
+    except OSError as e:
+        return f"unreadable: {e.strerror}"
 
 
 def _reusable(out_dir: Path, digest: str) -> bool:
@@ -217,16 +291,58 @@ def _reusable(out_dir: Path, digest: str) -> bool:
         return False
 
 
-def train_tokenizer(docs: list[Document], vocab_size: int, model_type: str, progress: bool) -> bytes:
-    """The serialized sentencepiece model, trained on the documents' lines."""
+def tokenizer_sample(docs: list[Document], progress: bool) -> list[str]:
+    """The lines the tokenizer trains on, in corpus order: every non-empty line (sentencepiece skips empty ones), or
+    when there are more than TOKENIZER_SAMPLE_LINES, that many drawn uniformly across the corpus by reservoir
+    sampling with a fixed seed, so that the same corpus always gives the same sample."""
+    rng = random.Random(SAMPLE_SEED)  # random() is the one draw Python keeps the same across versions
+    sample = []  # (line number, line)
+    seen = 0
+    for line in _lines(docs, progress):
+        if not line:
+            continue
+        if len(sample) < TOKENIZER_SAMPLE_LINES:
+            sample.append((seen, line))
+        elif (slot := int(rng.random() * (seen + 1))) < TOKENIZER_SAMPLE_LINES:
+            sample[slot] = (seen, line)
+        seen += 1
+    return [line for _, line in sorted(sample, key=lambda numbered: numbered[0])]
+
+
+# A word for sentencepiece is a run of characters up to the next space, the spaces before it included (or a run of
+# spaces that ends its line): no token spans two.
+WORD = re.compile(r" *[^ ]+| +")
+
+
+def check_vocab_size(lines: list[str], vocab_size: int, model_type: str) -> None:
+    """Refuses, before training, a vocabulary larger than the lines can fill. A bpe or unigram token is a byte, a
+    special token, a character, or 2 to MAX_TOKEN_CHARS characters of a word, so the distinct ones of those
+    bound it; training finds the exact size, often far below that bound. (A char model just stops short.)"""
+    if model_type == "char":
+        return
+    room = vocab_size - (MIN_VOCAB_SIZE - 1)
+    tokens, words = set(), set()
+    for line in lines:
+        tokens.update(line)
+        for word in set(WORD.findall(line)) - words:
+            words.add(word)
+            for n in range(2, min(len(word), MAX_TOKEN_CHARS) + 1):
+                tokens.update(word[i:i + n] for i in range(len(word) - n + 1))
+        if len(tokens) >= room:  # it may fit: only training can tell
+            return
+    raise UserError(f"vocab size {vocab_size} is more than this corpus can fill: its text makes at most "
+                    f"{len(tokens) + MIN_VOCAB_SIZE - 1} distinct tokens; pass a smaller --vocab-size (or more text)")
+
+
+def train_tokenizer(lines: list[str], vocab_size: int, model_type: str, progress: bool) -> bytes:
+    """The serialized sentencepiece model, trained on the lines."""
     if progress:
-        print(f"training a {model_type} tokenizer of {vocab_size} tokens")
+        print(f"training a {model_type} tokenizer of {vocab_size} tokens on {_count(len(lines), 'line')}")
     model = io.BytesIO()
-    spm.set_random_generator_seed(0)  # the same lines sampled, hence the same tokenizer, on every run
+    spm.set_random_generator_seed(0)  # it shuffles the lines: the same way on every run
     try:
-        spm.SentencePieceTrainer.train(sentence_iterator=_lines(docs, progress), model_writer=model,
-                                       vocab_size=vocab_size, model_type=model_type, minloglevel=2,
-                                       **SENTENCEPIECE_OPTIONS)
+        spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size,
+                                       model_type=model_type, minloglevel=2, **SENTENCEPIECE_OPTIONS)
     except RuntimeError as e:
         raise UserError(_vocab_size_advice(" ".join(str(e).split()), vocab_size)) from None
     return model.getvalue()
@@ -319,7 +435,7 @@ def _chunks(pieces):
             while True:
                 stop = end if end - start <= CHUNK_BYTES else _char_start(f, start + CHUNK_BYTES)
                 f.seek(start)
-                # Bytes that are not UTF-8 (past the start _is_text looked at) become U+FFFD.
+                # read_documents found it UTF-8; should it have changed since, what is not becomes U+FFFD.
                 yield split, f.read(stop - start).decode("utf-8", errors="replace"), stop - start, stop == end
                 if stop == end:
                     break
@@ -335,6 +451,14 @@ def _batches(items, size: int):
             batch = []
     if batch:
         yield batch
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+
+
+def _megabytes(sources: list[dict]) -> str:
+    return f"{sum(source['bytes'] for source in sources) / 1e6:.1f} MB"
 
 
 def _bar(docs: list[Document], desc: str, progress: bool) -> tqdm:
@@ -353,7 +477,7 @@ class PrepareOptions:
     val_fraction: float = option(0.05, "share of the documents held out for validation, drawn across every folder",
                                  metavar="SHARE")
     workers: int | None = option(None, "threads that encode; none means one per CPU core")
-    overwrite: bool = option(False, "replace a dataset in OUT_DIR that was built from other inputs or options")
+    overwrite: bool = option(False, "replace the dataset in OUT_DIR, even one built from other inputs or options")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -362,8 +486,8 @@ def main(argv: list[str] | None = None) -> None:
     meta_path = prepare(list(opts.inputs), out_dir, opts.vocab_size, opts.model_type, opts.val_fraction,
                         opts.workers, overwrite=opts.overwrite)
     meta = json.loads(meta_path.read_text())
-    print(f"{meta_path}: {meta['documents']} documents, {meta['train_tokens']:,} train and {meta['val_tokens']:,} "
-          f"val tokens, vocabulary {meta['vocab_size']} ({meta['dtype']})")
+    print(f"{meta_path}: {_count(meta['documents'], 'document')}, {meta['train_tokens']:,} train and "
+          f"{meta['val_tokens']:,} val tokens, vocabulary {meta['vocab_size']} ({meta['dtype']})")
 
 
 if __name__ == "__main__":

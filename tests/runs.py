@@ -10,13 +10,14 @@ from types import SimpleNamespace
 
 import sample
 import train
+from tritongpt.data import prepare
 from tritongpt.options import run_main
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = ["--model", "tiny", "--batch-size", "4", "--eval-iters", "2", "--log-interval", "1", "--sample-tokens", "0"]
 def run(script: str, *args: str):
     """The script's main() in this process, exactly as its command line runs it (start-up costs seconds a process)."""
-    main = {"train.py": train.main, "sample.py": sample.main}[script]
+    main = {"train.py": train.main, "sample.py": sample.main, "data/prepare.py": prepare.main}[script]
     out, err = io.StringIO(), io.StringIO()
     with redirect_stdout(out), redirect_stderr(err):
         try:

@@ -1,8 +1,13 @@
-"""The token-window loader: what DDP and exact resume rely on."""
+"""The token-window loader: what DDP and exact resume rely on, and the checks that refuse a damaged token file."""
+import json
+import shutil
+
 import numpy as np
 import pytest
 import torch
 
+from tests.runs import TINY, assert_user_error, run
+from tritongpt.data import loader as loader_module
 from tritongpt.data.loader import TokenWindows
 from tritongpt.errors import UserError
 
@@ -17,7 +22,8 @@ def token_file(tmp_path):
 
 
 def loader(path, **kw):
-    args = dict(dtype="uint16", block_size=BLOCK, micro_batch=4, grad_accum=2, seed=7)
+    args = dict(dtype="uint16", vocab_size=1000, num_tokens=1000, block_size=BLOCK, micro_batch=4, grad_accum=2,
+                seed=7)
     return TokenWindows(path, **{**args, **kw})
 
 
@@ -79,8 +85,71 @@ def test_short_split_and_bad_accumulation_are_user_errors(tmp_path, token_file):
     short = tmp_path / "val.bin"
     np.arange(BLOCK, dtype=np.uint16).tofile(short)
     with pytest.raises(UserError, match="fewer than block_size \\+ 1"):
-        loader(short)
+        loader(short, num_tokens=BLOCK)
     with pytest.raises(UserError, match="does not divide by the 2 processes"):
         loader(token_file, grad_accum=3, world_size=2)
     with pytest.raises(UserError, match="missing"):
         loader(tmp_path / "nothing.bin")
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("odd size", "holds 1,999 bytes, not a whole number of uint16 tokens but meta.json records 1,000"),
+    ("empty", "is empty but meta.json records 1,000"),
+    ("cut short", "holds 600 tokens but meta.json records 1,000"),
+    ("too long", "holds 1,200 tokens but meta.json records 1,000"),
+    ("an id past the vocabulary", "holds token id 5000 at position 777, outside the 1000-token vocabulary"),
+])
+def test_a_damaged_token_file_is_refused_on_opening(token_file, damage, message):
+    tokens = np.fromfile(token_file, dtype=np.uint16)
+    if damage == "odd size":
+        token_file.write_bytes(token_file.read_bytes()[:-1])
+    elif damage == "empty":
+        token_file.write_bytes(b"")
+    elif damage == "cut short":
+        tokens[:600].tofile(token_file)
+    elif damage == "too long":
+        np.concatenate([tokens, tokens[:200]]).tofile(token_file)
+    else:
+        tokens[777] = 5000
+        tokens.tofile(token_file)
+    with pytest.raises(UserError, match=message) as error:
+        loader(token_file)
+    assert str(token_file) in str(error.value) and "data/prepare.py" in str(error.value)
+    assert "--overwrite" in str(error.value)
+
+
+def test_an_id_the_opening_check_missed_stops_the_batch_that_holds_it(token_file, monkeypatch):
+    # Two checked runs of 100 tokens: the start and the end of the file; position 500 lies between them.
+    monkeypatch.setattr(loader_module, "CHECKED_RUNS", 2)
+    monkeypatch.setattr(loader_module, "CHECKED_RUN_TOKENS", 100)
+    tokens = np.arange(1000, dtype=np.uint16)
+    tokens[500] = 1000
+    tokens.tofile(token_file)
+    data = loader(token_file)
+    assert data.fetch(torch.tensor([0, 100, 900]))[0].shape == (3, BLOCK)
+    with pytest.raises(UserError, match="holds token id 1000 at position 500, outside the 1000-token vocabulary"):
+        data.fetch(torch.tensor([0, 496]))
+
+
+@pytest.mark.parametrize("damage", ["truncated train.bin", "val.bin of random bytes", "meta.json without sizes"])
+def test_train_refuses_a_damaged_dataset_in_one_line(tiny_dataset, tmp_path, damage):
+    data = shutil.copytree(tiny_dataset, tmp_path / "data")
+    if damage == "truncated train.bin":
+        train_bin = data / "train.bin"
+        train_bin.write_bytes(train_bin.read_bytes()[:-64])  # an even cut: a whole number of tokens
+        expected = f"{train_bin} holds"
+    elif damage == "val.bin of random bytes":
+        val_bin = data / "val.bin"
+        val_bin.write_bytes(np.random.default_rng(0).bytes(val_bin.stat().st_size))
+        expected = f"{val_bin} holds token id"
+    else:
+        meta = json.loads((data / "meta.json").read_text())
+        del meta["train_tokens"]
+        (data / "meta.json").write_text(json.dumps(meta))
+        expected = "lacks train_tokens"
+    before = {p.name: p.read_bytes() for p in data.iterdir()}
+    result = run("train.py", "--data-dir", str(data), "--out-dir", str(tmp_path / "out"), *TINY, "--max-iters", "2")
+    assert_user_error(result, expected)
+    assert result.returncode == 2
+    assert {p.name: p.read_bytes() for p in data.iterdir()} == before
+    assert not (tmp_path / "out").exists()

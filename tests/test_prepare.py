@@ -1,6 +1,13 @@
 """data/prepare.py and data/tokenizer.py on small synthetic corpora: every document comes back exactly, the files
-agree with meta.json, re-runs reuse, and bad input ends in one line of error with any existing dataset intact."""
+agree with meta.json, re-runs reuse, the same inputs give the same files, and bad input ends in one line of error
+with any existing dataset intact."""
+import errno
+import gzip
+import hashlib
+import io
 import json
+import random
+import re
 import shutil
 import string
 import subprocess
@@ -11,12 +18,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from sentencepiece import sentencepiece_model_pb2
 
 from tritongpt.data import prepare as prep
 from tritongpt.data.default_corpus import CAP_BYTES, data_share, default_corpus
 from tritongpt.data.prepare import prepare, token_dtype
 from tritongpt.data.tokenizer import Tokenizer
 from tritongpt.errors import UserError
+from tests.runs import assert_user_error, run
 
 REPO = Path(__file__).resolve().parent.parent
 VOCAB = 400
@@ -185,13 +194,9 @@ def test_bad_arguments_raise_user_errors(built, tmp_path):
         prepare([root], tmp_path, vocab_size=60_000, progress=False)
     with pytest.raises(UserError, match=r"--vocab-size \d+ or more"):
         prepare([root], tmp_path, vocab_size=100, progress=False)
-    with pytest.raises(UserError, match="does not look like UTF-8 text"):
+    with pytest.raises(UserError, match=r"blob.bin is not UTF-8 text \(binary: a NUL byte at offset 0\)"):
         prepare([str(built[0] / "pkg/blob.bin")], tmp_path, progress=False)
     assert not list(tmp_path.iterdir()), "nothing written"
-    (tmp_path / "a_file").write_text("in the way")
-    with pytest.raises(UserError, match="cannot create"):
-        prepare([root], tmp_path / "a_file", vocab_size=VOCAB, progress=False)
-    assert [p.name for p in tmp_path.iterdir()] == ["a_file"]
 
 
 @pytest.mark.parametrize("case", ["missing", "empty", "bad number", "unknown flag"])
@@ -299,3 +304,168 @@ def test_a_changed_split_rule_is_another_dataset(built, tmp_path, monkeypatch):
     monkeypatch.setattr(prep, "VAL_SPLIT", "the last documents")
     with pytest.raises(UserError, match="other inputs or options"):
         prepare([str(root)], out, vocab_size=VOCAB, workers=1, progress=False)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_the_same_corpus_above_the_sampling_limit_gives_the_same_files(tmp_path):
+    # More lines than sentencepiece samples from, short ones so it stays quick. Its own draw is the same within a
+    # process but differs from one process to the next: hence two processes.
+    rng = random.Random(1)
+    words = ["alpha", "beta", "gamma", "delta", "eps", "zeta", "eta", "theta", "iota", "kappa", "mu", "pi"]
+    lines = [" ".join(rng.choice(words) + str(rng.randrange(100)) for _ in range(rng.randrange(1, 4)))
+             for _ in range(prep.TOKENIZER_SAMPLE_LINES + 50_000)]
+    assert prep.SENTENCEPIECE_OPTIONS["input_sentence_size"] < len(lines)
+    for part in range(4):
+        (tmp_path / f"part{part}.txt").write_text("\n".join(lines[part::4]) + "\n")
+    parts = [str(tmp_path / f"part{part}.txt") for part in range(4)]
+    for out in ("out0", "out1"):
+        result = _cli(*parts, "--out-dir", str(tmp_path / out), "--vocab-size", "320", "--workers", "2")
+        assert result.returncode == 0, result.stderr
+    for name in OUTPUTS:
+        assert _sha256(tmp_path / "out0" / name) == _sha256(tmp_path / "out1" / name), name
+
+
+def _numbered_docs(n_lines: int) -> list[prep.Document]:
+    """Two documents of numbered lines, with empty lines between."""
+    text = "".join(f"line {i}\n\n" for i in range(n_lines))
+    half = text.index(f"line {n_lines // 2}\n")
+    return [prep.Document(name, part.encode(), len(part.encode())) for name, part in
+            (("a.txt", text[:half]), ("b.txt", text[half:]))]
+
+
+def test_the_tokenizer_sample_is_drawn_evenly_and_the_same_every_time(monkeypatch):
+    docs = _numbered_docs(20_000)
+    assert prep.tokenizer_sample(docs, progress=False) == [f"line {i}" for i in range(20_000)], "all, in order"
+    monkeypatch.setattr(prep, "TOKENIZER_SAMPLE_LINES", 2_000)
+    sample = prep.tokenizer_sample(docs, progress=False)
+    assert sample == prep.tokenizer_sample(docs, progress=False)
+    numbers = [int(line.split()[1]) for line in sample]
+    assert len(set(numbers)) == 2_000 and numbers == sorted(numbers), "distinct non-empty lines, in corpus order"
+    per_tenth = Counter(number // 2_000 for number in numbers)
+    assert sorted(per_tenth) == list(range(10)) and all(150 < count < 250 for count in per_tenth.values())
+
+
+@pytest.mark.parametrize("size", ["0", "-5", "258"])
+def test_a_vocab_size_too_small_for_any_text_is_refused_first(tmp_path, size):
+    # Even before the missing input is noticed.
+    result = run("data/prepare.py", str(tmp_path / "missing"), "--out-dir", str(tmp_path / "out"),
+                 "--vocab-size", size)
+    assert_user_error(result, f"vocab size {size} is too small")
+    assert result.returncode == 2 and "--vocab-size 259 or more" in result.stderr
+    assert not list(tmp_path.iterdir())
+
+
+def _must_not_train(*args):
+    raise AssertionError("the tokenizer was trained")
+
+
+def test_an_out_dir_that_is_a_file_is_refused_before_any_work(built, tmp_path, monkeypatch):
+    monkeypatch.setattr(prep, "read_documents", _must_not_train)
+    (tmp_path / "a_file").write_text("in the way")
+    result = run("data/prepare.py", str(built[0]), "--out-dir", str(tmp_path / "a_file"))
+    assert_user_error(result, f"--out-dir {tmp_path / 'a_file'} is a file, not a directory")
+    assert result.returncode == 2
+    result = run("data/prepare.py", str(built[0]), "--out-dir", str(tmp_path / "a_file" / "sub"))
+    assert_user_error(result, f"cannot be made: {tmp_path / 'a_file'} is a file")
+    assert [p.name for p in tmp_path.iterdir()] == ["a_file"] and (tmp_path / "a_file").read_text() == "in the way"
+
+
+def test_a_vocabulary_the_corpus_cannot_fill_is_refused_before_training(built, tmp_path, monkeypatch):
+    # The test corpus's text holds fewer than 100,000 distinct characters and pieces of words.
+    with monkeypatch.context() as patch:
+        patch.setattr(prep, "train_tokenizer", _must_not_train)
+        result = run("data/prepare.py", str(built[0]), "--out-dir", str(tmp_path / "out"), "--vocab-size", "100000")
+    assert_user_error(result, "vocab size 100000 is more than this corpus can fill")
+    assert result.returncode == 2 and not (tmp_path / "out").exists()
+    # The check is a bound, never stricter than sentencepiece: the largest vocabulary training reaches passes it.
+    assert prep.MAX_TOKEN_CHARS == sentencepiece_model_pb2.TrainerSpec().max_sentencepiece_length
+    lines = prep.tokenizer_sample(prep.find_documents([str(built[0])])[0], progress=False)
+    for model_type in ("bpe", "unigram"):
+        with pytest.raises(UserError, match=r"--vocab-size \d+ or less") as error:
+            prep.train_tokenizer(lines, 60_000, model_type, progress=False)
+        largest = int(re.search(r"--vocab-size (\d+) or less", str(error.value))[1])
+        prep.check_vocab_size(lines, largest, model_type)
+        with pytest.raises(UserError, match="more than this corpus can fill"):
+            prep.check_vocab_size(lines, 100_000, model_type)
+
+
+def test_files_that_are_not_utf8_text_are_left_out_counted_and_listed(built, tmp_path):
+    root = shutil.copytree(built[0], tmp_path / "corpus")
+    text = "plain text\n" * 3000  # 33,000 bytes: past the start that is searched for NUL bytes
+    (root / "notes.txt.gz").write_bytes(gzip.compress(text.encode()))
+    (root / "latin1.txt").write_bytes("café\n".encode("latin-1"))
+    (root / "bad_in_the_middle.txt").write_bytes(text[:20_000].encode() + b"\xff" + text[20_000:].encode())
+    (root / "cut_at_the_end.txt").write_bytes(text.encode() + "é".encode()[:1])
+    result = run("data/prepare.py", str(root), "--out-dir", str(tmp_path / "out"), "--vocab-size", str(VOCAB))
+    assert result.returncode == 0, result.stderr
+    assert ("left out 5 files that are not UTF-8 text (0.1 MB): bad_in_the_middle.txt, cut_at_the_end.txt, "
+            "latin1.txt, ...; meta.json lists them and why") in result.stdout
+    meta = json.loads((tmp_path / "out/meta.json").read_text())
+    why = {doc["name"]: doc["why"] for doc in meta["left_out"]}
+    assert why == {"bad_in_the_middle.txt": "not UTF-8: an invalid byte at offset 20,000",
+                   "cut_at_the_end.txt": "not UTF-8: an invalid byte at offset 33,000",
+                   "latin1.txt": "not UTF-8: an invalid byte at offset 3",
+                   "notes.txt.gz": "binary: a NUL byte at offset 3",  # gzip's flags byte
+                   "pkg/blob.bin": "binary: a NUL byte at offset 0"}
+    assert meta["documents"] == 5, "the five text files of the corpus"
+    splits = _splits(tmp_path / "out/meta.json")
+    assert not any("plain text" in doc for doc in splits["train"] + splits["val"])
+
+    # Named as an input, a file that is not text is an error, whether the bad byte is at its start or further in.
+    for name, where in (("latin1.txt", "3"), ("bad_in_the_middle.txt", "20,000")):
+        result = run("data/prepare.py", str(root / name), "--out-dir", str(tmp_path / "other"))
+        assert_user_error(result, f"{root / name} is not UTF-8 text (not UTF-8: an invalid byte at offset {where})")
+        assert result.returncode == 2
+    assert not (tmp_path / "other").exists()
+
+
+class _FullDisk(io.FileIO):
+    """A file on a disk that fills after its first 100 bytes."""
+    def write(self, data):
+        if self.tell() + len(data) > 100:
+            super().write(bytes(data)[:100 - self.tell()])
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return super().write(data)
+
+
+def _open_on_a_full_disk(path, mode="r", *args, **kwargs):
+    return _FullDisk(path, mode) if "w" in mode else open(path, mode, *args, **kwargs)
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_half_made_dataset(built, tmp_path, monkeypatch):
+    root = str(built[0])
+    existing = tmp_path / "existing"
+    prepare([root], existing, vocab_size=VOCAB, workers=1, progress=False)
+    before = _snapshot(existing)
+    monkeypatch.setattr(prep, "open", _open_on_a_full_disk, raising=False)
+
+    result = run("data/prepare.py", root, "--out-dir", str(tmp_path / "new" / "dataset"), "--vocab-size", str(VOCAB))
+    assert_user_error(result, f"the disk holding {tmp_path / 'new' / 'dataset'} is full (No space left on device)")
+    assert result.returncode == 2 and "nothing was left behind" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["existing"], "the folders it made are gone"
+
+    result = run("data/prepare.py", root, "--out-dir", str(existing), "--vocab-size", str(VOCAB + 10), "--overwrite")
+    assert_user_error(result, f"the disk holding {existing} is full")
+    assert result.returncode == 2 and "the dataset already there is unchanged" in result.stderr
+    assert _snapshot(existing) == before
+    assert sorted(p.name for p in existing.iterdir()) == sorted(OUTPUTS), "no temporary files left"
+
+
+def test_overwrite_rebuilds_a_damaged_dataset_of_the_same_inputs(built, tmp_path):
+    out = tmp_path / "out"
+    meta_path = prepare([str(built[0])], out, vocab_size=VOCAB, workers=1, progress=False)
+    whole = (out / "val.bin").read_bytes()
+    (out / "val.bin").write_bytes(bytes(len(whole)))  # damaged, its size unchanged
+    prepare([str(built[0])], out, vocab_size=VOCAB, workers=1, progress=False, overwrite=True)
+    assert (out / "val.bin").read_bytes() == whole and meta_path.is_file()
+
+
+def test_the_summary_counts_one_document_as_one(tmp_path):
+    (tmp_path / "one.txt").write_text("一つだけの文書 " + Path(prep.__file__).read_text())
+    result = run("data/prepare.py", str(tmp_path / "one.txt"), "--out-dir", str(tmp_path / "out"),
+                 "--vocab-size", str(VOCAB), "--workers", "1")
+    assert result.returncode == 0, result.stderr
+    assert f"{tmp_path / 'out' / 'meta.json'}: 1 document, " in result.stdout

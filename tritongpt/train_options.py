@@ -18,6 +18,7 @@ from tritongpt.options import flag, option
 from tritongpt.plot import CONFIG_FILE, CURVES_FILE, METRICS_FILE
 
 DEFAULT_DATA_DIR = "data/default"
+DATASET_KEYS = ("vocab_size", "dtype", "tokenizer", "train_tokens", "val_tokens")  # what training reads of meta.json
 RUN_FILES = (CHECKPOINT_FILE, METRICS_FILE, CONFIG_FILE, CURVES_FILE)  # a run's own files in OUT_DIR
 # The model's shape: a checkpoint (--resume) or a GPT-2 directory (--init-from) fixes it.
 SHAPE_OPTIONS = ("model", "n_layer", "n_head", "n_embd", "block_size", "bias")
@@ -180,9 +181,13 @@ def dataset_meta(data_dir: Path) -> dict | None:
         raise UserError(f"no dataset in {data_dir} (meta.json missing); build one with "
                         f"`python data/prepare.py YOUR_TEXT --out-dir {data_dir}`")
     try:
-        return json.loads(meta_file.read_text())
+        meta = json.loads(meta_file.read_text())
     except ValueError:
         raise UserError(f"{meta_file} is not valid JSON; rebuild the dataset with `python data/prepare.py`") from None
+    if missing := [key for key in DATASET_KEYS if not isinstance(meta, dict) or key not in meta]:
+        raise UserError(f"{meta_file} lacks {', '.join(missing)}, so it was not written by data/prepare.py; rebuild "
+                        "the dataset with `python data/prepare.py`")
+    return meta
 
 
 def model_config(opts: TrainOptions, given: set[str], vocab_size: int, device: torch.device,
@@ -249,6 +254,7 @@ def check_out_dir(out_dir: Path) -> None:
 def open_data(opts: TrainOptions, config: GPTConfig, meta: dict,
               world: distributed.World) -> tuple[TokenWindows, TokenWindows]:
     grad_accum = opts.grad_accum or world.size
-    return tuple(TokenWindows(Path(opts.data_dir) / f"{split}.bin", meta["dtype"], config.block_size, opts.batch_size,
-                              grad_accum, world.rank, world.size, opts.seed, world.device)
+    return tuple(TokenWindows(Path(opts.data_dir) / f"{split}.bin", meta["dtype"], meta["vocab_size"],
+                              meta[f"{split}_tokens"], config.block_size, opts.batch_size, grad_accum, world.rank,
+                              world.size, opts.seed, world.device)
                  for split in ("train", "val"))
