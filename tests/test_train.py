@@ -258,6 +258,37 @@ def test_sample_mistakes_are_one_line_errors(finished_run, tiny_dataset, tmp_pat
     assert snapshot(out) == before
 
 
+def test_sample_refuses_another_tokenizer_of_the_same_size_unless_forced(finished_run, tiny_dataset, tmp_path):
+    out, _ = finished_run
+    before = snapshot(out)
+    other = tmp_path / "other"
+    prepare([str(REPO / "README.md")], out_dir=other, vocab_size=400, workers=1, progress=False)
+    other_tokenizer = str(other / "tokenizer.model")
+    sample_args = ["--checkpoint", str(out), "--prompt", "def", "--max-new-tokens", "3"]
+    refused = run("sample.py", *sample_args, "--tokenizer", other_tokenizer)
+    assert_user_error(refused, f"tokenizer {other_tokenizer} is not the one {out} was trained with")
+    assert_user_error(refused, "add --force-tokenizer to use it anyway")
+    forced = run("sample.py", *sample_args, "--tokenizer", other_tokenizer, "--force-tokenizer")
+    assert forced.returncode == 0, forced.stderr
+    # The very tokenizer the checkpoint carries, given as a file, needs no flag.
+    own = run("sample.py", *sample_args, "--tokenizer", str(tiny_dataset / "tokenizer.model"))
+    assert own.returncode == 0, own.stderr
+    assert snapshot(out) == before
+
+
+def test_sample_from_a_checkpoint_without_its_tokenizer_asks_for_one(finished_run, tiny_dataset, tmp_path):
+    out, _ = finished_run
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    del ckpt["tokenizer"]
+    bare = tmp_path / "bare.pt"
+    torch.save(ckpt, bare)
+    assert_user_error(run("sample.py", "--checkpoint", str(bare)),
+                      f"{bare} carries no tokenizer; pass the one its model was trained with (--tokenizer")
+    given = run("sample.py", "--checkpoint", str(bare), "--tokenizer", str(tiny_dataset / "tokenizer.model"),
+                "--prompt", "def", "--max-new-tokens", "3")
+    assert given.returncode == 0, given.stderr
+
+
 def test_long_prompt_keeps_its_last_block_size_tokens(finished_run, tmp_path):
     out, _ = finished_run
     prompt = tmp_path / "prompt.txt"
