@@ -16,7 +16,9 @@ import time
 import pytest
 import torch
 
+from tritongpt import distributed
 from tritongpt.data.prepare import prepare
+from tritongpt.train_options import DEFAULT_DATA_DIR, TrainOptions, check_run
 from tests.runs import REPO, TINY, assert_user_error, metrics, run, run_process, train_losses
 
 RUN_FILES = ("ckpt.pt", "metrics.jsonl", "config.json", "training_curves.png")
@@ -63,6 +65,22 @@ def test_train_writes_a_checkpoint_that_sample_reads(tiny_dataset, tmp_path):
                 "--max-new-tokens", "12", "--num-samples", "2", "--seed", "3")
     assert again.returncode == 0, again.stderr
     assert again.stdout == sampled.stdout  # same seed, same text
+
+
+def test_closing_sample_starts_a_new_document_unless_on_the_default_corpus(tiny_dataset, tmp_path):
+    out = tmp_path / "out"
+    result = run("train.py", "--data-dir", str(tiny_dataset), "--out-dir", str(out), *TINY, "--max-iters", "1",
+                 "--sample-tokens", "12")
+    assert result.returncode == 0, result.stderr
+    assert json.loads((out / "config.json").read_text())["options"]["sample_prompt"] == ""
+    # The same draw as sample.py's with no prompt (its sampling defaults are the closing sample's).
+    fresh = run("sample.py", "--checkpoint", str(out), "--max-new-tokens", "12")
+    assert fresh.returncode == 0, fresh.stderr
+    assert result.stdout.endswith("--- sample ---\n" + fresh.stdout)
+
+    world = distributed.World(rank=0, size=1, device=torch.device("cpu"))
+    opts, _, _ = check_run(TrainOptions(data_dir=DEFAULT_DATA_DIR, out_dir=str(tmp_path / "default")), set(), world)
+    assert opts.sample_prompt == "def"
 
 
 def test_resumed_training_matches_uninterrupted(tiny_dataset, tmp_path):
