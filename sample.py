@@ -11,7 +11,7 @@ import torch
 
 from tritongpt.data.tokenizer import Tokenizer
 from tritongpt.model import GPT, GPTConfig
-from tritongpt.checkpoint import load_checkpoint, nonfinite_weights, unpack_tokenizer
+from tritongpt.checkpoint import load_checkpoint, nonfinite_weights, tokenizer_bytes, unpack_tokenizer
 from tritongpt.device import autocast, compute_dtype, impl_choices, resolve_device, resolve_ops
 from tritongpt.errors import UserError
 from tritongpt.options import option, parse_options, run_main
@@ -33,6 +33,7 @@ class SampleOptions:
     seed: int = option(1337, "random seed", metavar="SEED")
     tokenizer: str | None = option(None, "tokenizer model file to use instead of the one the checkpoint carries",
                                    metavar="FILE")
+    force_tokenizer: bool = option(False, "use --tokenizer although it differs from the one the checkpoint carries")
     device: str = option("auto", "auto, cpu, cuda or cuda:N", metavar="DEVICE", group="system")
     dtype: str = option("auto", "auto is bfloat16 on CUDA where supported, float32 on CPU",
                         choices=("auto", "float32", "bfloat16", "float16"), metavar="DTYPE")
@@ -53,10 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     ckpt = load_checkpoint(opts.checkpoint)
     ops = resolve_ops(opts, device)
     config = GPTConfig.from_dict({**ckpt["model_config"], **ops})
-    tokenizer = Tokenizer(opts.tokenizer) if opts.tokenizer else unpack_tokenizer(ckpt, opts.checkpoint)
-    if tokenizer.vocab_size != config.vocab_size:
-        raise UserError(f"tokenizer {tokenizer.origin} has {tokenizer.vocab_size} tokens but the checkpoint's model "
-                        f"has {config.vocab_size}; pass the tokenizer the model was trained with (--tokenizer)")
+    tokenizer = read_tokenizer(opts, ckpt, config.vocab_size)
     if broken := nonfinite_weights(ckpt["model"]):
         raise UserError(f"{opts.checkpoint} holds inf or nan weights ({broken[0]}, ...): its training diverged; "
                         "sample from a checkpoint of a healthy run")
@@ -92,6 +90,21 @@ def check_sampling_options(opts: SampleOptions) -> None:
         raise UserError(f"--top-p must be in (0, 1], got {opts.top_p}")
     if opts.prompt and opts.prompt_file:
         raise UserError("give --prompt or --prompt-file, not both")
+
+
+def read_tokenizer(opts: SampleOptions, ckpt: dict, vocab_size: int) -> Tokenizer:
+    """The checkpoint's tokenizer, or --tokenizer: one of the model's vocabulary size, and the checkpoint's own
+    unless --force-tokenizer (another tokenizer of the same size maps the model's tokens to other text)."""
+    tokenizer = Tokenizer(opts.tokenizer) if opts.tokenizer else unpack_tokenizer(ckpt, opts.checkpoint)
+    if tokenizer.vocab_size != vocab_size:
+        raise UserError(f"tokenizer {tokenizer.origin} has {tokenizer.vocab_size} tokens but the checkpoint's model "
+                        f"has {vocab_size}; pass the tokenizer the model was trained with (--tokenizer)")
+    trained_with = tokenizer_bytes(ckpt)
+    if opts.tokenizer and trained_with not in (None, tokenizer.model) and not opts.force_tokenizer:
+        raise UserError(f"tokenizer {tokenizer.origin} is not the one {opts.checkpoint} was trained with, so its "
+                        "text would be garbage; leave out --tokenizer to use the checkpoint's own, or add "
+                        "--force-tokenizer to use it anyway")
+    return tokenizer
 
 
 def read_prompt(opts: SampleOptions) -> str:

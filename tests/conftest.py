@@ -1,9 +1,6 @@
 """Test set-up. Without a CUDA GPU the Triton kernels run in Triton's CPU interpreter, which must be switched
-on before any @triton.jit function is defined, hence here, before the tests import `kernels`."""
-import importlib
+on before any @triton.jit function is defined, hence here, before the tests import tritongpt.kernels."""
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,25 +8,6 @@ import torch
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
-
-REPO = Path(__file__).resolve().parent.parent
-
-
-def import_installed(name: str) -> None:
-    """Import the installed package `name` although a folder of the repository has its name. The tests need the
-    repository on sys.path (to import train.py and sample.py), where its kernels/ folder would stand in for Hugging
-    Face's `kernels`, which transformers imports when it is installed; once imported, the installed one is found."""
-    path = sys.path[:]
-    sys.path[:] = [entry for entry in path if Path(entry or ".").resolve() != REPO]
-    try:
-        importlib.import_module(name)
-    except ImportError:
-        pass  # not installed: nothing can mistake our folder for it
-    finally:
-        sys.path[:] = path
-
-
-import_installed("kernels")
 
 
 def pytest_collection_modifyitems(config, items):

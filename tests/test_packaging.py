@@ -63,6 +63,46 @@ print(hasattr(kernels, "get_kernel"), sorted(tritongpt.kernels.OPS))
     assert flags == "True ['add_layer_norm', 'attention', 'attention_qkvpacked', 'gelu_mlp', 'layer_norm', 'linear_cross_entropy']"
 
 
+def python_in_repository(code: str) -> subprocess.CompletedProcess:
+    """Python run from the repository root, which is on sys.path as it is for any script run there."""
+    return subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+
+
+def test_in_the_repository_the_bare_name_kernels_is_the_installed_package():
+    """transformers imports Hugging Face's `kernels`, which the root's kernels/ folder would otherwise hide."""
+    try:
+        importlib.metadata.distribution("kernels")
+        importlib.metadata.distribution("transformers")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("Hugging Face's kernels and transformers are not installed (pip install -e '.[test]')")
+    code = """
+from transformers import GPT2LMHeadModel
+import kernels, tritongpt.kernels
+from kernels import CUDAProperties
+print(kernels.__file__)
+print(sorted(tritongpt.kernels.OPS))
+"""
+    result = python_in_repository(code)
+    assert result.returncode == 0, result.stderr
+    theirs, ours = result.stdout.splitlines()
+    assert REPO not in Path(theirs).parents
+    assert ours == "['add_layer_norm', 'attention', 'attention_qkvpacked', 'gelu_mlp', 'layer_norm', 'linear_cross_entropy']"
+
+
+def test_in_the_repository_without_an_installed_namesake_kernels_is_ours():
+    code = """
+import sys
+import tritongpt.kernels
+sys.path[:] = [entry for entry in sys.path if "-packages" not in entry]  # no installed `kernels` left to find
+import kernels
+print(kernels.__file__)
+print(kernels.OPS.keys() == tritongpt.kernels.OPS.keys())
+"""
+    result = python_in_repository(code)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [str(REPO / "kernels" / "__init__.py"), "True"]
+
+
 def test_prepare_runs_as_a_script_from_any_directory(tmp_path):
     result = subprocess.run([sys.executable, str(REPO / "data" / "prepare.py"), "--help"], cwd=tmp_path,
                             capture_output=True, text=True, timeout=120)

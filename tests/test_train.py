@@ -16,7 +16,9 @@ import time
 import pytest
 import torch
 
+from tritongpt import distributed
 from tritongpt.data.prepare import prepare
+from tritongpt.train_options import DEFAULT_DATA_DIR, TrainOptions, check_run
 from tests.runs import REPO, TINY, assert_user_error, metrics, run, run_process, train_losses
 
 RUN_FILES = ("ckpt.pt", "metrics.jsonl", "config.json", "training_curves.png")
@@ -63,6 +65,22 @@ def test_train_writes_a_checkpoint_that_sample_reads(tiny_dataset, tmp_path):
                 "--max-new-tokens", "12", "--num-samples", "2", "--seed", "3")
     assert again.returncode == 0, again.stderr
     assert again.stdout == sampled.stdout  # same seed, same text
+
+
+def test_closing_sample_starts_a_new_document_unless_on_the_default_corpus(tiny_dataset, tmp_path):
+    out = tmp_path / "out"
+    result = run("train.py", "--data-dir", str(tiny_dataset), "--out-dir", str(out), *TINY, "--max-iters", "1",
+                 "--sample-tokens", "12")
+    assert result.returncode == 0, result.stderr
+    assert json.loads((out / "config.json").read_text())["options"]["sample_prompt"] == ""
+    # The same draw as sample.py's with no prompt (its sampling defaults are the closing sample's).
+    fresh = run("sample.py", "--checkpoint", str(out), "--max-new-tokens", "12")
+    assert fresh.returncode == 0, fresh.stderr
+    assert result.stdout.endswith("--- sample ---\n" + fresh.stdout)
+
+    world = distributed.World(rank=0, size=1, device=torch.device("cpu"))
+    opts, _, _ = check_run(TrainOptions(data_dir=DEFAULT_DATA_DIR, out_dir=str(tmp_path / "default")), set(), world)
+    assert opts.sample_prompt == "def"
 
 
 def test_resumed_training_matches_uninterrupted(tiny_dataset, tmp_path):
@@ -118,6 +136,9 @@ def test_a_new_run_never_replaces_an_earlier_one_unasked(finished_run, tiny_data
     (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
     (["--max-iters", "many"], "invalid int value: 'many'"),
     (["--bias=maybe"], "--bias: expected true or false, got 'maybe'"),
+    (["--bias", "maybe"], "--bias: expected true or false, got 'maybe'"),
+    (["--compile", "2"], "--compile: expected true or false, got '2'"),
+    (["--no-bias", "false"], "--no-bias takes no value, got 'false'"),
     (["--n-embd", "48", "--n-head", "5"], "must be divisible by n_head"),
     (["--block-size", "100000"], "fewer than block_size + 1"),
     (["--device", "cpu", "--dtype", "bfloat16"], "needs a CUDA GPU"),
@@ -253,6 +274,37 @@ def test_sample_mistakes_are_one_line_errors(finished_run, tiny_dataset, tmp_pat
     assert_user_error(run("sample.py", "--checkpoint", str(ckpt), "--prompt-file", str(tmp_path / "nope.txt")),
                       "does not exist")
     assert snapshot(out) == before
+
+
+def test_sample_refuses_another_tokenizer_of_the_same_size_unless_forced(finished_run, tiny_dataset, tmp_path):
+    out, _ = finished_run
+    before = snapshot(out)
+    other = tmp_path / "other"
+    prepare([str(REPO / "README.md")], out_dir=other, vocab_size=400, workers=1, progress=False)
+    other_tokenizer = str(other / "tokenizer.model")
+    sample_args = ["--checkpoint", str(out), "--prompt", "def", "--max-new-tokens", "3"]
+    refused = run("sample.py", *sample_args, "--tokenizer", other_tokenizer)
+    assert_user_error(refused, f"tokenizer {other_tokenizer} is not the one {out} was trained with")
+    assert_user_error(refused, "add --force-tokenizer to use it anyway")
+    forced = run("sample.py", *sample_args, "--tokenizer", other_tokenizer, "--force-tokenizer")
+    assert forced.returncode == 0, forced.stderr
+    # The very tokenizer the checkpoint carries, given as a file, needs no flag.
+    own = run("sample.py", *sample_args, "--tokenizer", str(tiny_dataset / "tokenizer.model"))
+    assert own.returncode == 0, own.stderr
+    assert snapshot(out) == before
+
+
+def test_sample_from_a_checkpoint_without_its_tokenizer_asks_for_one(finished_run, tiny_dataset, tmp_path):
+    out, _ = finished_run
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    del ckpt["tokenizer"]
+    bare = tmp_path / "bare.pt"
+    torch.save(ckpt, bare)
+    assert_user_error(run("sample.py", "--checkpoint", str(bare)),
+                      f"{bare} carries no tokenizer; pass the one its model was trained with (--tokenizer")
+    given = run("sample.py", "--checkpoint", str(bare), "--tokenizer", str(tiny_dataset / "tokenizer.model"),
+                "--prompt", "def", "--max-new-tokens", "3")
+    assert given.returncode == 0, given.stderr
 
 
 def test_long_prompt_keeps_its_last_block_size_tokens(finished_run, tmp_path):

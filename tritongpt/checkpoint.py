@@ -57,7 +57,10 @@ def unpack_tokenizer(ckpt: dict, checkpoint_path: str | Path) -> Tokenizer:
     data = tokenizer_bytes(ckpt)
     if data is not None:
         return Tokenizer(data, origin=f"the tokenizer in {checkpoint_path}")
-    path = ckpt["tokenizer"]["path"]  # an older checkpoint names the dataset's tokenizer file instead
+    path = ckpt.get("tokenizer", {}).get("path")  # an older checkpoint names the dataset's tokenizer file instead
+    if path is None:
+        raise UserError(f"{checkpoint_path} carries no tokenizer; pass the one its model was trained with "
+                        "(--tokenizer PATH/tokenizer.model)")
     if not Path(path).is_file():
         raise UserError(f"the checkpoint's tokenizer {path} is missing; pass --tokenizer PATH/tokenizer.model")
     return Tokenizer(path)

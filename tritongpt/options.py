@@ -65,17 +65,25 @@ def finite_float(text: str) -> float:
 finite_float.__name__ = "float"  # argparse names the type in its errors: "invalid float value"
 
 
-def _bool_values_as_flags(argv: list[str], bool_flags: set[str]) -> list[str]:
+def _bool_values_as_flags(argv: list[str], bool_flags: set[str], takes_inputs: bool) -> list[str]:
     """`--bias false`, `--bias=false` and `--bias true` as argparse's `--no-bias` and `--bias`. A word after a flag
-    is taken as its value only when it is a boolean word, so `--overwrite notes.txt` keeps notes.txt an input."""
+    is taken as its value when it is a boolean word, or any word where the command takes no inputs (so `--bias
+    maybe` is refused as --bias's value); where it takes inputs, `--overwrite notes.txt` keeps notes.txt an input."""
+    negated_flags = {"--no-" + name[2:] for name in bool_flags}
+
+    def is_value(word: str) -> bool:
+        return word.lower() in TRUE_WORDS + FALSE_WORDS or not (takes_inputs or word.startswith("-"))
+
     out = []
     i = 0
     while i < len(argv):
         arg = argv[i]
         name, eq, value = arg.partition("=")
-        if name in bool_flags and not eq and i + 1 < len(argv) and argv[i + 1].lower() in TRUE_WORDS + FALSE_WORDS:
+        if name in bool_flags | negated_flags and not eq and i + 1 < len(argv) and is_value(argv[i + 1]):
             value, eq = argv[i + 1], "="
             i += 1
+        if name in negated_flags and eq:
+            raise UserError(f"{name} takes no value, got {value!r}; pass {name} alone, or --{name[5:]} true or false")
         if name in bool_flags and eq:
             out.append(name if _parse_bool_or_exit(name, value) else "--no-" + name[2:])
         else:
@@ -193,7 +201,9 @@ def parse_options(cls, description: str, argv: list[str] | None = None, with_con
     """(options, the names given explicitly in the config file or on the command line)."""
     parser = build_parser(cls, description, with_config_file)
     bool_flags = {flag(f.name) for f in dataclasses.fields(cls) if _field_type(cls, f) is bool}
-    args = vars(parser.parse_args(_bool_values_as_flags(sys.argv[1:] if argv is None else argv, bool_flags)))
+    takes_inputs = any(f.metadata.get("positional") for f in dataclasses.fields(cls))
+    argv = sys.argv[1:] if argv is None else argv
+    args = vars(parser.parse_args(_bool_values_as_flags(argv, bool_flags, takes_inputs)))
     for f in dataclasses.fields(cls):
         if f.metadata.get("positional") and f.name in args:
             args[f.name] = tuple(args[f.name])

@@ -74,7 +74,8 @@ class TrainOptions:
     log_interval: int = option(10, "steps between log lines", metavar="STEPS")
     ckpt_interval: int | None = option(None, "steps between checkpoints; none means eval_interval", metavar="STEPS")
     sample_tokens: int = option(200, "tokens of text to sample at the end; 0 for none")
-    sample_prompt: str = option("def", "text the closing sample continues (empty: a new document)", metavar="TEXT")
+    sample_prompt: str | None = option(None, "text the closing sample continues (empty: a new document); none "
+                                       "means def on the default corpus, a new document on any other", metavar="TEXT")
     device: str = option("auto", "auto, cpu, cuda or cuda:N", metavar="DEVICE", group="system")
     dtype: str = option("auto", "auto is bfloat16 on CUDA where supported (else float16 with a GradScaler), "
                         "float32 on CPU", choices=("auto", "float32", "bfloat16", "float16"), metavar="DTYPE")
@@ -109,6 +110,8 @@ def check_run(opts: TrainOptions, given: set[str], world: distributed.World):
     if opts.learning_rate is None:
         opts = replace(opts, learning_rate=default_learning_rate(config, fine_tuning=bool(opts.init_from)))
     check_learning_rates(opts)
+    if opts.sample_prompt is None:  # the default corpus is mostly Python; another may have no `def` in it at all
+        opts = replace(opts, sample_prompt="def" if Path(opts.data_dir) == Path(DEFAULT_DATA_DIR) else "")
     compute_dtype(opts.dtype, world.device)  # refuses a dtype the device cannot compute in
     if meta is not None:
         check_dataset(opts, config, meta, ckpt, world)
