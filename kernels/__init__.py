@@ -13,7 +13,50 @@ imports). Imported by that name, it hands over to the installed package; only wi
 import importlib.machinery
 import importlib.util
 import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from tritongpt.kernels._common import WeightCasts
+from tritongpt.kernels.attention import (attention_qkvpacked_reference, attention_reference, flash_attention,
+                                         flash_attention_qkvpacked, sdpa_attention, sdpa_attention_qkvpacked)
+from tritongpt.kernels.layernorm import add_layer_norm, add_layer_norm_reference, layer_norm, layer_norm_reference
+from tritongpt.kernels.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
+from tritongpt.kernels.mlp import MLPOptions, gelu_mlp, gelu_mlp_reference
+
+
+@dataclass(frozen=True)
+class Op:
+    """One op's implementations, all called alike: the Triton kernel, the reference it is tested against, and
+    any named alternative."""
+    triton: Callable
+    reference: Callable
+    alternatives: Mapping[str, Callable] = field(default_factory=dict)
+
+    @property
+    def implementations(self) -> dict[str, Callable]:
+        """Each implementation by the name a user chooses it by: "torch" is the reference."""
+        return {"torch": self.reference, "triton": self.triton, **self.alternatives}
+
+
+OPS = {
+    "attention": Op(triton=flash_attention, reference=attention_reference, alternatives={"sdpa": sdpa_attention}),
+    "attention_qkvpacked": Op(triton=flash_attention_qkvpacked, reference=attention_qkvpacked_reference,
+                              alternatives={"sdpa": sdpa_attention_qkvpacked}),
+    "layer_norm": Op(triton=layer_norm, reference=layer_norm_reference),
+    "add_layer_norm": Op(triton=add_layer_norm, reference=add_layer_norm_reference),
+    "gelu_mlp": Op(triton=gelu_mlp, reference=gelu_mlp_reference),
+    "linear_cross_entropy": Op(triton=linear_cross_entropy, reference=linear_cross_entropy_reference),
+}
+
+__all__ = [
+    "OPS", "Op", "WeightCasts",
+    "flash_attention", "attention_reference", "sdpa_attention",
+    "flash_attention_qkvpacked", "attention_qkvpacked_reference", "sdpa_attention_qkvpacked",
+    "layer_norm", "layer_norm_reference", "add_layer_norm", "add_layer_norm_reference",
+    "gelu_mlp", "gelu_mlp_reference", "MLPOptions",
+    "linear_cross_entropy", "linear_cross_entropy_reference",
+]
 
 
 def _import_installed_namesake(name: str):
@@ -30,45 +73,5 @@ def _import_installed_namesake(name: str):
     return package
 
 
-if __name__ != "kernels" or _import_installed_namesake(__name__) is None:
-    from collections.abc import Callable, Mapping
-    from dataclasses import dataclass, field
-
-    from tritongpt.kernels._common import WeightCasts
-    from tritongpt.kernels.attention import (attention_qkvpacked_reference, attention_reference, flash_attention,
-                                             flash_attention_qkvpacked, sdpa_attention, sdpa_attention_qkvpacked)
-    from tritongpt.kernels.layernorm import add_layer_norm, add_layer_norm_reference, layer_norm, layer_norm_reference
-    from tritongpt.kernels.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
-    from tritongpt.kernels.mlp import MLPOptions, gelu_mlp, gelu_mlp_reference
-
-    @dataclass(frozen=True)
-    class Op:
-        """One op's implementations, all called alike: the Triton kernel, the reference it is tested against, and
-        any named alternative."""
-        triton: Callable
-        reference: Callable
-        alternatives: Mapping[str, Callable] = field(default_factory=dict)
-
-        @property
-        def implementations(self) -> dict[str, Callable]:
-            """Each implementation by the name a user chooses it by: "torch" is the reference."""
-            return {"torch": self.reference, "triton": self.triton, **self.alternatives}
-
-    OPS = {
-        "attention": Op(triton=flash_attention, reference=attention_reference, alternatives={"sdpa": sdpa_attention}),
-        "attention_qkvpacked": Op(triton=flash_attention_qkvpacked, reference=attention_qkvpacked_reference,
-                                  alternatives={"sdpa": sdpa_attention_qkvpacked}),
-        "layer_norm": Op(triton=layer_norm, reference=layer_norm_reference),
-        "add_layer_norm": Op(triton=add_layer_norm, reference=add_layer_norm_reference),
-        "gelu_mlp": Op(triton=gelu_mlp, reference=gelu_mlp_reference),
-        "linear_cross_entropy": Op(triton=linear_cross_entropy, reference=linear_cross_entropy_reference),
-    }
-
-    __all__ = [
-        "OPS", "Op", "WeightCasts",
-        "flash_attention", "attention_reference", "sdpa_attention",
-        "flash_attention_qkvpacked", "attention_qkvpacked_reference", "sdpa_attention_qkvpacked",
-        "layer_norm", "layer_norm_reference", "add_layer_norm", "add_layer_norm_reference",
-        "gelu_mlp", "gelu_mlp_reference", "MLPOptions",
-        "linear_cross_entropy", "linear_cross_entropy_reference",
-    ]
+if __name__ == "kernels":  # imported by the bare name: the import returns what sys.modules holds once this ends
+    _import_installed_namesake(__name__)
