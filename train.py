@@ -170,19 +170,21 @@ def describe(run: Run) -> None:
 def train(opts: TrainOptions, config: GPTConfig, ckpt: dict | None, world: distributed.World) -> None:
     run = set_up(opts, config, ckpt, world)
     describe(run)
-    try:
-        with StopRequests() as stop_requests:
+    # Up to the exit: once the run stops, a signal that follows (torchrun's, as it ends the job) is only noted.
+    with StopRequests() as stop_requests:
+        try:
             loop(run, stop_requests)
-    except KeyboardInterrupt:
-        run.say(f"stopped at step {run.step}; {last_checkpoint(run)}")
-        raise
-    finally:
-        run.logger.finish()
-    if run.stopped_by:
-        if world.is_main:
-            print(f"stopped by {SIGNAL_NAMES[run.stopped_by]} after step {run.step}; {last_checkpoint(run)}",
-                  file=sys.stderr)
-        sys.exit(128 + run.stopped_by)  # what the signal's default action would have reported
+        except KeyboardInterrupt:
+            run.say(f"stopped at step {run.step}; {last_checkpoint(run)}")
+            raise
+        finally:
+            run.logger.finish()
+        if run.stopped_by:
+            if world.is_main:
+                print(f"stopped by {SIGNAL_NAMES[run.stopped_by]} after step {run.step}; {last_checkpoint(run)}",
+                      file=sys.stderr)
+            distributed.barrier(world)  # torchrun ends the job when a rank exits: none leaves before rank 0 is done
+            sys.exit(128 + run.stopped_by)  # what the signal's default action would have reported
     if run.eval_losses:
         curves = Path(opts.out_dir) / CURVES_FILE
         run.say(f"final val loss {run.eval_losses['val']:.3f} (train {run.eval_losses['train']:.3f})"
