@@ -281,7 +281,7 @@ class GPT(nn.Module):
         return torch.cat([idx, torch.stack(new, dim=1)], dim=1) if new else idx
 
 
-def num_params(config: GPTConfig) -> int:
+def parameter_count(config: GPTConfig) -> int:
     """GPT(config)'s parameter count, the position embedding included, from the shape alone (without building it)."""
     C = config.n_embd
     # Per layer: the four matmuls' 3C² + C² + 4C² + 4C² weights, two LayerNorm gains and, with biases, the
@@ -299,7 +299,7 @@ def training_memory(config: GPTConfig, batch_size: int, compute_bytes: int) -> d
     the weight gradients (C + C + C + 4C per token); with the "torch" attention, its T x T probabilities; with the
     "torch" loss, the logits."""
     tokens = batch_size * config.block_size
-    need = {"weights, gradients and AdamW state": 16 * num_params(config),
+    need = {"weights, gradients and AdamW state": 16 * parameter_count(config),
             "activations": compute_bytes * tokens * 7 * config.n_embd * config.n_layer}
     if config.attention == "torch":
         need["attention scores"] = (compute_bytes * batch_size * config.n_head * config.block_size ** 2

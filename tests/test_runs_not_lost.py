@@ -15,7 +15,7 @@ import torch
 
 import tritongpt.files
 from tritongpt.files import LOCK_FILE, DirectoryLock
-from tritongpt.model import GPT, PRESETS, num_params, preset, training_memory
+from tritongpt.model import GPT, PRESETS, parameter_count, preset, training_memory
 from tritongpt.stopping import StopRequests
 from tests.runs import REPO, TINY, assert_user_error, metrics, run, train_losses
 
@@ -132,8 +132,8 @@ def test_shapes_that_cannot_fit_are_refused_up_front(tiny_dataset, tmp_path, fla
 def test_the_memory_bound_counts_the_model_and_never_refuses_a_preset():
     for bias in (True, False):
         config = preset("mini", vocab_size=400, bias=bias)
-        assert num_params(config) == GPT(config).num_params(non_embedding=False)
-        assert training_memory(config, 8, 4)["weights, gradients and AdamW state"] == 16 * num_params(config)
+        assert parameter_count(config) == GPT(config).num_params(non_embedding=False)
+        assert training_memory(config, 8, 4)["weights, gradients and AdamW state"] == 16 * parameter_count(config)
     # Every preset at the default batch size, with GPT-2's vocabulary and the GPU's ops, is far below an 80 GB H100;
     # and the CPU's default run below a gigabyte.
     for name in PRESETS:
