@@ -80,6 +80,17 @@ def test_a_lock_is_held_until_released(tmp_path):
     again.release()
 
 
+def test_a_file_system_without_locks_still_trains_and_says_so(tiny_dataset, tmp_path, monkeypatch):
+    def flock(fd, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+    monkeypatch.setattr(tritongpt.files.fcntl, "flock", flock)
+    out = tmp_path / "out"
+    result = run("train.py", "--data-dir", str(tiny_dataset), "--out-dir", str(out), *TINY, "--max-iters", "1")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count(f"note: the file system of {out} has no locks") == 1
+    assert torch.load(out / "ckpt.pt", weights_only=True)["iter_num"] == 1
+
+
 def test_a_run_without_a_checkpoint_leaves_its_directory_reusable(tiny_dataset, tmp_path, monkeypatch):
     out = tmp_path / "out"
     args = ["--data-dir", str(tiny_dataset), "--out-dir", str(out), *TINY, "--max-iters", "1"]

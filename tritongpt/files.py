@@ -45,12 +45,13 @@ class DirectoryLock:
 
     def __init__(self, directory: str | Path):
         self.path = Path(directory) / LOCK_FILE
+        self.supported = True  # False on a file system without locks (Lustre mounted without flock, some FUSE ones)
         self._fd: int | None = None
 
     def acquire(self) -> str | None:
-        """Takes the lock (or keeps it, when already held here); None when held now, else who holds it, as
-        "pid N on HOST"."""
-        if self._fd is not None:
+        """Takes the lock (or keeps it, when already held here); None when held now (or when the file system has
+        no locks: see `supported`), else who holds it, as "pid N on HOST"."""
+        if self._fd is not None or not self.supported:
             return None
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -59,6 +60,10 @@ class DirectoryLock:
             holder = os.read(fd, 200).decode(errors="replace").strip()
             os.close(fd)
             return holder or "a process that has not written its pid yet"
+        except OSError:
+            os.close(fd)
+            self.supported = False
+            return None
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
         self._fd = fd

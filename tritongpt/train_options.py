@@ -117,6 +117,9 @@ def check_run(opts: TrainOptions, given: set[str], world: distributed.World, out
         check_dataset(opts, config, meta, ckpt, world)
     check_memory(opts, config, dtype, world.device)
     hold_out_dir(out_dir, out_dir_lock, world)
+    if world.is_main and not out_dir_lock.supported:
+        print(f"note: the file system of {out_dir} has no locks, so nothing stops another run from writing in it "
+              "meanwhile; give each run its own --out-dir")
     if not opts.resume and not opts.overwrite and (held := run_files(out_dir)):
         if CHECKPOINT_FILE in held:
             raise UserError(f"{out_dir} already holds a run ({', '.join(held)}); continue it with --resume (and a "
