@@ -5,6 +5,7 @@
 """
 import dataclasses
 import json
+import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -19,14 +20,16 @@ from tritongpt.checkpoint import (CHECKPOINT_FILE, interrupts_deferred, nonfinit
 from tritongpt.data.loader import TokenWindows
 from tritongpt.data.prepare import prepare
 from tritongpt.data.tokenizer import Tokenizer
-from tritongpt.device import autocast, compute_dtype
+from tritongpt.device import autocast, compute_dtype, out_of_memory
 from tritongpt.errors import UserError
+from tritongpt.files import DirectoryLock, disk_full
 from tritongpt.loop import estimate_loss, train_step
 from tritongpt.metrics import MetricsLogger, mfu
 from tritongpt.model import GPT, GPTConfig, load_gpt2
 from tritongpt.options import parse_options, run_main
 from tritongpt.plot import CURVES_FILE
 from tritongpt.schedule import learning_rate
+from tritongpt.stopping import SIGNAL_NAMES, StopRequests
 from tritongpt.textgen import prompt_ids, stream_text
 from tritongpt.train_options import RUN_FILES, TrainOptions, check_dataset, check_run, warmup_iters
 
@@ -34,12 +37,19 @@ from tritongpt.train_options import RUN_FILES, TrainOptions, check_dataset, chec
 def main(argv: list[str] | None = None) -> None:
     opts, given = parse_options(TrainOptions, __doc__.splitlines()[0], argv)
     world = distributed.world_from_env(opts.device)
-    opts, config, ckpt = check_run(opts, given, world)  # every rank refuses a mistake alike, before talking
-    distributed.join(world)
-    try:
-        train(opts, config, ckpt, world)
-    finally:
-        distributed.leave(world)
+    with DirectoryLock(opts.out_dir) as out_dir_lock:  # rank 0 holds OUT_DIR from its checks to the end
+        opts, config, ckpt = check_run(opts, given, world, out_dir_lock)  # every rank refuses a mistake alike,
+        distributed.join(world)                                           # before talking
+        try:
+            train(opts, config, ckpt, world)
+        except RuntimeError as e:  # torch.OutOfMemoryError is one
+            if (size := out_of_memory(e)) is None:
+                raise
+            raise UserError(f"out of memory on {world.device}{f' (allocating {size} failed)' if size else ''}: "
+                            "this run's shapes do not fit; lower --batch-size (a larger --grad-accum keeps the "
+                            "global batch), --block-size or the model's size") from None
+        finally:
+            distributed.leave(world)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -64,6 +74,7 @@ class Run:
     logger: MetricsLogger
     step: int                        # optimizer steps taken
     checkpoint_step: int | None      # the step of the last checkpoint written (or resumed from)
+    stopped_by: int | None           # the signal that stopped the run (on any rank), if one did
     first_nonfinite_step: torch.Tensor  # on the device: the first step whose loss or gradient was inf/nan, else a
                                         # step past the end (tracked without waiting for the device)
     eval_losses: dict[str, float] = field(default_factory=dict)  # the last evaluation's, by split
@@ -102,7 +113,7 @@ def set_up(opts: TrainOptions, config: GPTConfig, ckpt: dict | None, world: dist
         train_data.load_state_dict(ckpt["data"])
         step = ckpt["iter_num"]
         restore_rng(ckpt["rng"], world)
-    if opts.overwrite and world.is_main:
+    if ckpt is None and world.is_main:  # a new run: an earlier one's files were to go (--overwrite, or no checkpoint)
         for name in RUN_FILES:
             (Path(opts.out_dir) / name).unlink(missing_ok=True)
     eval_model = torch.compile(model) if opts.compile else model
@@ -116,7 +127,7 @@ def set_up(opts: TrainOptions, config: GPTConfig, ckpt: dict | None, world: dist
         enabled=world.is_main)
     return Run(opts, world, config, model, eval_model, distributed.wrap_model(eval_model, world), optimizer, scaler,
                dtype, autocast(dtype, world.device), train_data, val_data, tokenizer, logger, step,
-               step if ckpt else None, torch.tensor(opts.max_iters + 1, device=world.device))
+               step if ckpt else None, None, torch.tensor(opts.max_iters + 1, device=world.device))
 
 
 def ensure_dataset(opts: TrainOptions, world: distributed.World) -> dict:
@@ -159,13 +170,21 @@ def describe(run: Run) -> None:
 def train(opts: TrainOptions, config: GPTConfig, ckpt: dict | None, world: distributed.World) -> None:
     run = set_up(opts, config, ckpt, world)
     describe(run)
-    try:
-        loop(run)
-    except KeyboardInterrupt:
-        run.say(f"stopped at step {run.step}; {last_checkpoint(run)}")
-        raise
-    finally:
-        run.logger.finish()
+    # Up to the exit: once the run stops, a signal that follows (torchrun's, as it ends the job) is only noted.
+    with StopRequests() as stop_requests:
+        try:
+            loop(run, stop_requests)
+        except KeyboardInterrupt:
+            run.say(f"stopped at step {run.step}; {last_checkpoint(run)}")
+            raise
+        finally:
+            run.logger.finish()
+        if run.stopped_by:
+            if world.is_main:
+                print(f"stopped by {SIGNAL_NAMES[run.stopped_by]} after step {run.step}; {last_checkpoint(run)}",
+                      file=sys.stderr)
+            distributed.barrier(world)  # torchrun ends the job when a rank exits: none leaves before rank 0 is done
+            sys.exit(128 + run.stopped_by)  # what the signal's default action would have reported
     if run.eval_losses:
         curves = Path(opts.out_dir) / CURVES_FILE
         run.say(f"final val loss {run.eval_losses['val']:.3f} (train {run.eval_losses['train']:.3f})"
@@ -174,7 +193,7 @@ def train(opts: TrainOptions, config: GPTConfig, ckpt: dict | None, world: distr
         closing_sample(run)
 
 
-def loop(run: Run) -> None:
+def loop(run: Run, stop_requests: StopRequests) -> None:
     opts = run.opts
     if run.step == 0:
         evaluate(run)
@@ -202,6 +221,11 @@ def loop(run: Run) -> None:
         saving = run.step % (opts.ckpt_interval or opts.eval_interval) == 0 or last
         if saving:
             save(run)
+        run.stopped_by = distributed.max_on_host(stop_requests.received or 0, run.world) or None  # every rank alike
+        if run.stopped_by:
+            if not saving:
+                save(run)
+            break
         if evaluating or saving:
             clock = (time.perf_counter(), run.step)  # tokens/s counts training steps only
     bar.close()
@@ -270,13 +294,19 @@ def save(run: Run) -> None:
     rng = distributed.gather_objects(rng_state(run.world.device), run.world)
     with interrupts_deferred():  # Ctrl-C meanwhile would leave a checkpoint on disk that the run does not know of
         if run.world.is_main:
-            save_checkpoint(run.checkpoint_path, {
-                "model": state, "optimizer": run.optimizer.state_dict(),
-                "scaler": run.scaler.state_dict(), "model_config": dataclasses.asdict(run.config),
-                "options": dataclasses.asdict(run.opts), "tokenizer": pack_tokenizer(run.tokenizer),
-                "iter_num": run.step, "data": run.train_data.state_dict(), "rng": rng,
-                "wandb_run_id": run.logger.run_id,
-            })
+            try:
+                save_checkpoint(run.checkpoint_path, {
+                    "model": state, "optimizer": run.optimizer.state_dict(),
+                    "scaler": run.scaler.state_dict(), "model_config": dataclasses.asdict(run.config),
+                    "options": dataclasses.asdict(run.opts), "tokenizer": pack_tokenizer(run.tokenizer),
+                    "iter_num": run.step, "data": run.train_data.state_dict(), "rng": rng,
+                    "wandb_run_id": run.logger.run_id,
+                })
+            except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+                if not disk_full(e):
+                    raise
+                raise UserError(f"the disk is full: no space left in {run.checkpoint_path.parent} for the "
+                                f"checkpoint of step {run.step}; {last_checkpoint(run)} once there is space") from None
         distributed.barrier(run.world)  # no rank runs ahead of (or exits before) the write
         run.checkpoint_step = run.step
 

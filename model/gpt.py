@@ -281,6 +281,34 @@ class GPT(nn.Module):
         return torch.cat([idx, torch.stack(new, dim=1)], dim=1) if new else idx
 
 
+def parameter_count(config: GPTConfig) -> int:
+    """GPT(config)'s parameter count, the position embedding included, from the shape alone (without building it)."""
+    C = config.n_embd
+    # Per layer: the four matmuls' 3C² + C² + 4C² + 4C² weights, two LayerNorm gains and, with biases, the
+    # matmuls' 3C + C + 4C + C and the LayerNorms' 2C.
+    layer = 12 * C * C + 2 * C + (11 * C if config.bias else 0)
+    final_norm = 2 * C if config.bias else C
+    return (config.vocab_size + config.block_size) * C + config.n_layer * layer + final_norm
+
+
+def training_memory(config: GPTConfig, batch_size: int, compute_bytes: int) -> dict[str, int]:
+    """A lower bound on the memory (bytes) a process needs to train the model on micro-batches of batch_size
+    sequences, by what needs it; compute_bytes is the size of an element in the dtype it computes in. Only what
+    must exist at the peak of a step is counted, so a shape over the bound surely cannot train: fp32 weights with
+    their gradients and AdamW's two moments; the input of each layer's four matmuls, which their backward needs for
+    the weight gradients (C + C + C + 4C per token); with the "torch" attention, its T x T probabilities; with the
+    "torch" loss, the logits."""
+    tokens = batch_size * config.block_size
+    need = {"weights, gradients and AdamW state": 16 * parameter_count(config),
+            "activations": compute_bytes * tokens * 7 * config.n_embd * config.n_layer}
+    if config.attention == "torch":
+        need["attention scores"] = (compute_bytes * batch_size * config.n_head * config.block_size ** 2
+                                    * config.n_layer)
+    if config.loss == "torch":
+        need["logits"] = compute_bytes * tokens * config.vocab_size
+    return need
+
+
 def sample_next_token(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
                       generator: torch.Generator | None) -> torch.Tensor:
     """One token per row of logits (B, vocab): greedy at temperature 0, else sampled from the softmax at that

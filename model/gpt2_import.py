@@ -20,10 +20,17 @@ def gpt2_config(path: str | Path, **ops) -> GPTConfig:
     mlp=) choose the implementations."""
     path = Path(path)
     if path.is_file():
+        if not _holds_weights(path):
+            raise ValueError(f"{path} is not a GPT-2 checkpoint: give the directory save_pretrained wrote "
+                             "(config.json beside model.safetensors or pytorch_model.bin)")
         raise ValueError(f"{path} is a bare state dict, which does not say the model's shape: give the "
                          "save_pretrained directory (config.json beside the weights)")
     if not path.is_dir():
         raise FileNotFoundError(f"no GPT-2 checkpoint at {path}: give a save_pretrained directory")
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} has no config.json: it is not a GPT-2 checkpoint directory (give the "
+                                "one save_pretrained wrote)")
+    _weights_file(path)  # present, or the error says what is missing
     return _config_from_hf(path / "config.json", ops)
 
 
@@ -67,7 +74,10 @@ def load_gpt2(path: str | Path, config: GPTConfig | None = None, **ops) -> GPT:
 
 
 def _config_from_hf(config_file: Path, ops: dict) -> GPTConfig:
-    hf = json.loads(config_file.read_text())
+    try:
+        hf = json.loads(config_file.read_text())
+    except ValueError as e:
+        raise ValueError(f"{config_file} is not JSON ({e}): it is not a GPT-2 config.json") from None
     if hf.get("model_type", "gpt2") != "gpt2":
         raise ValueError(f"{config_file} describes a {hf['model_type']!r} model, not GPT-2")
     try:
@@ -82,6 +92,14 @@ def _weights_file(directory: Path) -> Path:
         if (directory / name).is_file():
             return directory / name
     raise FileNotFoundError(f"{directory} has neither model.safetensors nor pytorch_model.bin")
+
+
+def _holds_weights(file: Path) -> bool:
+    """Whether file starts as a state-dict file does: a zip (torch.save), a pickle (torch.save's older format) or a
+    safetensors header (its length, then the JSON)."""
+    with open(file, "rb") as f:
+        head = f.read(9)
+    return head.startswith((b"PK\x03\x04", b"\x80")) or head[8:9] == b"{"
 
 
 def _read_state_dict(file: Path) -> dict[str, torch.Tensor]:

@@ -3,6 +3,7 @@ import math
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tritongpt.files import LOCK_FILE, DirectoryLock
 from tests.runs import REPO, TINY, metrics, run, train_losses
 
 pytestmark = pytest.mark.slow
@@ -101,14 +103,58 @@ def test_resumed_two_rank_run_matches_uninterrupted(tiny_dataset, two_rank_run, 
 def test_a_mistake_is_one_line_from_rank_0_and_no_rank_goes_on(tiny_dataset, tmp_path):
     proc = torchrun("--data-dir", str(tiny_dataset), "--out-dir", str(tmp_path / "out"), *TINY, "--beta2", "1.5")
     output, _ = proc.communicate(timeout=240)
-    assert proc.returncode != 0
+    assert proc.returncode == 1  # torchrun's own, whatever its workers' (the README says so)
     assert [line for line in output.splitlines() if line.startswith("error:")] == ["error: --beta2 must be below 1, got 1.5"]
     assert "Traceback" not in output.split("error: --beta2")[0] and "UserError" not in output
     # torchrun's failure summary: rank 0 exits 2 with the line above. Rank 1 meets the same mistake and exits 2 when
     # torchrun stops it, unless torchrun stops it before it got that far (SIGTERM, -15, while still importing).
-    exits = dict(re.findall(r"rank\s+:\s+(\d+) \(local_rank: \d+\)\s+exitcode\s+:\s+(-?\d+)", output))
-    assert exits["0"] == "2" and exits["1"] in ("2", "-15"), output[-3000:]
+    assert exit_codes(output) in ({"0": "2", "1": "2"}, {"0": "2", "1": "-15"}), output[-3000:]
     assert not (tmp_path / "out").exists()
+
+
+def exit_codes(output: str) -> dict[str, str]:
+    """{rank: exit code} from torchrun's failure summary."""
+    return dict(re.findall(r"rank\s+:\s+(\d+) \(local_rank: \d+\)\s+exitcode\s+:\s+(-?\d+)", output))
+
+
+def test_rank_0_refuses_a_directory_another_run_holds(tiny_dataset, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    with DirectoryLock(out) as lock:  # this process stands for the other run
+        assert lock.acquire() is None
+        proc = torchrun("--data-dir", str(tiny_dataset), "--out-dir", str(out), *TINY, "--max-iters", "2")
+        output, _ = proc.communicate(timeout=240)
+    assert [line for line in output.splitlines() if line.startswith("error:")] == [
+        f"error: --out-dir {out} is in use by another training run (pid {os.getpid()} on {socket.gethostname()}); "
+        "wait for it to end (or stop it), or pass another --out-dir"]
+    # Rank 1 does not take the lock: it waits for rank 0 to connect until torchrun stops it.
+    assert exit_codes(output) == {"0": "2", "1": "-15"}, output[-3000:]
+    assert "Traceback" not in output.split("error: --out-dir")[0]
+    assert [p.name for p in out.iterdir()] == [LOCK_FILE]
+
+
+def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step_with_its_checkpoint(tiny_dataset, tmp_path):
+    out = tmp_path / "out"
+    proc = torchrun("--data-dir", str(tiny_dataset), "--out-dir", str(out), *TINY, "--max-iters", "100000",
+                    "--eval-interval", "100000")
+    try:
+        deadline = time.time() + 180
+        while not ((out / "metrics.jsonl").exists() and len(train_losses(out)) >= 2):
+            assert proc.poll() is None and time.time() < deadline, "training did not start"
+            time.sleep(0.5)
+        # Rank 1 alone: rank 0, which writes the checkpoint, learns of it from rank 1. (A scheduler's SIGTERM goes
+        # to torchrun, which passes it on to every rank, each at its own point in its step.)
+        os.kill(_workers(proc.pid)[1], signal.SIGTERM)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    step = torch.load(out / "ckpt.pt", weights_only=True)["iter_num"]
+    assert step == max(train_losses(out))
+    assert [line for line in output.splitlines() if line.startswith("stopped by")] == [
+        f"stopped by SIGTERM after step {step}; the last checkpoint, {out / 'ckpt.pt'}, holds step {step}: continue "
+        f"from it with --resume --out-dir {out}"]
+    # Each rank exits 143 (128 + SIGTERM), unless torchrun's SIGTERM, sent as the first one exits, ends it sooner.
+    assert set(exit_codes(output).values()) <= {"143", "-15"} and exit_codes(output).keys() == {"0", "1"}, output
 
 
 def test_a_killed_rank_ends_the_job(tiny_dataset, tmp_path):

@@ -18,6 +18,7 @@ import torch
 
 from tritongpt import distributed
 from tritongpt.data.prepare import prepare
+from tritongpt.files import LOCK_FILE, DirectoryLock
 from tritongpt.train_options import DEFAULT_DATA_DIR, TrainOptions, check_run
 from tests.runs import REPO, TINY, assert_user_error, metrics, run, run_process, train_losses
 
@@ -25,8 +26,9 @@ RUN_FILES = ("ckpt.pt", "metrics.jsonl", "config.json", "training_curves.png")
 
 
 def snapshot(out) -> dict[str, bytes]:
-    """Every file of a run directory, by name: what a refused command must leave byte-identical."""
-    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file()}
+    """Every file of a run directory, by name: what a refused command must leave byte-identical (all but the lock
+    file, which names the last process to hold the directory)."""
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file() and p.name != LOCK_FILE}
 
 
 @pytest.fixture
@@ -36,7 +38,7 @@ def finished_run(tiny_dataset, tmp_path):
     args = ["--data-dir", str(tiny_dataset), "--out-dir", str(out), *TINY, "--max-iters", "2", "--eval-interval", "2"]
     result = run("train.py", *args)
     assert result.returncode == 0, result.stderr
-    assert sorted(RUN_FILES) == sorted(p.name for p in out.iterdir() if p.is_file())
+    assert sorted([*RUN_FILES, LOCK_FILE]) == sorted(p.name for p in out.iterdir() if p.is_file())
     return out, args
 
 
@@ -79,7 +81,9 @@ def test_closing_sample_starts_a_new_document_unless_on_the_default_corpus(tiny_
     assert result.stdout.endswith("--- sample ---\n" + fresh.stdout)
 
     world = distributed.World(rank=0, size=1, device=torch.device("cpu"))
-    opts, _, _ = check_run(TrainOptions(data_dir=DEFAULT_DATA_DIR, out_dir=str(tmp_path / "default")), set(), world)
+    default_out = tmp_path / "default"
+    with DirectoryLock(default_out) as lock:
+        opts, _, _ = check_run(TrainOptions(data_dir=DEFAULT_DATA_DIR, out_dir=str(default_out)), set(), world, lock)
     assert opts.sample_prompt == "def"
 
 
@@ -315,28 +319,6 @@ def test_long_prompt_keeps_its_last_block_size_tokens(finished_run, tmp_path):
                  "--max-new-tokens", "5")
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(prompt.read_text())
-
-
-@pytest.mark.slow
-def test_ctrl_c_names_the_last_checkpoint(tiny_dataset, tmp_path):
-    out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "train.py", "--data-dir", str(tiny_dataset), "--out-dir", str(out), *TINY,
-                             "--max-iters", "100000", "--eval-interval", "2"], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    try:
-        deadline = time.time() + 240  # start-up and the first checkpoint, on a loaded 2-core machine
-        while not (out / "ckpt.pt").exists():
-            assert proc.poll() is None and time.time() < deadline, "no checkpoint was written"
-            time.sleep(0.2)
-        proc.send_signal(signal.SIGINT)
-        stdout, stderr = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
-    assert proc.returncode == 130, stderr
-    assert "Traceback" not in stderr and stderr.strip() == "interrupted"
-    step = torch.load(out / "ckpt.pt", weights_only=True)["iter_num"]
-    assert f"the last checkpoint, {out / 'ckpt.pt'}, holds step {step}" in stdout
-
 
 
 @pytest.mark.slow

@@ -73,8 +73,8 @@ def nonfinite_weights(state: dict[str, torch.Tensor]) -> list[str]:
 
 @contextlib.contextmanager
 def interrupts_deferred():
-    """A Ctrl-C (SIGINT) inside this block takes effect when the block ends, as a KeyboardInterrupt: what the block
-    writes is then whole, and so is the run's record of it."""
+    """A Ctrl-C (SIGINT) inside this block takes effect when the block ends, as it would have outside it (by default
+    a KeyboardInterrupt): what the block writes is then whole, and so is the run's record of it."""
     received = []
     previous = signal.signal(signal.SIGINT, lambda *_: received.append(True))
     try:
@@ -82,4 +82,4 @@ def interrupts_deferred():
     finally:
         signal.signal(signal.SIGINT, previous)
     if received:
-        raise KeyboardInterrupt
+        signal.raise_signal(signal.SIGINT)

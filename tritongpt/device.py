@@ -1,4 +1,8 @@
-"""Where and how the model runs: the device, each op's implementation, and the compute dtype."""
+"""Where and how the model runs: the device, each op's implementation, the compute dtype, and its memory."""
+import os
+import re
+from pathlib import Path
+
 import torch
 
 from tritongpt.kernels._common import interpreting
@@ -56,3 +60,33 @@ def compute_dtype(choice: str, device: torch.device) -> torch.dtype:
 def autocast(dtype: torch.dtype, device: torch.device):
     """Mixed precision at dtype (a no-op context for float32)."""
     return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+def memory_available(device: torch.device) -> int:
+    """The most memory (bytes) a process on device can hope for: a GPU's total memory; on a CPU the memory free for
+    use now, RAM and swap (Linux's MemAvailable + SwapFree; elsewhere the physical RAM)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+        return sum(int(meminfo[key].split()[0]) for key in ("MemAvailable", "SwapFree")) * 1024
+    except (OSError, KeyError, ValueError):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def gib(n_bytes: int) -> str:
+    return f"{n_bytes / 2**30:,.1f} GiB"
+
+
+def out_of_memory(error: BaseException) -> str | None:
+    """For an allocation failure, what it failed to allocate ("20.00 GiB", or "" when the error does not say);
+    None for any other error."""
+    text = str(error)
+    if not (isinstance(error, torch.OutOfMemoryError) or isinstance(error, RuntimeError) and (
+            "out of memory" in text or "can't allocate memory" in text)):
+        return None
+    if found := re.search(r"Tried to allocate ([\d.]+ [KMGT]?i?B)", text):  # the CUDA allocator's words
+        return found[1]
+    if found := re.search(r"tried to allocate (\d+) bytes", text):  # the CPU allocator's
+        return gib(int(found[1]))
+    return ""

@@ -18,6 +18,9 @@ from tritongpt.errors import UserError
 # How long a collective may wait for a missing rank before the job fails instead of hanging. torchrun also ends
 # the whole job as soon as any worker process exits with an error.
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=5)
+# A gloo group beside NCCL's, for the flags the ranks agree on at every step: on the host, such a flag never waits
+# for the GPU. (On CPU the default group is gloo already, and this stays None.)
+_host_group = None
 
 
 @dataclass(frozen=True)
@@ -56,9 +59,12 @@ def join(world: World) -> None:
         return
     if world.device.type == "cuda":
         torch.cuda.set_device(world.device)
+    global _host_group
     backend = "nccl" if world.device.type == "cuda" else "gloo"
     dist.init_process_group(backend=backend, timeout=COLLECTIVE_TIMEOUT,
                             device_id=world.device if world.device.type == "cuda" else None)
+    if backend == "nccl":
+        _host_group = dist.new_group(backend="gloo")
 
 
 def wrap_model(model: torch.nn.Module, world: World) -> torch.nn.Module:
@@ -90,6 +96,16 @@ def _all_reduce(value: torch.Tensor, op, world: World) -> torch.Tensor:
     return value
 
 
+def max_on_host(value: int, world: World) -> int:
+    """The largest of the values the ranks hold, computed without waiting for the device: cheap enough to call at
+    every step."""
+    if not world.distributed:
+        return value
+    t = torch.tensor(value)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_host_group)
+    return int(t)
+
+
 def gather_objects(obj, world: World) -> list:
     """obj from every rank, in rank order (a list of one when alone)."""
     if not world.distributed:
@@ -105,5 +121,7 @@ def barrier(world: World) -> None:
 
 
 def leave(world: World) -> None:
+    global _host_group
     if world.distributed and dist.is_initialized():
-        dist.destroy_process_group()
+        dist.destroy_process_group()  # every group, the host group included
+        _host_group = None

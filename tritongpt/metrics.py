@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 from tritongpt.errors import UserError
-from tritongpt.files import atomic_file
-from tritongpt.plot import CONFIG_FILE, METRICS_FILE, draw_run
+from tritongpt.files import atomic_file, disk_full
+from tritongpt.plot import CONFIG_FILE, CURVES_FILE, METRICS_FILE, draw_run
 # wandb.init waits 90 s by default. With an API key but no network it waits that long before failing; a shorter
 # wait keeps the offline fallback quick, and a slow network that misses it loses nothing (the run syncs later).
 WANDB_INIT_TIMEOUT_S = 30.0
@@ -59,13 +59,19 @@ class MetricsLogger:
             self._run.log({key: value for key, value in values.items() if value is not None}, step=step)
 
     def finish(self) -> None:
-        """Closes metrics.jsonl, draws training_curves.png from it and finishes the W&B run. Safe to call twice."""
+        """Closes metrics.jsonl, draws training_curves.png from it (when it holds anything) and finishes the W&B
+        run. Safe to call twice."""
         if self._file is None:
             return
         self._file.close()
         self._file = None
         try:
-            draw_run(self.out_dir)
+            if (self.out_dir / METRICS_FILE).stat().st_size:  # a run that logged nothing has no curves
+                draw_run(self.out_dir)
+        except OSError as e:  # a full disk is reported by what failed to write first, not by the plot
+            if not disk_full(e):
+                raise
+            print(f"{CURVES_FILE} not drawn: the disk is full")
         finally:
             if self._run is not None:
                 import wandb

@@ -11,9 +11,10 @@ from tritongpt import distributed
 from tritongpt.checkpoint import CHECKPOINT_FILE, load_checkpoint, tokenizer_bytes
 from tritongpt.data.loader import TokenWindows
 from tritongpt.data.prepare import DEFAULT_VOCAB_SIZE
-from tritongpt.device import compute_dtype, impl_choices, resolve_ops
+from tritongpt.device import compute_dtype, gib, impl_choices, memory_available, resolve_ops
 from tritongpt.errors import UserError
-from tritongpt.model import PRESETS, GPTConfig, gpt2_config, preset
+from tritongpt.files import DirectoryLock
+from tritongpt.model import PRESETS, GPTConfig, gpt2_config, preset, training_memory
 from tritongpt.options import flag, option
 from tritongpt.plot import CONFIG_FILE, CURVES_FILE, METRICS_FILE
 
@@ -90,19 +91,22 @@ class TrainOptions:
                              choices=("online", "offline", "disabled"), metavar="MODE")
 
 
-def check_run(opts: TrainOptions, given: set[str], world: distributed.World):
-    """(options, model config, checkpoint to resume from or None), or a UserError."""
+def check_run(opts: TrainOptions, given: set[str], world: distributed.World, out_dir_lock: DirectoryLock):
+    """(options, model config, checkpoint to resume from or None), or a UserError. Rank 0 takes out_dir_lock
+    before it reads what OUT_DIR holds, so no other run changes it meanwhile."""
     out_dir = Path(opts.out_dir)
+    if out_dir.is_dir():
+        hold_out_dir(out_dir, out_dir_lock, world)
     ckpt = None
     if opts.resume:
         if opts.overwrite:
             raise UserError("give --resume (continue the run) or --overwrite (start over), not both")
+        if not (out_dir / CHECKPOINT_FILE).exists() and (stub := run_files(out_dir)):
+            raise UserError(f"the run in {out_dir} stopped before its first checkpoint (it left only "
+                            f"{', '.join(stub)}): there is nothing to resume; start it again without --resume")
         ckpt = load_checkpoint(out_dir / CHECKPOINT_FILE)
         opts = resumed_options(opts, given, ckpt)
     check_options(opts)
-    if not opts.resume and not opts.overwrite and (held := [name for name in RUN_FILES if (out_dir / name).exists()]):
-        raise UserError(f"{out_dir} already holds a run ({', '.join(held)}); continue it with --resume (and a "
-                        "larger --max-iters), start over with --overwrite (deletes it), or pass another --out-dir")
     meta = dataset_meta(Path(opts.data_dir))
     # The default corpus, before its first use, gets prepare's default vocabulary.
     vocab_size = meta["vocab_size"] if meta else DEFAULT_VOCAB_SIZE
@@ -112,11 +116,50 @@ def check_run(opts: TrainOptions, given: set[str], world: distributed.World):
     check_learning_rates(opts)
     if opts.sample_prompt is None:  # the default corpus is mostly Python; another may have no `def` in it at all
         opts = replace(opts, sample_prompt="def" if Path(opts.data_dir) == Path(DEFAULT_DATA_DIR) else "")
-    compute_dtype(opts.dtype, world.device)  # refuses a dtype the device cannot compute in
+    dtype = compute_dtype(opts.dtype, world.device)  # refuses a dtype the device cannot compute in
     if meta is not None:
         check_dataset(opts, config, meta, ckpt, world)
-    check_out_dir(out_dir)
+    check_memory(opts, config, dtype, world.device)
+    hold_out_dir(out_dir, out_dir_lock, world)
+    if world.is_main and not out_dir_lock.supported:
+        print(f"note: the file system of {out_dir} has no locks, so nothing stops another run from writing in it "
+              "meanwhile; give each run its own --out-dir")
+    if not opts.resume and not opts.overwrite and (held := run_files(out_dir)):
+        if CHECKPOINT_FILE in held:
+            raise UserError(f"{out_dir} already holds a run ({', '.join(held)}); continue it with --resume (and a "
+                            "larger --max-iters), start over with --overwrite (deletes it), or pass another "
+                            "--out-dir")
+        if world.is_main:  # a run that stopped before its first checkpoint left nothing to continue
+            print(f"note: {out_dir} holds no checkpoint, only {', '.join(held)} of a run that stopped before "
+                  "writing one; this run starts over in it")
     return opts, config, ckpt
+
+
+def run_files(out_dir: Path) -> list[str]:
+    """The names of the run files OUT_DIR holds."""
+    return [name for name in RUN_FILES if (out_dir / name).exists()]
+
+
+def hold_out_dir(out_dir: Path, lock: DirectoryLock, world: distributed.World) -> None:
+    """Makes sure OUT_DIR is a directory this process can write in, and (on rank 0, which alone writes there) that
+    no other run is writing in it: from here on, it holds it."""
+    check_out_dir(out_dir)
+    if world.is_main and (holder := lock.acquire()):
+        raise UserError(f"--out-dir {out_dir} is in use by another training run ({holder}); wait for it to end "
+                        "(or stop it), or pass another --out-dir")
+
+
+def check_memory(opts: TrainOptions, config: GPTConfig, dtype: torch.dtype, device: torch.device) -> None:
+    """Refuses shapes whose training surely cannot fit in the device's memory (a lower bound against the most the
+    device offers, so that anything that might fit is tried)."""
+    need = training_memory(config, opts.batch_size, dtype.itemsize)
+    have = memory_available(device)
+    if sum(need.values()) > have:
+        largest = max(need, key=need.get)
+        raise UserError(f"this run needs at least {gib(sum(need.values()))} of memory ({largest}: "
+                        f"{gib(need[largest])}), more than the {gib(have)} {device} has"
+                        f"{' free' if device.type == 'cpu' else ''}; lower --batch-size (a larger --grad-accum "
+                        "keeps the global batch), --block-size or the model's size")
 
 
 def resumed_options(opts: TrainOptions, given: set[str], ckpt: dict) -> TrainOptions:
@@ -126,7 +169,9 @@ def resumed_options(opts: TrainOptions, given: set[str], ckpt: dict) -> TrainOpt
         raise UserError(f"{flag(fixed[0])} cannot change a resumed run: its checkpoint fixes the model's shape; "
                         "drop it (or start a new run in another --out-dir)")
     saved = {k: v for k, v in ckpt["options"].items() if k in TrainOptions.__dataclass_fields__}
-    opts = TrainOptions(**{**saved, **{k: getattr(opts, k) for k in given}, "overwrite": False})
+    # OUT_DIR is where the checkpoint was found, whatever the run that wrote it was called.
+    opts = TrainOptions(**{**saved, **{k: getattr(opts, k) for k in given}, "out_dir": opts.out_dir,
+                           "overwrite": False})
     if opts.max_iters <= ckpt["iter_num"]:
         raise UserError(f"the run in {opts.out_dir} is already at step {ckpt['iter_num']} (--max-iters "
                         f"{opts.max_iters}); pass a larger --max-iters to train further")
