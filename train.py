@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> None:
         distributed.join(world)                                           # before talking
         try:
             train(opts, config, ckpt, world)
+            distributed.barrier(world)  # a rank that tore the group down while another still talked would abort it
         except RuntimeError as e:  # torch.OutOfMemoryError is one
             if (size := out_of_memory(e)) is None:
                 raise
