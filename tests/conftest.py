@@ -44,3 +44,11 @@ def tiny_dataset(tmp_path_factory):
     prepare([str(root / name) for name in TINY_CORPUS], out_dir=out, vocab_size=400, val_fraction=0.34, workers=1,
             progress=False)
     return out
+
+
+@pytest.fixture
+def finished_run(tiny_dataset, tmp_path):
+    """A finished two-step run, checkpointed at step 2: (its out dir, the command's options)."""
+    from tests.runs import finished_run as train_two_steps
+    out = tmp_path / "run"
+    return out, train_two_steps(tiny_dataset, out)

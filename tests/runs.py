@@ -11,10 +11,12 @@ from types import SimpleNamespace
 import sample
 import train
 from tritongpt.data import prepare
+from tritongpt.files import LOCK_FILE
 from tritongpt.options import run_main
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = ["--model", "tiny", "--batch-size", "4", "--eval-iters", "2", "--log-interval", "1", "--sample-tokens", "0"]
+RUN_FILES = ("ckpt.pt", "metrics.jsonl", "config.json", "training_curves.png")
 def run(script: str, *args: str):
     """The script's main() in this process, exactly as its command line runs it (start-up costs seconds a process)."""
     main = {"train.py": train.main, "sample.py": sample.main, "data/prepare.py": prepare.main}[script]
@@ -48,3 +50,18 @@ def metrics(out_dir: Path) -> list[dict]:
 
 def train_losses(out_dir: Path) -> dict[int, float]:
     return {m["step"]: m["train/loss"] for m in metrics(out_dir) if "train/loss" in m}
+
+
+def snapshot(out: Path) -> dict[str, bytes]:
+    """Every file of a run directory, by name: what a refused command must leave byte-identical (all but the lock
+    file, which names the last process to hold the directory)."""
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file() and p.name != LOCK_FILE}
+
+
+def finished_run(dataset: Path, out: Path) -> list[str]:
+    """Trains two steps into out, checkpointed at step 2, and returns the command's options."""
+    args = ["--data-dir", str(dataset), "--out-dir", str(out), *TINY, "--max-iters", "2", "--eval-interval", "2"]
+    result = run("train.py", *args)
+    assert result.returncode == 0, result.stderr
+    assert sorted([*RUN_FILES, LOCK_FILE]) == sorted(p.name for p in out.iterdir() if p.is_file())
+    return args

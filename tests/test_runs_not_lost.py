@@ -17,7 +17,7 @@ import tritongpt.files
 from tritongpt.files import LOCK_FILE, DirectoryLock
 from tritongpt.model import GPT, PRESETS, parameter_count, preset, training_memory
 from tritongpt.stopping import StopRequests
-from tests.runs import REPO, TINY, assert_user_error, metrics, run, train_losses
+from tests.runs import REPO, TINY, assert_user_error, metrics, run, snapshot, train_losses
 
 # A run that goes on until it is stopped: no evaluation or checkpoint after step 0's, a log line every step.
 ENDLESS = [*TINY, "--max-iters", "100000", "--eval-interval", "100000"]
@@ -34,20 +34,6 @@ def wait_for_steps(proc: subprocess.Popen, out, steps: int) -> None:
         assert proc.poll() is None, proc.communicate()[1]
         assert time.time() < deadline, "training did not start"
         time.sleep(0.2)
-
-
-def run_files(out) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.name != LOCK_FILE}
-
-
-@pytest.fixture
-def finished_run(tiny_dataset, tmp_path):
-    """A finished two-step run, checkpointed at step 2: (its out dir, the command's options)."""
-    out = tmp_path / "run"
-    args = ["--data-dir", str(tiny_dataset), "--out-dir", str(out), *TINY, "--max-iters", "2", "--eval-interval", "2"]
-    result = run("train.py", *args)
-    assert result.returncode == 0, result.stderr
-    return out, args
 
 
 @pytest.mark.slow
@@ -100,7 +86,7 @@ def test_a_run_without_a_checkpoint_leaves_its_directory_reusable(tiny_dataset, 
         failed = run("train.py", *args)
     assert_user_error(failed, "out of memory on cpu (allocating 262,144.0 GiB failed): this run's shapes do not fit; "
                               "lower --batch-size")
-    assert sorted(run_files(out)) == ["config.json", "metrics.jsonl"] and not metrics(out)  # no plot of nothing
+    assert sorted(snapshot(out)) == ["config.json", "metrics.jsonl"] and not metrics(out)  # no plot of nothing
 
     assert_user_error(run("train.py", "--resume", "--out-dir", str(out)),
                       f"the run in {out} stopped before its first checkpoint (it left only metrics.jsonl, "

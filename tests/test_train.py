@@ -18,28 +18,9 @@ import torch
 
 from tritongpt import distributed
 from tritongpt.data.prepare import prepare
-from tritongpt.files import LOCK_FILE, DirectoryLock
+from tritongpt.files import DirectoryLock
 from tritongpt.train_options import DEFAULT_DATA_DIR, TrainOptions, check_run
-from tests.runs import REPO, TINY, assert_user_error, metrics, run, run_process, train_losses
-
-RUN_FILES = ("ckpt.pt", "metrics.jsonl", "config.json", "training_curves.png")
-
-
-def snapshot(out) -> dict[str, bytes]:
-    """Every file of a run directory, by name: what a refused command must leave byte-identical (all but the lock
-    file, which names the last process to hold the directory)."""
-    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file() and p.name != LOCK_FILE}
-
-
-@pytest.fixture
-def finished_run(tiny_dataset, tmp_path):
-    """A finished two-step run: (its out dir, the command's options)."""
-    out = tmp_path / "run"
-    args = ["--data-dir", str(tiny_dataset), "--out-dir", str(out), *TINY, "--max-iters", "2", "--eval-interval", "2"]
-    result = run("train.py", *args)
-    assert result.returncode == 0, result.stderr
-    assert sorted([*RUN_FILES, LOCK_FILE]) == sorted(p.name for p in out.iterdir() if p.is_file())
-    return out, args
+from tests.runs import REPO, TINY, assert_user_error, metrics, run, run_process, snapshot, train_losses
 
 
 def test_train_writes_a_checkpoint_that_sample_reads(tiny_dataset, tmp_path):
