@@ -17,8 +17,8 @@ import importlib.metadata
 
 import torch
 
-from bench.common import (bench_args, copy_bandwidth_gbps, environment, median_ms, print_table, require_cuda,
-                          results_name, rotating, write_results)
+from bench.common import (bench_args, copy_bandwidth_gbps, environment, median_ms, print_table, print_targets,
+                          require_cuda, results_name, rotating, write_results)
 from tritongpt.kernels.layernorm import add_layer_norm, add_layer_norm_reference, layer_norm, layer_norm_reference
 
 ROWS = 16384
@@ -176,11 +176,9 @@ def main(argv=None):
         "torch_compile": "torch.compile(reference, dynamic=False), donated_buffer off, recompiled per width",
         "results": results, "targets": targets,
     })
-    missed = [t for t in targets if not t["met"]]
     print(f"{env['device']}: copy {copy_gbps:.0f} GB/s; torch {env['torch']}, triton {env['triton']}; "
           f"liger-kernel: {liger_status}; results in {path}")
-    print(f"targets met: {len(targets) - len(missed)}/{len(targets)}"
-          + "".join(f"\n  missed: width {t['width']}: {t['target']} (got {t['value']:.2f})" for t in missed))
+    print_targets(targets, lambda t: f"width {t['width']}")
     print_table(table, ["op", "width", "pass", "triton GB/s", "% copy", "eager GB/s", "compile GB/s",
                         "liger GB/s", "x eager", "x compile", "x liger"])
 

@@ -22,8 +22,8 @@ import importlib.metadata
 import torch
 import torch.nn.functional as F
 
-from bench.common import (bench_args, environment, matmul_peak_tflops, median_ms, print_table, require_cuda,
-                          results_name, rotating, write_results)
+from bench.common import (bench_args, environment, matmul_peak_tflops, median_ms, print_table, print_targets,
+                          require_cuda, results_name, rotating, write_results)
 from tritongpt.kernels.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
 
 TOKENS = (16384, 8192)
@@ -163,11 +163,9 @@ def main(argv=None):
         "torch_compile": "torch.compile(reference, dynamic=False), donated_buffer off, recompiled per N",
         "results": results, "targets": targets,
     })
-    missed = [t for t in targets if not t["met"]]
     print(f"{env['device']}: torch {env['torch']}, triton {env['triton']}; bf16 matmul ceiling {peak:.0f} TFLOP/s; "
           f"liger-kernel: {liger_status}; PyTorch's chunked loss: {torch_chunked_status}; results in {path}")
-    print(f"targets met: {len(targets) - len(missed)}/{len(targets)}"
-          + "".join(f"\n  missed: N={t['N']}: {t['target']} (got {t['value']:.2f})" for t in missed))
+    print_targets(targets, lambda t: f"N={t['N']}")
     for impl, why in failures.items():
         print(f"{impl}: {why}")
     impls = list(dict.fromkeys(r["impl"] for r in results))

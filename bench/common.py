@@ -98,6 +98,13 @@ def write_results(name: str, payload: dict) -> Path:
     return path
 
 
+def print_targets(targets: list[dict], where) -> None:
+    """How many targets ({"target", "value", "met", ...}) were met, and each one missed, placed by where(target)."""
+    missed = [t for t in targets if not t["met"]]
+    print(f"targets met: {len(targets) - len(missed)}/{len(targets)}"
+          + "".join(f"\n  missed: {where(t)}: {t['target']} (got {t['value']:.2f})" for t in missed))
+
+
 def print_table(rows: list[dict], columns: list[str]) -> None:
     widths = {c: max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns}
     print("  ".join(c.rjust(widths[c]) for c in columns))
