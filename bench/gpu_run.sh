@@ -104,6 +104,7 @@ step_tests_gpu() {
     rc=$?
     find "$own" -name '*.autotune.json' -delete
     mkdir -p "$main" && cp -r "$own"/. "$main"/  # entries are named by their contents' hash: nothing is replaced
+    rm -rf "$own"
     return $rc
 }
 step_throughput_quick() { "$PY" -m bench.train_throughput --quick ${DRY_RUN:+--dry-run}; }
@@ -138,8 +139,7 @@ declare -A LIMIT=([env]=20 [tests]=330 [memcheck]=110 [racecheck]=90 [attention]
 # 1.3x what it took on an H100 (HBM3, 80 GB) with cold caches: tests-gpu ~180 compiles in 8 processes and 60 tests,
 # 66 s; throughput-quick two cold torch.compile runs of GPT-2 (27 s for nanoGPT's) and 8 steps a variant; the kernels
 # one compile per compiled peer and ~2 s of timing per peer and pass, 14-29 s (LayerNorm's the most: torch.compile and
-# Liger-Kernel beside it); repeatability two processes starting
-# PyTorch and GPT-2 for 10 steps, 28 s.
+# Liger-Kernel beside it); repeatability two processes starting PyTorch and GPT-2 for 10 steps, 28 s.
 LIMIT+=([tests-gpu]=90 [throughput-quick]=170 [attention-quick]=25 [layernorm-quick]=45 [mlp-quick]=35
         [cross-entropy-quick]=30 [repeatability]=35)
 QUICK="env tests-gpu throughput-quick attention-quick layernorm-quick mlp-quick cross-entropy-quick repeatability"
