@@ -4,6 +4,7 @@
     torchrun --standalone --nproc_per_node=8 train.py --model gpt2 --data-dir data/mycorpus
 """
 import dataclasses
+import io
 import json
 import sys
 import time
@@ -39,7 +40,8 @@ def main(argv: list[str] | None = None) -> None:
     world = distributed.world_from_env(opts.device)
     with DirectoryLock(opts.out_dir) as out_dir_lock:  # rank 0 holds OUT_DIR from its checks to the end
         opts, config, ckpt = check_run(opts, given, world, out_dir_lock)  # every rank refuses a mistake alike,
-        distributed.join(world)                                           # before talking
+        world = replace(world, parallel=opts.parallel)                    # before talking
+        distributed.join(world)
         try:
             train(opts, config, ckpt, world)
             distributed.barrier(world)  # a rank that tore the group down while another still talked would abort it
@@ -62,7 +64,7 @@ class Run:
     opts: TrainOptions
     world: distributed.World
     config: GPTConfig
-    model: GPT                       # the bare model: its state dict, generation, MFU
+    model: GPT                       # the model itself (sharded in place under FSDP): its state, generation, MFU
     eval_model: torch.nn.Module      # the model as evaluation calls it (compiled when --compile)
     net: torch.nn.Module             # the model as the training step calls it (also DDP-wrapped under torchrun)
     optimizer: torch.optim.Optimizer
@@ -101,15 +103,18 @@ def set_up(opts: TrainOptions, config: GPTConfig, ckpt: dict | None, world: dist
         torch.manual_seed(opts.seed)
         model = GPT(config)
     model.to(world.device)
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])  # whole, before FSDP shards it
     dtype = compute_dtype(opts.dtype, world.device)
     scaler = torch.amp.GradScaler(world.device.type, enabled=dtype == torch.float16)
+    eval_model, net = distributed.wrap_model(model, world, opts.compile, opts.replicate,
+                                             opts.fsdp_reshard_after_forward, dtype)
     optimizer = model.configure_optimizers(opts.weight_decay, opts.learning_rate, (opts.beta1, opts.beta2),
                                            world.device.type)
     torch.manual_seed(opts.seed + world.rank)  # dropout differs per rank; the data order does not depend on it
     step = 0
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        distributed.load_optimizer_state(model, optimizer, ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
         train_data.load_state_dict(ckpt["data"])
         step = ckpt["iter_num"]
@@ -117,7 +122,6 @@ def set_up(opts: TrainOptions, config: GPTConfig, ckpt: dict | None, world: dist
     if ckpt is None and world.is_main:  # a new run: an earlier one's files were to go (--overwrite, or no checkpoint)
         for name in RUN_FILES:
             (Path(opts.out_dir) / name).unlink(missing_ok=True)
-    eval_model = torch.compile(model) if opts.compile else model
     logger = MetricsLogger(
         opts.out_dir, config={"options": dataclasses.asdict(opts), "model": dataclasses.asdict(config),
                               "num_params": model.num_params(), "world_size": world.size,
@@ -126,8 +130,7 @@ def set_up(opts: TrainOptions, config: GPTConfig, ckpt: dict | None, world: dist
         mode=opts.wandb_mode, resume_run_id=ckpt.get("wandb_run_id") if ckpt else None,
         resume_step=step + 1 if ckpt else None,  # the checkpoint's own step was logged before it was written
         enabled=world.is_main)
-    return Run(opts, world, config, model, eval_model, distributed.wrap_model(eval_model, world), optimizer, scaler,
-               dtype, autocast(dtype, world.device), train_data, val_data, tokenizer, logger, step,
+    return Run(opts, world, config, model, eval_model, net, optimizer, scaler, dtype, autocast(dtype, world.device), train_data, val_data, tokenizer, logger, step,
                step if ckpt else None, None, torch.tensor(opts.max_iters + 1, device=world.device))
 
 
@@ -190,7 +193,7 @@ def train(opts: TrainOptions, config: GPTConfig, ckpt: dict | None, world: distr
         curves = Path(opts.out_dir) / CURVES_FILE
         run.say(f"final val loss {run.eval_losses['val']:.3f} (train {run.eval_losses['train']:.3f})"
                 + (f"; the curves are in {curves}" if curves.exists() else ""))  # not drawn without matplotlib
-    if world.is_main and opts.sample_tokens > 0:
+    if opts.sample_tokens > 0 and (world.is_main or world.sharded):
         closing_sample(run)
 
 
@@ -279,7 +282,7 @@ def evaluate(run: Run) -> None:
     losses = {}
     for split, data in (("train", run.train_data), ("val", run.val_data)):
         batches = (data.fetch(starts) for starts in data.eval_batches(run.opts.eval_iters))
-        losses[split] = estimate_loss(run.eval_model, batches, run.autocast, run.world)
+        losses[split] = estimate_loss(run.eval_model, batches, run.autocast, run.world, lockstep=run.world.sharded)
     run.say(f"step {run.step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
     run.eval_losses = losses
     run.logger.log(run.step, {"val/loss": losses["val"], "train/eval_loss": losses["train"]})
@@ -288,16 +291,16 @@ def evaluate(run: Run) -> None:
 def save(run: Run) -> None:
     """Writes the checkpoint (atomically), after making sure that nothing non-finite replaces a good one."""
     stop_if_diverged(run)
-    state = run.model.state_dict()
-    if nonfinite_weights(state):
+    if distributed.max_on_host(int(bool(nonfinite_weights(distributed.local_shards(run.model)))), run.world):
         raise UserError(f"training diverged: the weights at step {run.step} hold inf or nan; {last_checkpoint(run)} "
                         "(try a lower --learning-rate)")
+    model_state, optimizer_state = distributed.full_state(run.model, run.optimizer)
     rng = distributed.gather_objects(rng_state(run.world.device), run.world)
     with interrupts_deferred():  # Ctrl-C meanwhile would leave a checkpoint on disk that the run does not know of
         if run.world.is_main:
             try:
                 save_checkpoint(run.checkpoint_path, {
-                    "model": state, "optimizer": run.optimizer.state_dict(),
+                    "model": model_state, "optimizer": optimizer_state,
                     "scaler": run.scaler.state_dict(), "model_config": dataclasses.asdict(run.config),
                     "options": dataclasses.asdict(run.opts), "tokenizer": pack_tokenizer(run.tokenizer),
                     "iter_num": run.step, "data": run.train_data.state_dict(), "rng": rng,
@@ -313,13 +316,18 @@ def save(run: Run) -> None:
 
 
 def closing_sample(run: Run) -> None:
-    print(f"checkpoint: {run.checkpoint_path}\n--- sample ---")
-    print(run.opts.sample_prompt, end="", flush=True)
+    """Rank 0 shows a sample. Under FSDP every rank generates it, since each layer's forward gathers its weights
+    from every rank: the ranks compute the same logits from the same weights, so with the same seed they draw
+    the same tokens and stop together."""
+    if run.world.is_main:
+        print(f"checkpoint: {run.checkpoint_path}\n--- sample ---")
+        print(run.opts.sample_prompt, end="", flush=True)
     run.model.eval()
     prompt = prompt_ids(run.tokenizer, run.opts.sample_prompt, run.config.block_size)
-    with run.autocast:
-        stream_text(run.model, run.tokenizer, prompt, run.opts.sample_tokens, run.world.device, temperature=0.8,
-                    top_k=200, generator=torch.Generator(run.world.device).manual_seed(run.opts.seed))
+    with run.autocast, distributed.whole_weights(run.model):
+        stream_text(run.model, run.tokenizer, prompt, run.opts.sample_tokens, run.world.device,
+                    out=None if run.world.is_main else io.StringIO(), temperature=0.8, top_k=200,
+                    generator=torch.Generator(run.world.device).manual_seed(run.opts.seed))
 
 
 def rng_state(device: torch.device) -> dict:
