@@ -173,6 +173,18 @@ def whole_weights(model: torch.nn.Module):
         model.reshard()
 
 
+TRAINING_STATE_BYTES = 16  # a float32 weight, its gradient and AdamW's two moments, per parameter
+
+
+def training_state_bytes(model: torch.nn.Module, shards: int = 1) -> int:
+    """The bytes of weights, gradients and AdamW state that the rank holding the most of them holds, from the
+    parameters' shapes alone (a model on the meta device will do): the whole of them under DDP (shards=1); under
+    FSDP split into `shards`, where each parameter is cut along its first dimension and a shard holds
+    ceil(rows / shards) of them at most (so uneven rows cost up to a row a parameter)."""
+    return TRAINING_STATE_BYTES * sum(-(-p.shape[0] // shards) * (p.numel() // max(p.shape[0], 1))
+                                      for p in model.parameters())
+
+
 _FULL_ON_RANK_0 = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 

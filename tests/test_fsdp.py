@@ -1,0 +1,114 @@
+"""FSDP2 (--parallel fsdp): under torchrun, 2 processes on gloo (CPU), it trains the model that one process (and DDP)
+trains, each rank holds half of the weights, gradients and AdamW state, and every op implementation, torch.compile
+and HSDP run under it; run alone it is a world of one; its mistaken combinations are refused in one line."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.runs import REPO, TINY, assert_user_error, run, train_losses
+from tests.test_ddp import SCHEDULE, adam_step_bound, finished, metrics_by_step, torchrun
+
+SIX_STEPS = [*TINY, *SCHEDULE, "--max-iters", "6"]
+
+
+@pytest.fixture(scope="module")
+def single_run(tiny_dataset, tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp") / "single"
+    assert run("train.py", "--data-dir", str(tiny_dataset), "--out-dir", str(out), *SIX_STEPS).returncode == 0
+    return out
+
+
+@pytest.mark.slow
+def test_two_ranks_under_fsdp_train_the_same_model_as_one_process(tiny_dataset, single_run, tmp_path):
+    out = tmp_path / "fsdp"
+    # The closing sample runs on every rank (each layer's forward gathers its weights from both), shown by rank 0.
+    output = finished(torchrun("--data-dir", str(tiny_dataset), "--out-dir", str(out), *SIX_STEPS, "--parallel",
+                               "fsdp", "--sample-tokens", "8", "--sample-prompt", "class"))
+    assert "2 processes x 2 micro-batches each" in output
+    assert output.count("--- sample ---") == 1
+    fsdp, one = metrics_by_step(out), metrics_by_step(single_run)
+    assert sorted(fsdp) == sorted(one) == list(range(0, 7))
+    # As for DDP (tests/test_ddp.py, which holds DDP to the same one-process run): step 1 starts from the same
+    # weights on the same windows, and only the order in which the micro-batches' gradients are summed differs, a
+    # few fp32 roundings; the gradient norm, computed over the two ranks' shards of the gradients, too.
+    assert fsdp[1]["grad_norm"] == pytest.approx(one[1]["grad_norm"], rel=1e-5)
+    for step in range(1, 7):
+        assert fsdp[step]["train/loss"] == pytest.approx(one[step]["train/loss"], rel=1e-5), step
+    assert [m["val/loss"] for m in fsdp.values() if "val/loss" in m] == pytest.approx(
+        [m["val/loss"] for m in one.values() if "val/loss" in m], rel=1e-5)
+    lr = [m["lr"] for step, m in sorted(one.items()) if step >= 1]
+    bound = sum(2 * lr_t * adam_step_bound(t, 0.9, 0.95) for t, lr_t in enumerate(lr, start=1))
+    # The checkpoint holds the whole model, gathered from the shards, under the names one process gives it.
+    a = torch.load(out / "ckpt.pt", weights_only=True)["model"]
+    b = torch.load(single_run / "ckpt.pt", weights_only=True)["model"]
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=bound, msg=name)
+    # sample.py reads it on one process, and draws what the ranks drew together (its defaults are the closing
+    # sample's).
+    sampled = run("sample.py", "--checkpoint", str(out), "--prompt", "class", "--max-new-tokens", "8")
+    assert sampled.returncode == 0, sampled.stderr
+    assert "--- sample ---\n" + sampled.stdout in output
+
+
+@pytest.mark.slow
+def test_each_rank_holds_half_the_training_state_and_every_way_of_running_steps_alike():
+    """tests/fsdp_worker.py takes one optimizer step (two micro-batches a rank) with the torch ops, the Triton ops
+    (on the interpreter), torch.compile, and HSDP (2 replicas of 1 shard) keeping gathered weights after the
+    forward, each from the same weights on the same batches."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "tests.fsdp_worker"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    [line] = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    result = json.loads(line.removeprefix("RESULT "))
+    reference = result["torch"]
+    whole, half = reference["computed"]["ddp"], reference["computed"]["fsdp"]
+    # The shards partition the whole: each parameter is split by rows, and rank 0 takes the larger part of those
+    # that do not split evenly (401 tokens, 24 positions), which the computed figure counts it for.
+    held = [sum(rank.values()) for rank in reference["held"]]
+    assert sum(held) == whole
+    assert held[0] == half and whole / 2 - (half - whole / 2) <= held[1] <= half
+    for rank in reference["held"]:  # weights, gradients and the two moments: 4 + 4 + 8 bytes a parameter
+        assert rank["weights"] == rank["gradients"] == rank["optimizer"] / 2
+    for way in ("triton", "compiled", "hsdp"):
+        assert result[way]["loss"] == pytest.approx(reference["loss"], rel=1e-5), way
+        assert result[way]["grad_norm"] == pytest.approx(reference["grad_norm"], rel=1e-5), way
+    # HSDP with a single shard in each replica: each rank holds all of it, as under DDP.
+    assert [sum(rank.values()) for rank in result["hsdp"]["held"]] == [whole, whole]
+
+
+def test_alone_fsdp_is_a_world_of_one_that_trains_as_one_process_and_resumes(tiny_dataset, single_run, tmp_path):
+    out = tmp_path / "alone"
+    args = ["--data-dir", str(tiny_dataset), "--out-dir", str(out), *TINY, *SCHEDULE, "--parallel", "fsdp"]
+    first = run("train.py", *args, "--max-iters", "3")
+    assert first.returncode == 0, first.stderr
+    resumed = run("train.py", "--resume", "--out-dir", str(out), "--max-iters", "6")
+    assert resumed.returncode == 0, resumed.stderr
+    assert train_losses(out) == pytest.approx(train_losses(single_run), rel=1e-5)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--replicate", "2"], "--replicate applies to --parallel fsdp only; add --parallel fsdp or drop it"),
+    (["--fsdp-reshard-after-forward", "false"],
+     "--fsdp-reshard-after-forward applies to --parallel fsdp only; add --parallel fsdp or drop it"),
+    (["--parallel", "fsdp", "--replicate", "2"],
+     "--replicate 2 does not divide the 1 processes into equal groups; pass a divisor of 1"),
+    (["--parallel", "fsdp", "--replicate", "0"], "--replicate must be at least 1, got 0"),
+    (["--parallel", "zero"], "--parallel: invalid choice: 'zero'"),
+])
+def test_mistaken_fsdp_options_are_refused_in_one_line(tiny_dataset, tmp_path, args, message):
+    result = run("train.py", "--data-dir", str(tiny_dataset), "--out-dir", str(tmp_path / "out"), *TINY, *args)
+    assert_user_error(result, message)
+    assert not (tmp_path / "out" / "ckpt.pt").exists()
+
+
+def test_a_run_resumes_under_the_parallelism_its_optimizer_state_was_saved_in(finished_run):
+    out, _ = finished_run
+    result = run("train.py", "--resume", "--out-dir", str(out), "--max-iters", "3", "--parallel", "fsdp")
+    assert_user_error(result, f"the checkpoint in {out} was written under --parallel ddp, whose optimizer state "
+                              "--parallel fsdp cannot read; resume with --parallel ddp")
