@@ -291,7 +291,7 @@ def evaluate(run: Run) -> None:
 def save(run: Run) -> None:
     """Writes the checkpoint (atomically), after making sure that nothing non-finite replaces a good one."""
     stop_if_diverged(run)
-    if distributed.max_on_host(int(bool(nonfinite_weights(distributed.local_shards(run.model)))), run.world):
+    if distributed.on_any_rank(bool(nonfinite_weights(distributed.local_shards(run.model))), run.world):
         raise UserError(f"training diverged: the weights at step {run.step} hold inf or nan; {last_checkpoint(run)} "
                         "(try a lower --learning-rate)")
     model_state, optimizer_state = distributed.full_state(run.model, run.optimizer)

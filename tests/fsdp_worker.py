@@ -3,12 +3,14 @@ the same weights on the same micro-batches, with what each rank holds of its tra
 line, RESULT followed by JSON."""
 import functools
 import json
+import math
 import os
 
 import torch
 from torch.distributed.tensor import DTensor
 
 from tritongpt import distributed
+from tritongpt.checkpoint import nonfinite_weights
 from tritongpt.loop import train_step
 from tritongpt.model import GPT, GPTConfig
 from tritongpt.model.config import OP_FIELDS
@@ -31,17 +33,27 @@ def one_step(world: distributed.World, ops: str, compile: bool = False, replicat
     held = {}
     optimizer.register_step_pre_hook(  # the gradients exist between the backward and the step
         lambda *_: held.update(gradients=local_bytes(p.grad for p in model.parameters())))
+    reductions = []  # FSDP's gradient reductions: one per unit and step, on the last micro-batch alone
+    reduce_scatter = torch.distributed.reduce_scatter_single
+    torch.distributed.reduce_scatter_single = lambda *a, **k: reductions.append(1) or reduce_scatter(*a, **k)
     data = torch.Generator().manual_seed(1 + world.rank)  # each rank its own micro-batches
     tokens = torch.randint(0, CONFIG.vocab_size, (MICRO_STEPS, BATCH, CONFIG.block_size + 1), generator=data)
     no_scaling, no_autocast = torch.amp.GradScaler("cpu", enabled=False), torch.autocast("cpu", enabled=False)
     loss, grad_norm = train_step(model, net, optimizer, no_scaling, [(t[:, :-1], t[:, 1:]) for t in tokens],
                                  MICRO_STEPS, no_autocast, grad_clip=1.0)
+    torch.distributed.reduce_scatter_single = reduce_scatter
     held.update(weights=local_bytes(model.parameters()),
                 optimizer=local_bytes(s[k] for s in optimizer.state.values() for k in ("exp_avg", "exp_avg_sq")))
     loss = distributed.sum_across_ranks(loss, world).item() / world.size
+    # train.py's divergence guard before a checkpoint: a nan in one rank's shard alone stops every rank.
+    if world.rank == world.size - 1:
+        with torch.no_grad():
+            model.transformer.wpe.weight.to_local()[-1, 0] = math.nan
+    nan_seen = distributed.on_any_rank(bool(nonfinite_weights(distributed.local_shards(model))), world)
     with torch.device("meta"):
         whole = GPT(CONFIG)
     return {"loss": loss, "grad_norm": grad_norm.item(), "held": distributed.gather_objects(held, world),
+            "reductions": len(reductions), "nan_seen": nan_seen,
             "computed": {"ddp": distributed.training_state_bytes(whole),
                          "fsdp": distributed.training_state_bytes(whole, world.size)}}
 

@@ -56,7 +56,7 @@ def test_two_ranks_under_fsdp_train_the_same_model_as_one_process(tiny_dataset, 
 
 
 @pytest.mark.slow
-def test_each_rank_holds_half_the_training_state_and_every_way_of_running_steps_alike():
+def test_each_rank_holds_half_the_training_state_and_every_way_of_running_takes_the_same_step():
     """tests/fsdp_worker.py takes one optimizer step (two micro-batches a rank) with the torch ops, the Triton ops
     (on the interpreter), torch.compile, and HSDP (2 replicas of 1 shard) keeping gathered weights after the
     forward, each from the same weights on the same batches."""
@@ -75,6 +75,11 @@ def test_each_rank_holds_half_the_training_state_and_every_way_of_running_steps_
     assert held[0] == half and whole / 2 - (half - whole / 2) <= held[1] <= half
     for rank in reference["held"]:  # weights, gradients and the two moments: 4 + 4 + 8 bytes a parameter
         assert rank["weights"] == rank["gradients"] == rank["optimizer"] / 2
+    # Gradient accumulation reduces once a step, on the last micro-batch: one reduce-scatter for each of the three
+    # units (the two Blocks and the root), not one for each micro-batch.
+    assert [result[way]["reductions"] for way in ("torch", "triton", "compiled")] == [3, 3, 3]
+    # The divergence guard: a nan in the last rank's shard alone is seen by both.
+    assert all(result[way]["nan_seen"] for way in result)
     for way in ("triton", "compiled", "hsdp"):
         assert result[way]["loss"] == pytest.approx(reference["loss"], rel=1e-5), way
         assert result[way]["grad_norm"] == pytest.approx(reference["grad_norm"], rel=1e-5), way

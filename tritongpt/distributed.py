@@ -230,6 +230,11 @@ def max_on_host(value: int, world: World) -> int:
     return int(t)
 
 
+def on_any_rank(flag: bool, world: World) -> bool:
+    """Whether the flag is set on some rank (computed on the host, like max_on_host)."""
+    return bool(max_on_host(int(flag), world))
+
+
 def gather_objects(obj, world: World) -> list:
     """obj from every rank, in rank order (a list of one when alone)."""
     if not world.distributed:
