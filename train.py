@@ -130,8 +130,9 @@ def set_up(opts: TrainOptions, config: GPTConfig, ckpt: dict | None, world: dist
         mode=opts.wandb_mode, resume_run_id=ckpt.get("wandb_run_id") if ckpt else None,
         resume_step=step + 1 if ckpt else None,  # the checkpoint's own step was logged before it was written
         enabled=world.is_main)
-    return Run(opts, world, config, model, eval_model, net, optimizer, scaler, dtype, autocast(dtype, world.device), train_data, val_data, tokenizer, logger, step,
-               step if ckpt else None, None, torch.tensor(opts.max_iters + 1, device=world.device))
+    return Run(opts, world, config, model, eval_model, net, optimizer, scaler, dtype, autocast(dtype, world.device),
+               train_data, val_data, tokenizer, logger, step, step if ckpt else None, None,
+               torch.tensor(opts.max_iters + 1, device=world.device))
 
 
 def ensure_dataset(opts: TrainOptions, world: distributed.World) -> dict:

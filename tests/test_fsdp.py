@@ -9,6 +9,8 @@ import sys
 import pytest
 import torch
 
+from bench import fsdp_memory, train_throughput
+from tritongpt import distributed
 from tests.runs import REPO, TINY, assert_user_error, run, train_losses
 from tests.test_ddp import SCHEDULE, adam_step_bound, finished, metrics_by_step, torchrun
 
@@ -117,3 +119,20 @@ def test_a_run_resumes_under_the_parallelism_its_optimizer_state_was_saved_in(fi
     result = run("train.py", "--resume", "--out-dir", str(out), "--max-iters", "3", "--parallel", "fsdp")
     assert_user_error(result, f"the checkpoint in {out} was written under --parallel ddp, whose optimizer state "
                               "--parallel fsdp cannot read; resume with --parallel ddp")
+
+
+def test_training_state_bytes_per_rank_from_the_shapes():
+    model = torch.nn.Sequential(torch.nn.Linear(5, 3), torch.nn.Embedding(7, 2))
+    # Whole: (15 + 3 + 14) parameters x 16 bytes. In 2 shards the largest holds 2 of the Linear's 3 rows (2 x 5) and
+    # of its bias (2), and 4 of the embedding's 7 rows (4 x 2).
+    assert distributed.training_state_bytes(model) == 32 * 16
+    assert distributed.training_state_bytes(model, 2) == (10 + 2 + 8) * 16
+    rows = {row["model"]: row for row in fsdp_memory.table([8])}
+    assert rows["gpt2"]["ddp"] == 16 * 124_439_808  # GPT-2 124M, its position embedding included
+    # An uneven split costs a parameter at most one row over an eighth: GPT-2 has 148 parameters, rows of <= 3072.
+    assert rows["gpt2"]["ddp"] / 8 <= rows["gpt2"]["fsdp8"] <= rows["gpt2"]["ddp"] / 8 + 16 * 148 * 3072
+
+
+def test_the_throughput_benchmark_plans_an_fsdp_run(capsys):
+    train_throughput.main(["--quick", "--parallel", "fsdp", "--dry-run"])
+    assert "each model under FSDP2 (a world of one)" in capsys.readouterr().out
