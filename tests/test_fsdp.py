@@ -11,6 +11,9 @@ import torch
 
 from bench import fsdp_memory, train_throughput
 from tritongpt import distributed
+from tritongpt.errors import UserError
+from tritongpt.files import DirectoryLock
+from tritongpt.train_options import TrainOptions, check_run
 from tests.runs import REPO, TINY, assert_user_error, run, train_losses
 from tests.test_ddp import SCHEDULE, adam_step_bound, finished, metrics_by_step, torchrun
 
@@ -136,3 +139,13 @@ def test_training_state_bytes_per_rank_from_the_shapes():
 def test_the_throughput_benchmark_plans_an_fsdp_run(capsys):
     train_throughput.main(["--quick", "--parallel", "fsdp", "--dry-run"])
     assert "each model under FSDP2 (a world of one)" in capsys.readouterr().out
+
+
+def test_fsdp_refuses_float16_whose_gradient_scaler_it_does_not_support(tiny_dataset, tmp_path):
+    # On a GPU (float16 is a GPU's dtype): the check runs before anything touches the device.
+    world = distributed.World(rank=0, size=1, device=torch.device("cuda"))
+    opts = TrainOptions(data_dir=str(tiny_dataset), out_dir=str(tmp_path / "out"), parallel="fsdp", dtype="float16")
+    with DirectoryLock(tmp_path / "out") as lock, pytest.raises(UserError) as refused:
+        check_run(opts, {"parallel", "dtype"}, world, lock)
+    assert str(refused.value) == ("--parallel fsdp computes in bfloat16 or float32, not float16 (whose GradScaler it "
+                                  "does not support); pass --dtype bfloat16 or --dtype float32")
