@@ -21,10 +21,12 @@ pytestmark = pytest.mark.slow
 SCHEDULE = ["--eval-interval", "3", "--lr-decay-iters", "6", "--warmup-iters", "2", "--grad-accum", "4"]
 
 
-def torchrun(*args: str, nproc: int = 2, **popen) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+def torchrun(*args: str, nproc: int = 2, launcher: tuple[str, ...] = (), env_extra: dict | None = None,
+             **popen) -> subprocess.Popen:
+    """train.py under torchrun, with launcher's options for torchrun itself."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env_extra or {})}
     return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                             f"--nproc_per_node={nproc}", "train.py", *args],
+                             f"--nproc_per_node={nproc}", *launcher, "train.py", *args],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
 
 

@@ -203,7 +203,7 @@ def resumed_options(opts: TrainOptions, given: set[str], ckpt: dict, restarted: 
     saved = {k: v for k, v in ckpt["options"].items() if k in TrainOptions.__dataclass_fields__}
     # OUT_DIR is where the checkpoint was found, whatever the run that wrote it was called.
     opts = TrainOptions(**{**saved, **{k: getattr(opts, k) for k in given}, "out_dir": opts.out_dir,
-                           "overwrite": False})
+                           "resume": True, "overwrite": False})
     if opts.max_iters <= ckpt["iter_num"] and not restarted:  # a restart after the last step finishes at once
         raise UserError(f"the run in {opts.out_dir} is already at step {ckpt['iter_num']} (--max-iters "
                         f"{opts.max_iters}); pass a larger --max-iters to train further")
