@@ -20,7 +20,8 @@ from tritongpt.textgen import prompt_ids, stream_text
 
 @dataclass(frozen=True)
 class SampleOptions:
-    checkpoint: str = option("out/ckpt.pt", "checkpoint written by train.py, or the --out-dir holding it",
+    checkpoint: str = option("out", "a run's --out-dir (its latest checkpoint), one of its checkpoints/step_* "
+                             "folders, or a single-file checkpoint",
                              metavar="PATH", group="sampling")
     prompt: str = option("", "text to continue (empty: start a new document)")
     prompt_file: str | None = option(None, "read the prompt from this file instead", metavar="FILE")
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     device = resolve_device(opts.device)
     dtype = compute_dtype(opts.dtype, device)
 
-    ckpt = load_checkpoint(opts.checkpoint)
+    ckpt = load_checkpoint(opts.checkpoint, with_optimizer=False)
     ops = resolve_ops(opts, device)
     config = GPTConfig.from_dict({**ckpt["model_config"], **ops})
     tokenizer = read_tokenizer(opts, ckpt, config.vocab_size)

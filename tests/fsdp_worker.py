@@ -49,7 +49,7 @@ def one_step(world: distributed.World, ops: str, compile: bool = False, replicat
     if world.rank == world.size - 1:
         with torch.no_grad():
             model.transformer.wpe.weight.to_local()[-1, 0] = math.nan
-    nan_seen = distributed.on_any_rank(bool(nonfinite_weights(distributed.local_shards(model))), world)
+    nan_seen = distributed.max_on_host(len(nonfinite_weights(model.state_dict())), world) > 0
     with torch.device("meta"):
         whole = GPT(CONFIG)
     return {"loss": loss, "grad_norm": grad_norm.item(), "held": distributed.gather_objects(held, world),

@@ -16,7 +16,8 @@ from tritongpt.options import run_main
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = ["--model", "tiny", "--batch-size", "4", "--eval-iters", "2", "--log-interval", "1", "--sample-tokens", "0"]
-RUN_FILES = ("ckpt.pt", "metrics.jsonl", "config.json", "training_curves.png")
+RUN_FILES = ("checkpoints", "metrics.jsonl", "config.json", "training_curves.png")
+FINAL_CHECKPOINT = "checkpoints/step_000002"  # finished_run's
 def run(script: str, *args: str):
     """The script's main() in this process, exactly as its command line runs it (start-up costs seconds a process)."""
     main = {"train.py": train.main, "sample.py": sample.main, "data/prepare.py": prepare.main}[script]
@@ -53,9 +54,10 @@ def train_losses(out_dir: Path) -> dict[int, float]:
 
 
 def snapshot(out: Path) -> dict[str, bytes]:
-    """Every file of a run directory, by name: what a refused command must leave byte-identical (all but the lock
-    file, which names the last process to hold the directory)."""
-    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file() and p.name != LOCK_FILE}
+    """Every file of a run directory, by its path in it: what a refused command must leave byte-identical (all but
+    the lock file, which names the last process to hold the directory)."""
+    return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*"))
+            if p.is_file() and p.name != LOCK_FILE}
 
 
 def finished_run(dataset: Path, out: Path) -> list[str]:
@@ -63,5 +65,6 @@ def finished_run(dataset: Path, out: Path) -> list[str]:
     args = ["--data-dir", str(dataset), "--out-dir", str(out), *TINY, "--max-iters", "2", "--eval-interval", "2"]
     result = run("train.py", *args)
     assert result.returncode == 0, result.stderr
-    assert sorted([*RUN_FILES, LOCK_FILE]) == sorted(p.name for p in out.iterdir() if p.is_file())
+    assert sorted([*RUN_FILES, LOCK_FILE]) == sorted(p.name for p in out.iterdir())
+    assert (out / "checkpoints" / "latest").read_text() == "step_000002\n"
     return args

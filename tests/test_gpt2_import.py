@@ -4,6 +4,7 @@ import torch
 
 from tritongpt.model import GPTConfig, load_gpt2
 from tests.runs import TINY, assert_user_error, run
+from tritongpt.checkpoint import load_checkpoint
 
 transformers = pytest.importorskip("transformers")
 TINY_OPTIONS = [arg for arg in TINY if arg not in ("--model", "tiny")]  # --init-from brings the model's shape
@@ -61,7 +62,7 @@ def test_train_py_fine_tunes_from_a_gpt2_directory(tiny_dataset, tmp_path):
     result = run("train.py", "--data-dir", str(tiny_dataset), "--out-dir", str(out), *TINY_OPTIONS, "--max-iters", "1",
                  "--init-from", str(tmp_path / "gpt2"))
     assert result.returncode == 0, result.stderr
-    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    ckpt = load_checkpoint(out)
     saved = ckpt["model_config"]
     assert (saved["n_layer"], saved["n_embd"], saved["block_size"]) == (2, 32, 64)
     # Fine-tuning's default peak rate: a twentieth of a new model's at this width, 6e-3 x 128 / 32.
@@ -83,7 +84,7 @@ def test_init_from_crops_the_context_and_refuses_other_shape_options(tiny_datase
     out = tmp_path / "cropped"
     result = run("train.py", *common, "--out-dir", str(out), "--block-size", "16")
     assert result.returncode == 0, result.stderr
-    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    ckpt = load_checkpoint(out)
     assert ckpt["model_config"]["block_size"] == 16
     # The first 16 learned positions, moved by at most one AdamW step (lr 1e-9, its weight decay negligible).
     torch.testing.assert_close(ckpt["model"]["transformer.wpe.weight"], hf.transformer.wpe.weight[:16].detach(),

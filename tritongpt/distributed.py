@@ -1,6 +1,5 @@
 """Data-parallel training under torchrun, in one place: process-group set-up, wrapping the model (DDP, or FSDP2's
-fully_shard), gradient-sync control for accumulation, gathering a sharded model's state, and the few collectives the
-trainer needs.
+fully_shard), gradient-sync control for accumulation, and the few collectives the trainer needs.
 
 DDP keeps the whole model, its gradients and AdamW's state on every rank; FSDP2 (`parallel="fsdp"`) shards all three
 across the ranks, gathering each Block's weights just before it computes, so a rank holds about 1/N of them between
@@ -18,8 +17,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict, set_optimizer_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
@@ -35,6 +32,9 @@ PARALLELISMS = ("ddp", "fsdp")
 # A gloo group beside NCCL's, for the flags the ranks agree on at every step: on the host, such a flag never waits
 # for the GPU. (On CPU the default group is gloo already, and this stays None.)
 _host_group = None
+# A gloo group of its own for checkpoint writes, whose collectives run in a background thread while the training
+# step's run in the main one: two threads must never share a group.
+_checkpoint_group = None
 
 
 @dataclass(frozen=True)
@@ -87,6 +87,20 @@ def join(world: World) -> None:
                             device_id=world.device if world.device.type == "cuda" else None, **alone)
     if backend == "nccl" and world.distributed:
         _host_group = dist.new_group(backend="gloo")
+    global _checkpoint_group
+    _checkpoint_group = dist.new_group(backend="gloo")
+
+
+def checkpoint_group():
+    """The process group checkpoints are written with (None in a world of one)."""
+    return _checkpoint_group
+
+
+def launch() -> tuple[str | None, int]:
+    """(torchrun's id of this job, how many times it restarted the workers): (None, 0) when run alone. A restarted
+    worker keeps the job's id; a new launch gets a new one, unless the user names the job (--rdzv-id) and names
+    the next one alike, and "none" is torchrun's own name for a job whose user named none."""
+    return os.environ.get("TORCHELASTIC_RUN_ID"), int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
 
 
 def wrap_model(model: torch.nn.Module, world: World, compile: bool = False, replicate: int = 1,
@@ -153,11 +167,6 @@ def whole(value: torch.Tensor) -> torch.Tensor:
     return value.full_tensor() if isinstance(value, DTensor) else value
 
 
-def local_shards(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The model's state as this rank holds it: the whole tensors under DDP, this rank's shards under FSDP."""
-    return {name: t.to_local() if isinstance(t, DTensor) else t for name, t in model.state_dict().items()}
-
-
 @contextlib.contextmanager
 def whole_weights(model: torch.nn.Module):
     """Inside this block the model can be called by its methods other than forward (text generation): under FSDP
@@ -185,26 +194,6 @@ def training_state_bytes(model: torch.nn.Module, shards: int = 1) -> int:
                                       for p in model.parameters())
 
 
-_FULL_ON_RANK_0 = StateDictOptions(full_state_dict=True, cpu_offload=True)
-
-
-def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
-    """(model state dict, optimizer state dict) as a single-file checkpoint holds them. Under FSDP the shards are
-    gathered into whole tensors on rank 0's CPU (a collective: every rank calls it; the others get empty dicts)."""
-    if not isinstance(model, FSDPModule):
-        return model.state_dict(), optimizer.state_dict()
-    return (get_model_state_dict(model, options=_FULL_ON_RANK_0),
-            get_optimizer_state_dict(model, optimizer, options=_FULL_ON_RANK_0))
-
-
-def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
-    """Loads an optimizer state dict that full_state returned (under FSDP each rank keeps its shard of it)."""
-    if not isinstance(model, FSDPModule):
-        optimizer.load_state_dict(state)
-        return
-    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
-
-
 def sum_across_ranks(value: torch.Tensor, world: World) -> torch.Tensor:
     return _all_reduce(value, dist.ReduceOp.SUM, world)  # gloo has no AVG
 
@@ -230,11 +219,6 @@ def max_on_host(value: int, world: World) -> int:
     return int(t)
 
 
-def on_any_rank(flag: bool, world: World) -> bool:
-    """Whether the flag is set on some rank (computed on the host, like max_on_host)."""
-    return bool(max_on_host(int(flag), world))
-
-
 def gather_objects(obj, world: World) -> list:
     """obj from every rank, in rank order (a list of one when alone)."""
     if not world.distributed:
@@ -250,7 +234,7 @@ def barrier(world: World) -> None:
 
 
 def leave(world: World) -> None:
-    global _host_group
+    global _host_group, _checkpoint_group
     if (world.distributed or world.sharded) and dist.is_initialized():
-        dist.destroy_process_group()  # every group, the host group included
-        _host_group = None
+        dist.destroy_process_group()  # every group, the host and checkpoint groups included
+        _host_group = _checkpoint_group = None
