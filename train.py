@@ -300,7 +300,7 @@ def evaluate(run: Run) -> None:
     losses = {}
     for split, data in (("train", run.train_data), ("val", run.val_data)):
         batches = (data.fetch(starts) for starts in data.eval_batches(run.opts.eval_iters))
-        losses[split] = estimate_loss(run.eval_model, batches, run.autocast, run.world, lockstep=run.world.sharded)
+        losses[split] = estimate_loss(run.eval_model, batches, run.autocast, run.world)
     run.say(f"step {run.step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
     run.eval_losses = losses
     run.logger.log(run.step, {"val/loss": losses["val"], "train/eval_loss": losses["train"]})

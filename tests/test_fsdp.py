@@ -18,7 +18,9 @@ from tritongpt.train_options import TrainOptions, check_run
 from tests.runs import REPO, TINY, assert_user_error, run, train_losses
 from tests.test_ddp import SCHEDULE, adam_step_bound, finished, metrics_by_step, torchrun
 
-SIX_STEPS = [*TINY, *SCHEDULE, "--max-iters", "6"]
+# Three evaluation batches: rank 0 gets two, rank 1 one, and runs a second one uncounted (a sharded model's forward
+# is a collective, which both ranks must make alike).
+SIX_STEPS = [*TINY, *SCHEDULE, "--max-iters", "6", "--eval-iters", "3"]
 
 
 @pytest.fixture(scope="module")

@@ -40,14 +40,14 @@ def train_step(model: torch.nn.Module, net: torch.nn.Module, optimizer: torch.op
 
 @torch.no_grad()
 def estimate_loss(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], autocast,
-                  world: distributed.World, lockstep: bool = False) -> float:
+                  world: distributed.World) -> float:
     """The mean loss over (x, y) batches, this rank's share of them, averaged over every rank's batches (ranks
     may hold unequal shares, so sums and counts are added up rather than means averaged).
 
-    lockstep: the model's forward is a collective (a sharded model), so a rank with fewer batches than another
-    runs its last one again, uncounted, until each has run as many (one with none runs a single token)."""
+    A sharded model's forward is a collective, so there a rank with fewer batches than another runs its last one
+    again, uncounted, until each has run as many (one with none runs a single token)."""
     owed = 0
-    if lockstep:
+    if world.sharded:
         batches = list(batches)
         owed = distributed.max_on_host(len(batches), world) - len(batches)
     model.eval()
