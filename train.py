@@ -19,7 +19,7 @@ from tritongpt.checkpoint import (CHECKPOINT_FILE, interrupts_deferred, nonfinit
                                   save_checkpoint)
 from tritongpt.data.loader import TokenWindows
 from tritongpt.data.prepare import prepare
-from tritongpt.data.tokenizer import Tokenizer
+from tritongpt.data.tokenizer import HuggingFaceTokenizer, Tokenizer, load_tokenizer
 from tritongpt.device import autocast, compute_dtype, out_of_memory
 from tritongpt.errors import UserError
 from tritongpt.files import DirectoryLock, disk_full
@@ -71,7 +71,7 @@ class Run:
     autocast: torch.autocast
     train_data: TokenWindows
     val_data: TokenWindows
-    tokenizer: Tokenizer
+    tokenizer: Tokenizer | HuggingFaceTokenizer
     logger: MetricsLogger
     step: int                        # optimizer steps taken
     checkpoint_step: int | None      # the step of the last checkpoint written (or resumed from)
@@ -94,7 +94,7 @@ def set_up(opts: TrainOptions, config: GPTConfig, ckpt: dict | None, world: dist
     if ckpt is None and not opts.init_from:
         config = replace(config, vocab_size=meta["vocab_size"])
     train_data, val_data = check_dataset(opts, config, meta, ckpt, world)
-    tokenizer = Tokenizer(Path(opts.data_dir) / meta["tokenizer"])
+    tokenizer = load_tokenizer(Path(opts.data_dir) / meta["tokenizer"], meta.get("eot_id"))
     if opts.init_from and ckpt is None:
         model = load_gpt2(opts.init_from, config)
     else:

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import sample
 import train
+from tritongpt import export
 from tritongpt.data import prepare
 from tritongpt.files import LOCK_FILE
 from tritongpt.options import run_main
@@ -19,7 +20,8 @@ TINY = ["--model", "tiny", "--batch-size", "4", "--eval-iters", "2", "--log-inte
 RUN_FILES = ("ckpt.pt", "metrics.jsonl", "config.json", "training_curves.png")
 def run(script: str, *args: str):
     """The script's main() in this process, exactly as its command line runs it (start-up costs seconds a process)."""
-    main = {"train.py": train.main, "sample.py": sample.main, "data/prepare.py": prepare.main}[script]
+    main = {"train.py": train.main, "sample.py": sample.main, "data/prepare.py": prepare.main,
+            "-m tritongpt.export": export.main}[script]
     out, err = io.StringIO(), io.StringIO()
     with redirect_stdout(out), redirect_stderr(err):
         try:
