@@ -3,6 +3,7 @@ Hugging Face tokenizer it is given (GPT-2's, to fine-tune GPT-2 on its own token
 decode(encode(text)) == text for any text, and behind the same interface: encode, encode_batch, decode, vocab_size,
 eot_id, and `model`, the bytes of the file that holds the tokenizer (what a dataset copies and a checkpoint carries).
 """
+import importlib
 import json
 from pathlib import Path
 
@@ -83,25 +84,23 @@ class Tokenizer:
         decode() do. Its vocabulary holds sentencepiece's pieces with a plain space where they hold SPACE_MARK: a
         SPACE_MARK in the text is then a character outside the vocabulary, which falls back to its three bytes, as
         encode() writes it. The end-of-document and unknown tokens are special tokens."""
-        from sentencepiece import sentencepiece_model_pb2
-        from tokenizers import AddedToken, decoders, models
-        from tokenizers import Tokenizer as Backend
-
+        sentencepiece_model_pb2 = hugging_face_dependency("sentencepiece.sentencepiece_model_pb2")
+        tokenizers = hugging_face_dependency("tokenizers")
         proto = sentencepiece_model_pb2.ModelProto.FromString(self.model)
-        piece_type = sentencepiece_model_pb2.ModelProto.SentencePiece.Type
         pieces = [p.piece.replace(SPACE_MARK, " ") for p in proto.pieces]
         unk_id = self._sp.unk_id()
         if proto.trainer_spec.model_type == proto.trainer_spec.UNIGRAM:
-            model = models.Unigram([(piece, p.score) for piece, p in zip(pieces, proto.pieces)], unk_id=unk_id,
-                                   byte_fallback=True)
+            scored = [(piece, p.score) for piece, p in zip(pieces, proto.pieces)]
+            model = tokenizers.models.Unigram(scored, unk_id=unk_id, byte_fallback=True)
         else:  # bpe, or char: a vocabulary of single characters, so no merges
-            model = models.BPE({piece: i for i, piece in enumerate(pieces)}, _merges(pieces, proto.pieces),
-                               unk_token=pieces[unk_id], byte_fallback=True)
-        backend = Backend(model)
+            vocab = {piece: i for i, piece in enumerate(pieces)}
+            model = tokenizers.models.BPE(vocab, _merges(pieces, proto.pieces), unk_token=pieces[unk_id],
+                                          byte_fallback=True)
+        backend = tokenizers.Tokenizer(model)
+        decoders = tokenizers.decoders
         backend.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
-        backend.add_special_tokens([AddedToken(piece, special=True, normalized=False)
-                                    for piece, p in zip(pieces, proto.pieces) if p.type in (piece_type.CONTROL,
-                                                                                            piece_type.UNKNOWN)])
+        special = [piece for piece, p in zip(pieces, proto.pieces) if p.type in (p.CONTROL, p.UNKNOWN)]
+        backend.add_special_tokens([tokenizers.AddedToken(piece, special=True, normalized=False) for piece in special])
         return backend.to_str()
 
 
@@ -116,7 +115,7 @@ def _merges(pieces: list[str], protos) -> list[tuple[str, str]]:
 
 
 # The names an end-of-text token goes by, for a tokenizer that does not say which of its special tokens it is.
-END_OF_TEXT_NAMES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "<|eot_id|>", "[SEP]")
+END_OF_TEXT_NAMES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "<|eot_id|>")
 # GPT-2's original pair of files, which a tokenizer.json is built from.
 GPT2_FILES = ("vocab.json", "merges.txt")
 
@@ -132,8 +131,7 @@ class HuggingFaceTokenizer:
         file, or the bytes of one (as a checkpoint carries them; origin then names them in errors). eot_id: the
         end-of-text token's id when known (a dataset records it); else it is the token tokenizer_config.json names
         eos_token, else the one special token, else the special token named as END_OF_TEXT_NAMES names one."""
-        from tokenizers import Tokenizer as Backend
-
+        Backend = hugging_face_dependency("tokenizers").Tokenizer
         eos_name = None
         if isinstance(source, bytes):
             text, self.origin = source.decode(), origin or "the tokenizer"
@@ -186,8 +184,6 @@ class HuggingFaceTokenizer:
 
 def _read_tokenizer_directory(path: Path) -> tuple[str, str | None]:
     """(the tokenizer.json text of a tokenizer directory, the eos_token its tokenizer_config.json names or None)."""
-    from tokenizers import AddedToken, Tokenizer as Backend, decoders, models, pre_tokenizers, processors
-
     config_file = path / "tokenizer_config.json"
     try:
         eos = json.loads(config_file.read_text()).get("eos_token") if config_file.is_file() else None
@@ -200,18 +196,33 @@ def _read_tokenizer_directory(path: Path) -> tuple[str, str | None]:
         raise UserError(f"{path} holds no Hugging Face tokenizer: give a directory with tokenizer.json, or GPT-2's "
                         "vocab.json and merges.txt")
     # GPT-2's byte-level BPE, as transformers builds it from these two files.
+    tokenizers = hugging_face_dependency("tokenizers")
     try:
-        backend = Backend(models.BPE.from_file(str(path / "vocab.json"), str(path / "merges.txt")))
+        bpe = tokenizers.models.BPE.from_file(*(str(path / name) for name in GPT2_FILES))
     except Exception as e:
         raise UserError(f"{path}'s vocab.json and merges.txt are not a BPE tokenizer ({' '.join(str(e).split())}); "
                         "give GPT-2's own files") from None
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    backend.post_processor = processors.ByteLevel(trim_offsets=False)
+    backend = tokenizers.Tokenizer(bpe)
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = tokenizers.decoders.ByteLevel()
+    backend.post_processor = tokenizers.processors.ByteLevel(trim_offsets=False)
     eos = eos or "<|endoftext|>"
     if backend.token_to_id(eos) is not None:
-        backend.add_special_tokens([AddedToken(eos, special=True, normalized=False)])
+        backend.add_special_tokens([tokenizers.AddedToken(eos, special=True, normalized=False)])
     return backend.to_str(), eos
+
+
+# What Hugging Face tokenizers and the export need beyond the trainer's own dependencies.
+HUGGING_FACE_PACKAGES = "tokenizers safetensors protobuf"
+
+
+def hugging_face_dependency(module: str):
+    """The module, or one line saying how to install what Hugging Face tokenizers and the export need."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise UserError(f"this needs the {e.name or module} module, which is not installed; install it with "
+                        f"`pip install {HUGGING_FACE_PACKAGES}` (or `pip install tritongpt[hf]`)") from None
 
 
 def load_tokenizer(path: str | Path, eot_id: int | None = None) -> "Tokenizer | HuggingFaceTokenizer":

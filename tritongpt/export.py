@@ -2,11 +2,11 @@
 
     python -m tritongpt.export RUN_OR_CKPT --to DIR
 
-DIR then holds config.json, model.safetensors (the head tied to the token embedding, as GPT-2's), generation_config.json
-(the end-of-text token) and the tokenizer: tokenizer.json, which encodes and decodes every text as the checkpoint's own
-tokenizer does, and tokenizer_config.json. transformers loads it with no network:
-AutoModelForCausalLM.from_pretrained(DIR) and AutoTokenizer.from_pretrained(DIR). A model trained without biases gets
-zero ones, as GPT-2's class has them. DIR is written whole or not at all: the files go to a temporary directory
+DIR then holds config.json, model.safetensors (the head tied to the token embedding, as GPT-2's),
+generation_config.json (the end-of-text token) and the tokenizer: tokenizer.json, which encodes and decodes every
+text as the checkpoint's own tokenizer does, and tokenizer_config.json. transformers loads it with no network:
+AutoModelForCausalLM.from_pretrained(DIR) and AutoTokenizer.from_pretrained(DIR). A model trained without biases
+gets zero ones, as GPT-2's class has them. DIR is written whole or not at all: the files go to a temporary directory
 beside it, renamed into place once complete.
 """
 import json
@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from tritongpt.checkpoint import load_checkpoint, nonfinite_weights, tokenizer_bytes, unpack_tokenizer
-from tritongpt.data.tokenizer import load_tokenizer
+from tritongpt.data.tokenizer import hugging_face_dependency, load_tokenizer
 from tritongpt.errors import UserError
 from tritongpt.model.gpt2_import import CONV1D_SUFFIXES
 from tritongpt.options import option, parse_options, run_main
@@ -53,7 +53,7 @@ def export(checkpoint: str | Path, out_dir: str | Path, tokenizer: str | Path | 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     temp.mkdir()
     try:
-        from safetensors.torch import save_file
+        save_file = hugging_face_dependency("safetensors.torch").save_file
         save_file(gpt2_state_dict(ckpt["model"], config), str(temp / "model.safetensors"), metadata={"format": "pt"})
         write_json(temp / "config.json", gpt2_config(config, tok.eot_id))
         write_json(temp / "generation_config.json", {"bos_token_id": tok.eot_id, "eos_token_id": tok.eot_id})
