@@ -72,8 +72,8 @@ def bpe_dataset(corpus, gpt2_tokenizer_dir, tmp_path_factory):
 
 def train_run(dataset, out, *flags):
     """Long enough that the next token's logits stand apart, so that greedy decoding meets no near-tie."""
-    result = run("train.py", "--data-dir", str(dataset), "--out-dir", str(out), *TINY, "--max-iters", "40",
-                 "--eval-interval", "40", *flags)
+    result = run("train.py", "--data-dir", str(dataset), "--out-dir", str(out), *TINY, "--max-iters", "20",
+                 "--eval-interval", "20", *flags)
     assert result.returncode == 0, result.stderr
     return out
 
