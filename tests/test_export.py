@@ -126,6 +126,12 @@ def test_prepare_with_a_gpt2_tokenizer_encodes_as_transformers(bpe_dataset, gpt2
         assert copy.decode(copy.encode(text)) == text
 
 
+def test_prepare_refuses_a_directory_without_a_tokenizer_in_one_line(corpus, tmp_path):
+    result = run("data/prepare.py", str(corpus / "a.py"), "--out-dir", str(tmp_path / "d"), "--tokenizer", str(tmp_path))
+    assert_user_error(result, f"{tmp_path} holds no Hugging Face tokenizer: give a directory with tokenizer.json")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 def test_a_checkpoint_trained_on_it_samples_text_decoded_by_it(bpe_run, gpt2_fast):
     ckpt = load_checkpoint(bpe_run)
     assert ckpt["tokenizer"]["kind"] == "huggingface"
