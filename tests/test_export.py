@@ -237,7 +237,8 @@ def test_export_mistakes_are_one_line_errors(sentencepiece_run, tmp_path):
     (taken / "notes.txt").write_text("mine")
     assert_user_error(export(str(sentencepiece_run), "--to", str(taken)), f"--to {taken} already exists")
     assert snapshot(taken) == {"notes.txt": b"mine"}
-    assert_user_error(export(str(tmp_path / "nowhere"), "--to", str(tmp_path / "x")), "does not exist")
+    assert_user_error(export(str(tmp_path / "nowhere"), "--to", str(tmp_path / "x")),
+                      "train one with `python train.py`")
     assert_user_error(export(str(sentencepiece_run)), "give one checkpoint and where to write it")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
 
