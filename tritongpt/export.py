@@ -49,11 +49,10 @@ def export(checkpoint: str | Path, out_dir: str | Path, tokenizer: str | Path | 
     tokenizer_json = tok.huggingface_json()
     eot = json_token(tokenizer_json, tok.eot_id)
 
+    save_file = hugging_face_dependency("safetensors.torch").save_file
     temp = out_dir.parent / f".{out_dir.name}.{os.getpid()}.tmp"
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    temp.mkdir()
     try:
-        save_file = hugging_face_dependency("safetensors.torch").save_file
+        temp.mkdir(parents=True)
         save_file(gpt2_state_dict(ckpt["model"], config), str(temp / "model.safetensors"), metadata={"format": "pt"})
         write_json(temp / "config.json", gpt2_config(config, tok.eot_id))
         write_json(temp / "generation_config.json", {"bos_token_id": tok.eot_id, "eos_token_id": tok.eot_id})
@@ -65,6 +64,9 @@ def export(checkpoint: str | Path, out_dir: str | Path, tokenizer: str | Path | 
         if out_dir.exists():
             out_dir.rmdir()  # empty, as checked above
         temp.rename(out_dir)
+    except OSError as e:
+        raise UserError(f"cannot write {out_dir} ({e.strerror}); pass a --to where there is room and you may "
+                        "write") from None
     finally:
         shutil.rmtree(temp, ignore_errors=True)
     return out_dir
