@@ -8,10 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from tritongpt.checkpoint import load_checkpoint
+from tritongpt.checkpoint import load_checkpoint, unpack_tokenizer
 from tritongpt.data.loader import TokenWindows
-from tritongpt.data.prepare import prepare, train_tokenizer
-from tritongpt.checkpoint import unpack_tokenizer
+from tritongpt.data.prepare import train_tokenizer
 from tritongpt.data.tokenizer import HuggingFaceTokenizer, Tokenizer, load_tokenizer
 from tritongpt.model import GPT, GPTConfig
 from tests.conftest import TINY_CORPUS
