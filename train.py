@@ -23,7 +23,7 @@ from tritongpt.checkpoint import (CheckpointWriter, interrupts_deferred, nonfini
                                   restore)
 from tritongpt.data.loader import TokenWindows
 from tritongpt.data.prepare import prepare
-from tritongpt.data.tokenizer import Tokenizer
+from tritongpt.data.tokenizer import HuggingFaceTokenizer, Tokenizer, load_tokenizer
 from tritongpt.device import autocast, compute_dtype, out_of_memory
 from tritongpt.errors import UserError
 from tritongpt.files import DirectoryLock
@@ -80,7 +80,7 @@ class Run:
     autocast: torch.autocast
     train_data: TokenWindows
     val_data: TokenWindows
-    tokenizer: Tokenizer
+    tokenizer: Tokenizer | HuggingFaceTokenizer
     logger: MetricsLogger
     step: int                        # optimizer steps taken
     stopped_by: int | None           # the signal that stopped the run (on any rank), if one did
@@ -100,7 +100,7 @@ def set_up(opts: TrainOptions, config: GPTConfig, resume_from: Path | None, ckpt
     if ckpt is None and not opts.init_from:
         config = replace(config, vocab_size=meta["vocab_size"])
     train_data, val_data = check_dataset(opts, config, meta, ckpt, world)
-    tokenizer = Tokenizer(Path(opts.data_dir) / meta["tokenizer"])
+    tokenizer = load_tokenizer(Path(opts.data_dir) / meta["tokenizer"], meta.get("eot_id"))
     if opts.init_from and ckpt is None:
         model = load_gpt2(opts.init_from, config)
     else:

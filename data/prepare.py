@@ -2,10 +2,10 @@
 
 `python data/prepare.py [INPUT ...]`: the inputs are text files, or directories searched recursively; with none,
 the Python documentation and standard library sources that ship with every CPython (data/default_corpus.py). It
-trains a sentencepiece tokenizer on them, encodes every document followed by an end-of-document token, and writes
-to the output directory:
+trains a sentencepiece tokenizer on them (or takes the one --tokenizer names), encodes every document followed by
+an end-of-document token, and writes to the output directory:
 
-    tokenizer.model     the sentencepiece model; data/tokenizer.py loads it
+    tokenizer.model     the sentencepiece model; data/tokenizer.py loads it (tokenizer.json for a Hugging Face one)
     train.bin, val.bin  raw little-endian token ids, uint16 when the vocabulary fits, uint32 otherwise
     meta.json           vocab_size, dtype, eot_id, token and document counts, the tokenizer file, the split rule,
                         what was left out and why (machine-made sources of the default corpus, files that are
@@ -39,7 +39,7 @@ import sentencepiece as spm
 from tqdm import tqdm
 
 from tritongpt.data.default_corpus import default_corpus
-from tritongpt.data.tokenizer import Tokenizer
+from tritongpt.data.tokenizer import Tokenizer, load_tokenizer
 from tritongpt.errors import UserError
 from tritongpt.options import option, parse_options, run_main
 
@@ -94,10 +94,12 @@ class Document:
 
 def prepare(inputs: list[str] | None = None, out_dir: str | Path = "data/default", vocab_size: int = DEFAULT_VOCAB_SIZE,
             model_type: str = "bpe", val_fraction: float = 0.05, workers: int | None = None,
-            progress: bool = True, overwrite: bool = False) -> Path:
+            progress: bool = True, overwrite: bool = False, tokenizer: str | Path | None = None) -> Path:
     """Builds the dataset in out_dir (or reuses the one there, when made from the same inputs and options) and
     returns the path of its meta.json. With overwrite, it builds it anew whatever is there; without, a dataset there
-    from other inputs or options is an error."""
+    from other inputs or options is an error. tokenizer: encode with this one (load_tokenizer reads it) instead of
+    training one; vocab_size and model_type then play no part."""
+    given = load_tokenizer(tokenizer) if tokenizer is not None else None
     if model_type not in MODEL_TYPES:
         raise UserError(f"unknown model type {model_type!r}; use one of {', '.join(MODEL_TYPES)}")
     if vocab_size < MIN_VOCAB_SIZE:
@@ -115,6 +117,9 @@ def prepare(inputs: list[str] | None = None, out_dir: str | Path = "data/default
     docs, machine_made = find_documents(inputs, skip=out_dir)
     options = dict(vocab_size=vocab_size, model_type=model_type, val_fraction=val_fraction, val_split=VAL_SPLIT,
                    sentencepiece=SENTENCEPIECE_OPTIONS)
+    if given is not None:
+        options = dict(val_fraction=val_fraction, val_split=VAL_SPLIT,
+                       tokenizer=hashlib.sha256(given.model).hexdigest())
     docs, not_text, digest = read_documents(docs, options, progress)
     if not docs:
         raise UserError(f"no text in {' '.join(inputs)}: no non-empty UTF-8 files found; pass text files or "
@@ -135,12 +140,16 @@ def prepare(inputs: list[str] | None = None, out_dir: str | Path = "data/default
         print(f"left out {_count(len(not_text), 'file')} that {'is' if len(not_text) == 1 else 'are'} not UTF-8 text "
               f"({_megabytes(not_text)}): {names}; meta.json lists them and why")
 
-    lines = tokenizer_sample(docs, progress)
-    check_vocab_size(lines, vocab_size, model_type)
-    model = train_tokenizer(lines, vocab_size, model_type, progress)
+    if given is None:
+        lines = tokenizer_sample(docs, progress)
+        check_vocab_size(lines, vocab_size, model_type)
+        model = train_tokenizer(lines, vocab_size, model_type, progress)
+        given = Tokenizer(model, origin=str(out_dir / TOKENIZER_FILE))
+    else:
+        model_type = given.kind
     made = _make_out_dir(out_dir)
     try:
-        write_dataset(out_dir, model, model_type, docs, val_fraction, machine_made + not_text, digest, workers,
+        write_dataset(out_dir, given, model_type, docs, val_fraction, machine_made + not_text, digest, workers,
                       progress)
     except BaseException as e:
         for folder in made:  # empty again: the temporary files are gone
@@ -154,15 +163,14 @@ def prepare(inputs: list[str] | None = None, out_dir: str | Path = "data/default
     return out_dir / "meta.json"
 
 
-def write_dataset(out_dir: Path, model: bytes, model_type: str, docs: list[Document], val_fraction: float,
+def write_dataset(out_dir: Path, tokenizer, model_type: str, docs: list[Document], val_fraction: float,
                   left_out: list[dict], digest: str, workers: int, progress: bool) -> None:
-    """Writes the tokenizer, the token files and meta.json into out_dir, each complete before it replaces the one
-    there."""
-    names = (TOKENIZER_FILE, "train.bin", "val.bin", "meta.json")  # the order they are renamed in: meta.json last
+    """Writes a copy of the tokenizer, the token files and meta.json into out_dir, each complete before it replaces
+    the one there."""
+    names = (tokenizer.file_name, "train.bin", "val.bin", "meta.json")  # the order they are renamed in: meta.json last
     temp = {name: out_dir / f".{name}.{os.getpid()}.tmp" for name in names}
     try:
-        temp[TOKENIZER_FILE].write_bytes(model)
-        tokenizer = Tokenizer(temp[TOKENIZER_FILE])
+        temp[tokenizer.file_name].write_bytes(tokenizer.model)
         dtype = token_dtype(tokenizer.vocab_size)
         counts = encode(split_documents(docs, val_fraction), temp, tokenizer, dtype, workers, progress)
         meta = dict(
@@ -170,7 +178,8 @@ def write_dataset(out_dir: Path, model: bytes, model_type: str, docs: list[Docum
             train_tokens=counts["train_tokens"], val_tokens=counts["val_tokens"], documents=len(docs),
             # Documents per split, each followed by eot_id (a single input document is split in two).
             train_documents=counts["train_documents"], val_documents=counts["val_documents"],
-            tokenizer=TOKENIZER_FILE, model_type=model_type, val_fraction=val_fraction, val_split=VAL_SPLIT,
+            tokenizer=tokenizer.file_name, tokenizer_kind=tokenizer.kind, model_type=model_type,
+            val_fraction=val_fraction, val_split=VAL_SPLIT,
             left_out=left_out, inputs_hash=digest, files={name: temp[name].stat().st_size for name in names[:-1]},
         )
         temp["meta.json"].write_text(json.dumps(meta, indent=2) + "\n")
@@ -478,13 +487,16 @@ class PrepareOptions:
                                  metavar="SHARE")
     workers: int | None = option(None, "threads that encode; none means one per CPU core")
     overwrite: bool = option(False, "replace the dataset in OUT_DIR, even one built from other inputs or options")
+    tokenizer: str | None = option(None, "encode with this tokenizer instead of training one: a Hugging Face "
+                                   "tokenizer directory (tokenizer.json, or GPT-2's vocab.json + merges.txt) or a "
+                                   "sentencepiece .model file", metavar="PATH")
 
 
 def main(argv: list[str] | None = None) -> None:
     opts, _ = parse_options(PrepareOptions, __doc__.split("\n\n")[0], argv, with_config_file=False)
     out_dir = opts.out_dir or ("data/custom" if opts.inputs else "data/default")
     meta_path = prepare(list(opts.inputs), out_dir, opts.vocab_size, opts.model_type, opts.val_fraction,
-                        opts.workers, overwrite=opts.overwrite)
+                        opts.workers, overwrite=opts.overwrite, tokenizer=opts.tokenizer)
     meta = json.loads(meta_path.read_text())
     print(f"{meta_path}: {_count(meta['documents'], 'document')}, {meta['train_tokens']:,} train and "
           f"{meta['val_tokens']:,} val tokens, vocabulary {meta['vocab_size']} ({meta['dtype']})")

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import sample
 import train
+from tritongpt import export
 from tritongpt.data import prepare
 from tritongpt.files import LOCK_FILE
 from tritongpt.options import run_main
@@ -20,7 +21,8 @@ RUN_FILES = ("checkpoints", "metrics.jsonl", "config.json", "training_curves.png
 FINAL_CHECKPOINT = "checkpoints/step_000002"  # finished_run's
 def run(script: str, *args: str):
     """The script's main() in this process, exactly as its command line runs it (start-up costs seconds a process)."""
-    main = {"train.py": train.main, "sample.py": sample.main, "data/prepare.py": prepare.main}[script]
+    main = {"train.py": train.main, "sample.py": sample.main, "data/prepare.py": prepare.main,
+            "-m tritongpt.export": export.main}[script]
     out, err = io.StringIO(), io.StringIO()
     with redirect_stdout(out), redirect_stderr(err):
         try:

@@ -1,7 +1,6 @@
 """Runs that survive a lost worker: torchrun restarts resume by themselves and replay exactly what was lost, a
 checkpoint killed mid-write leaves the previous one whole, and a checkpoint written by N processes resumes on M."""
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -12,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from tritongpt import distributed
 from tritongpt.checkpoint import LATEST_FILE, load_checkpoint
 from tritongpt.errors import UserError
 from tritongpt.train_options import TrainOptions, restarted_job

@@ -258,7 +258,7 @@ def test_sample_mistakes_are_one_line_errors(finished_run, tiny_dataset, tmp_pat
     torn = tmp_path / "torn"
     shutil.copytree(ckpt, torn)
     for shard in torn.glob("*.distcp"):
-        shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+        shard.write_bytes(shard.read_bytes()[:1000])  # sampling reads the model's tensors only: cut into them
     assert_user_error(run("sample.py", "--checkpoint", str(torn)), "not a readable checkpoint")
     (torn / ".metadata").write_bytes(b"\x80\x04cos\nsystem\n.")  # a pickle that would call os.system
     assert_user_error(run("sample.py", "--checkpoint", str(torn)), "which is not checkpoint metadata")

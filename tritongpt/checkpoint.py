@@ -35,7 +35,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from torch.distributed.tensor import DTensor
 
 from tritongpt import distributed
-from tritongpt.data.tokenizer import Tokenizer
+from tritongpt.data.tokenizer import HuggingFaceTokenizer, Tokenizer, tokenizer_from_bytes
 from tritongpt.errors import UserError
 from tritongpt.files import atomic_file, disk_full
 
@@ -293,23 +293,25 @@ def save_checkpoint(path: str | Path, payload: dict) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # The tokenizer a checkpoint carries, and checks on what it holds.
 
-def pack_tokenizer(tokenizer: Tokenizer) -> dict:
+def pack_tokenizer(tokenizer: Tokenizer | HuggingFaceTokenizer) -> dict:
     """The tokenizer itself, for a checkpoint: it then samples anywhere, whatever becomes of the dataset."""
     return {"model": torch.frombuffer(bytearray(tokenizer.model), dtype=torch.uint8), "source": tokenizer.origin,
-            "vocab_size": tokenizer.vocab_size}
+            "vocab_size": tokenizer.vocab_size, "kind": tokenizer.kind, "eot_id": tokenizer.eot_id}
 
 
 def tokenizer_bytes(ckpt: dict) -> bytes | None:
-    """The tokenizer model a checkpoint carries (None in one written before checkpoints carried it)."""
+    """The tokenizer file a checkpoint carries (None in one written before checkpoints carried it)."""
     packed = ckpt.get("tokenizer", {}).get("model")
     return None if packed is None else packed.numpy().tobytes()
 
 
-def unpack_tokenizer(ckpt: dict, checkpoint_path: str | Path) -> Tokenizer:
+def unpack_tokenizer(ckpt: dict, checkpoint_path: str | Path) -> Tokenizer | HuggingFaceTokenizer:
     data = tokenizer_bytes(ckpt)
-    if data is not None:
-        return Tokenizer(data, origin=f"the tokenizer in {checkpoint_path}")
-    path = ckpt.get("tokenizer", {}).get("path")  # an older checkpoint names the dataset's tokenizer file instead
+    packed = ckpt.get("tokenizer", {})
+    if data is not None:  # a checkpoint written before Hugging Face tokenizers carries a sentencepiece model
+        return tokenizer_from_bytes(packed.get("kind", Tokenizer.kind), data, f"the tokenizer in {checkpoint_path}",
+                                    packed.get("eot_id"))
+    path = packed.get("path")  # an older checkpoint names the dataset's tokenizer file instead
     if path is None:
         raise UserError(f"{checkpoint_path} carries no tokenizer; pass the one its model was trained with "
                         "(--tokenizer PATH/tokenizer.model)")

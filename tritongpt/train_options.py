@@ -11,6 +11,7 @@ from tritongpt import distributed
 from tritongpt.checkpoint import CHECKPOINTS_DIR, SINGLE_FILE, latest_checkpoint, read_trainer_state, tokenizer_bytes
 from tritongpt.data.loader import TokenWindows
 from tritongpt.data.prepare import DEFAULT_VOCAB_SIZE
+from tritongpt.data.tokenizer import HuggingFaceTokenizer, load_tokenizer, same_tokens
 from tritongpt.device import compute_dtype, gib, impl_choices, memory_available, resolve_ops
 from tritongpt.errors import UserError
 from tritongpt.files import DirectoryLock
@@ -53,7 +54,8 @@ class TrainOptions:
     loss: str = option("auto", "LM head + cross-entropy implementation (triton: fused, without storing the "
                        "logits); auto as above", choices=impl_choices("loss"), metavar="IMPL")
     init_from: str | None = option(None, "start from a local Hugging Face GPT-2 directory instead of random weights "
-                                   "(the dataset's tokenizer must have its vocabulary size)", metavar="DIR")
+                                   "(the dataset must be encoded with its tokenizer: prepare.py --tokenizer DIR)",
+                                   metavar="DIR")
     batch_size: int = option(8, "sequences per micro-batch, per process", group="optimisation")
     grad_accum: int | None = option(None, "micro-batches per optimizer step, over all processes together (a "
                                     "multiple of the process count); none means one per process")
@@ -338,12 +340,29 @@ def check_dataset(opts: TrainOptions, config: GPTConfig, meta: dict, ckpt: dict 
     if config.vocab_size != meta["vocab_size"]:
         raise UserError(f"{source} has a {config.vocab_size}-token vocabulary but the dataset in {opts.data_dir} "
                         f"has {meta['vocab_size']}; use a dataset prepared with that model's tokenizer")
+    if opts.init_from and ckpt is None:
+        check_init_tokenizer(opts, meta)
     trained_with = tokenizer_bytes(ckpt) if ckpt is not None else None
     if trained_with is not None:
         if (Path(opts.data_dir) / meta["tokenizer"]).read_bytes() != trained_with:
             raise UserError(f"the dataset in {opts.data_dir} was tokenized with another tokenizer than the run in "
                             f"{opts.out_dir}; resume with the dataset it was trained on (--data-dir)")
     return open_data(opts, config, meta, world)  # refuses splits shorter than a window, or a bad --grad-accum
+
+
+def check_init_tokenizer(opts: TrainOptions, meta: dict) -> None:
+    """--init-from's embeddings stand for the tokens of its own tokenizer: the dataset must be encoded with that
+    tokenizer, compared by content (another one of the same size would feed every embedding another token)."""
+    remedy = (f"make a dataset with its tokenizer: `python data/prepare.py YOUR_TEXT --tokenizer {opts.init_from} "
+              "--out-dir NEW_DIR`")
+    try:
+        theirs = HuggingFaceTokenizer(opts.init_from)
+    except UserError as e:
+        raise UserError(f"--init-from {opts.init_from}: its tokenizer, which tells what each embedding stands for, "
+                        f"cannot be read ({e}); copy in the tokenizer it was trained with") from None
+    if not same_tokens(load_tokenizer(Path(opts.data_dir) / meta["tokenizer"], meta.get("eot_id")), theirs):
+        raise UserError(f"the dataset in {opts.data_dir} was encoded with another tokenizer than --init-from "
+                        f"{opts.init_from}'s, so its pretrained embeddings would stand for other tokens; {remedy}")
 
 
 def check_out_dir(out_dir: Path) -> None:
