@@ -69,3 +69,8 @@ class Tokenizer:
     def decode(self, ids) -> str:
         """The text of a sequence of token ids (any iterable of ints; end-of-document tokens decode to nothing)."""
         return self._sp.decode([int(i) for i in ids])
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """The tokenizer in a file given by the user: a sentencepiece model as data/prepare.py writes it."""
+    return Tokenizer(path)
