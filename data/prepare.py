@@ -301,8 +301,9 @@ def write_shards(stage: Path, model: bytes, plan: list, val_fraction: float, tex
     return dict(
         vocab_size=tokenizer.vocab_size, dtype=dtype, eot_id=tokenizer.eot_id,
         train_tokens=tokens["train"], val_tokens=tokens["val"],
-        # Documents per split, each followed by eot_id (a single input document is split in two).
-        documents=state["documents"]["train"] + state["documents"]["val"],
+        # Documents (text files and records) per split, each followed by eot_id (a single input document is split
+        # in two).
+        documents=sum(state["documents"].values()) - sum(len(pieces) - 1 for _, pieces in plan if pieces),
         train_documents=state["documents"]["train"], val_documents=state["documents"]["val"],
         empty_records=state["empty_records"], tokenizer=TOKENIZER_FILE, shard_tokens=shard_tokens,
         shards={split: [dict(file=shards.shard_name(split, i), tokens=count) for i, count in enumerate(state[split])]

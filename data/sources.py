@@ -22,6 +22,7 @@ from tritongpt.errors import UserError
 JSON_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
 PARQUET_SUFFIX = ".parquet"
 EXTRA = 'pip install -e ".[data]"'
+LINE_SEARCH_BYTES = 1 << 16  # a text block ends at the first newline this near its size
 
 
 @dataclass(frozen=True)
@@ -168,16 +169,23 @@ def char_start(f, pos: int) -> int:
 
 
 def _text_blocks(doc: Document, pieces: list[tuple[str, int, int]], block_bytes: int) -> Iterator[Block]:
-    """A text document's pieces cut into blocks of about block_bytes at character boundaries, read one at a time."""
+    """A text document's pieces cut into blocks of about block_bytes, read one at a time: each cut just after a
+    newline, or at a character boundary in a line longer than LINE_SEARCH_BYTES."""
     with doc.open() as f:
         for split, start, end in pieces:
             while True:
-                stop = end if end - start <= block_bytes else char_start(f, start + block_bytes)
+                stop = end if end - start <= block_bytes else _line_end(f, start + block_bytes, end)
                 f.seek(start)
                 yield Block("text", f.read(stop - start), stop - start, split=split, ends_document=stop == end)
                 if stop == end:
                     break
                 start = stop
+
+
+def _line_end(f, pos: int, end: int) -> int:
+    f.seek(pos)
+    newline = f.read(min(LINE_SEARCH_BYTES, end - pos)).find(b"\n")
+    return pos + newline + 1 if newline >= 0 else char_start(f, pos)
 
 
 def _open_json(doc: Document):
