@@ -198,6 +198,9 @@ def prepare(inputs: list[str] | None = None, out_dir: str | Path = "data/default
         meta.update(model_type=given_model_type(model) if given is not None else model_type, val_fraction=val_fraction,
                     val_split=VAL_SPLIT, text_field=text_field, left_out=machine_made + not_text, inputs_hash=digest)
         publish(stage, out_dir, meta)
+        if meta["empty_records"] and progress:
+            print(f"left out {_count(meta['empty_records'], 'empty record')} (a blank line, or an empty or null "
+                  "text)")
     except KeyboardInterrupt:  # stopped, not failed: what is complete stays, to continue from
         raise
     except BaseException as e:
