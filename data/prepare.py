@@ -277,7 +277,7 @@ def write_shards(stage: Path, model: bytes, plan: list, val_fraction: float, tex
     with tqdm(total=total, desc="encoding", unit="B", unit_scale=True, disable=None if progress else True) as bar:
         for _ in range(state["blocks"]):  # written before it was stopped
             bar.update(next(todo).nbytes)
-        started, skipped = time.perf_counter(), bar.n
+        started, encoded = time.perf_counter(), 0
         for result in _ordered_map(todo, workers, (model, dtype, text_field, val_fraction)):
             completed = [writers[split].write(result[split]) for split in ("train", "val")]
             for split in ("train", "val"):
@@ -289,9 +289,10 @@ def write_shards(stage: Path, model: bytes, plan: list, val_fraction: float, tex
                     writer.sync()
                 _write_atomically(stage / STATE_FILE, json.dumps(state).encode())
             bar.update(result["nbytes"])
+            encoded += result["nbytes"]
         for writer in writers.values():
             writer.finish()
-        seconds, encoded = time.perf_counter() - started, bar.n - skipped
+        seconds = time.perf_counter() - started
     if progress:
         print(f"encoded {encoded / 1e6:,.1f} MB in {seconds:,.1f} s ({encoded / 1e6 / max(seconds, 1e-9):,.2f} MB/s) "
               f"on {_count(workers, 'worker')}")

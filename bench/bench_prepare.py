@@ -1,0 +1,152 @@
+"""data/prepare.py on a generated JSON lines corpus: encoding MB/s and peak memory with one worker and with every
+core, at 100 MB and at 1 GB, and what that makes of FineWeb's sample-10BT.
+
+    python bench/bench_prepare.py            # 100 MB and 1 GB (about 15 minutes on 2 cores)
+    python bench/bench_prepare.py --quick    # 100 MB only
+
+The corpus is written to --tmp-dir and deleted afterwards, datasets included: documents of 200 to 6,000 characters of
+Zipf-distributed made-up words in sentences and paragraphs, generated from a fixed seed (the same bytes every run).
+Each case is one `python data/prepare.py CORPUS --workers N` process with its defaults (a 4096-token bpe tokenizer
+trained on a 20 MB sample, 100 M-token shards):
+  total s      the whole command: reading, sampling, training the tokenizer, encoding
+  encode MB/s  input bytes per second of the encoding phase (prepare.py prints it)
+  speed-up     encode MB/s over the one-worker run's at the same size
+  peak RSS     the largest sum of resident memory over the process and its workers, sampled every 50 ms
+
+Targets (on a 2-core machine): 2 workers encode at least 1.7x as fast as one; peak RSS under 1 GB at 1 GB of input,
+and less than 10% above the 100 MB run's. The FineWeb sample-10BT estimate takes ~40 GB of text, the measured
+one-worker rate times the core count times the measured 2-worker efficiency (cores beyond 2 assumed to scale as the
+second did), plus the measured fixed cost of sampling and training the tokenizer.
+"""
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+FINEWEB_10BT_MB = 40_000  # its text, in MB
+WORDS = 20_000
+POLL_S = 0.05
+
+
+def write_corpus(path: Path, megabytes: int, seed: int = 0) -> None:
+    """JSON lines of made-up text: a pool of generated documents, each emitted many times under its own number
+    (speed does not depend on repeats: the encoder has no cache)."""
+    rng = np.random.default_rng(seed)
+    letters = np.array(list("etaoinshrdlucmfwypvbgkjqxz"))
+    frequency = 1 / np.arange(1, 27) ** 0.9
+    words = ["".join(rng.choice(letters, size=rng.integers(1, 11), p=frequency / frequency.sum()))
+             for _ in range(WORDS)]
+    zipf = 1 / np.arange(1, WORDS + 1)
+    zipf /= zipf.sum()
+    pool = []
+    for _ in range(2_000):
+        picks = rng.choice(WORDS, size=int(rng.integers(40, 1_000)), p=zipf)
+        sentences = [" ".join(words[i] for i in picks[j:j + 12]).capitalize() + rng.choice([".", ".", "?", "!"])
+                     for j in range(0, len(picks), 12)]
+        pool.append("\n\n".join(" ".join(sentences[k:k + 5]) for k in range(0, len(sentences), 5)))
+    target, written, number = megabytes * 1_000_000, 0, 0
+    with open(path, "w") as f:
+        while written < target:
+            line = json.dumps({"id": number, "text": f"Document {number}. {pool[rng.integers(len(pool))]}"}) + "\n"
+            f.write(line)
+            written += len(line)
+            number += 1
+
+
+def process_tree_rss(pid: int) -> int:
+    """Resident bytes of a process and all its descendants."""
+    total, todo = 0, [pid]
+    while todo:
+        current = todo.pop()
+        try:
+            status = Path(f"/proc/{current}/status").read_text()
+            total += int(re.search(r"VmRSS:\s+(\d+) kB", status)[1]) * 1024 if "VmRSS" in status else 0
+            for task in Path(f"/proc/{current}/task").iterdir():
+                todo += [int(child) for child in (task / "children").read_text().split()]
+        except (OSError, TypeError):
+            continue  # it exited meanwhile
+    return total
+
+
+def run_prepare(corpus: Path, out: Path, workers: int) -> dict:
+    command = [sys.executable, str(REPO / "data/prepare.py"), str(corpus), "--out-dir", str(out), "--workers",
+               str(workers), "--overwrite"]
+    started = time.perf_counter()
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peak = 0
+    while process.poll() is None:
+        peak = max(peak, process_tree_rss(process.pid))
+        time.sleep(POLL_S)
+    total = time.perf_counter() - started
+    stdout, stderr = process.communicate()
+    if process.returncode:
+        sys.exit(f"error: {' '.join(command)} failed: {stderr.strip()}")
+    encoded = re.search(r"encoded ([\d,.]+) MB in ([\d,.]+) s", stdout)
+    mb, seconds = (float(encoded[i].replace(",", "")) for i in (1, 2))
+    return dict(workers=workers, total_s=total, encode_s=seconds, encode_mb_s=mb / seconds, peak_rss_mb=peak / 1e6)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="the 100 MB corpus only")
+    parser.add_argument("--sizes", type=int, nargs="+", default=None, metavar="MB",
+                        help="corpus sizes in MB (default: 100 1000; 100 with --quick)")
+    parser.add_argument("--workers", type=int, nargs="+", default=None,
+                        help="worker counts to compare (default: 1 and one per core)")
+    parser.add_argument("--tmp-dir", default=tempfile.gettempdir(), help="where the corpus and datasets go")
+    args = parser.parse_args()
+    sizes = args.sizes or ([100] if args.quick else [100, 1000])
+    workers = args.workers or sorted({1, os.cpu_count() or 1})
+    load = os.getloadavg()
+    print(f"{platform.node()}: {os.cpu_count()} cores, {platform.python_version()}, load average "
+          f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f} at the start")
+    results = []
+    work = Path(tempfile.mkdtemp(prefix="bench_prepare-", dir=args.tmp_dir))
+    try:
+        for size in sizes:
+            corpus = work / f"corpus-{size}mb.jsonl"
+            write_corpus(corpus, size)
+            for n in workers:
+                result = dict(size_mb=size, **run_prepare(corpus, work / "dataset", n))
+                results.append(result)
+                print(json.dumps(result), flush=True)
+                shutil.rmtree(work / "dataset")
+            corpus.unlink()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print_table(results, workers)
+
+
+def print_table(results: list[dict], workers: list[int]) -> None:
+    print("\n| input | workers | total s | encode MB/s | speed-up | peak RSS MB |")
+    print("|---|---|---|---|---|---|")
+    one = {r["size_mb"]: r["encode_mb_s"] for r in results if r["workers"] == 1}
+    for r in results:
+        speedup = f"{r['encode_mb_s'] / one[r['size_mb']]:.2f}x" if r["size_mb"] in one else "-"
+        print(f"| {r['size_mb']:,} MB | {r['workers']} | {r['total_s']:.0f} | {r['encode_mb_s']:.2f} | {speedup} | "
+              f"{r['peak_rss_mb']:.0f} |")
+    largest = max(r["size_mb"] for r in results)
+    at_largest = {r["workers"]: r for r in results if r["size_mb"] == largest}
+    if 1 not in at_largest or len(at_largest) < 2:
+        return
+    most = max(at_largest)
+    efficiency = at_largest[most]["encode_mb_s"] / at_largest[1]["encode_mb_s"] / most
+    fixed_s = at_largest[1]["total_s"] - at_largest[1]["encode_s"]  # sampling and tokenizer training
+    estimates = ", ".join(f"{cores} cores {(fixed_s + FINEWEB_10BT_MB / (at_largest[1]['encode_mb_s'] * cores * efficiency)) / 3600:.1f} h"
+                          for cores in (2, 16, 64))
+    print(f"\nFineWeb sample-10BT (~{FINEWEB_10BT_MB // 1000} GB of text), at {at_largest[1]['encode_mb_s']:.2f} MB/s "
+          f"a worker and {efficiency:.0%} efficiency: {estimates}")
+
+
+if __name__ == "__main__":
+    main()
