@@ -36,7 +36,6 @@ class TokenWindows:
         """path: a split's shards (split_files lists them), or one token file without a header; num_tokens ids in
         all of the given dtype, each below vocab_size, as meta.json records."""
         paths = [Path(p) for p in path] if isinstance(path, list) else [Path(path)]
-        self.path = paths[0].parent / paths[0].name.split("-")[0] if len(paths) > 1 else paths[0]  # for messages
         self.vocab_size = vocab_size
         if isinstance(path, list):
             self.shards = open_shards(paths, dtype, vocab_size, num_tokens)
@@ -46,7 +45,9 @@ class TokenWindows:
         # Where each shard starts in the split's tokens: a window start is a position there.
         self.starts = np.cumsum([0] + lengths[:-1])
         if max(lengths) < block_size + 1:
-            raise UserError(f"{self.path} holds {max(lengths)} tokens{' in its longest shard' * (len(lengths) > 1)}, "
+            where = (f"{paths[0]}" if len(paths) == 1 else
+                     f"the longest shard of {paths[0].parent / paths[0].name.rsplit('-', 1)[0]}-*.bin")
+            raise UserError(f"{where} holds {max(lengths)} tokens, "
                             f"fewer than block_size + 1 = {block_size + 1}; use a smaller --block-size or more text")
         if grad_accum % world_size:
             raise UserError(f"--grad-accum {grad_accum} does not divide by the {world_size} processes; "
@@ -142,10 +143,13 @@ def split_files(data_dir: Path, meta: dict, split: str) -> Path | list[Path]:
     if "shards" not in meta:
         return data_dir / f"{split}.bin"
     try:
-        return [data_dir / shard["file"] for shard in meta["shards"][split]]
+        files = [data_dir / shard["file"] for shard in meta["shards"][split]]
     except (KeyError, TypeError):
+        files = []
+    if not files:
         raise UserError(f"{data_dir / 'meta.json'} lists no {split} shards, so it was not written by data/prepare.py; "
-                        f"{_rebuild(data_dir / 'meta.json')}") from None
+                        f"{_rebuild(data_dir / 'meta.json')}")
+    return files
 
 
 def open_shards(paths: list[Path], dtype: str, vocab_size: int, num_tokens: int) -> list[tuple[Path, np.ndarray]]:

@@ -41,6 +41,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import time
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
@@ -132,7 +133,7 @@ def prepare(inputs: list[str] | None = None, out_dir: str | Path = "data/default
                         f"--tokenizer-sample-mb {DEFAULT_SAMPLE_MB:g}")
     out_dir = Path(out_dir)
     _check_out_dir(out_dir)
-    docs, machine_made = find_documents(inputs if inputs or hf_dataset is None else [], skip=out_dir)
+    docs, machine_made = find_documents(inputs, skip=out_dir) if inputs or hf_dataset is None else ([], [])
     if hf_dataset is not None:
         docs.append(Document(f"{hf_dataset}:{hf_split}", hf_dataset, 0, named=True, kind="hub"))
     options = dict(vocab_size=vocab_size, model_type=model_type, val_fraction=val_fraction, val_split=VAL_SPLIT,
@@ -411,6 +412,8 @@ _encoder: Encoder | None = None  # a worker process's
 
 def _start_worker(*args) -> None:
     global _encoder
+    # Ctrl-C reaches every process of the terminal: the main process alone stops the work, keeping what is complete.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _encoder = Encoder(*args)
 
 
@@ -490,7 +493,7 @@ def find_documents(inputs: list[str] | None, skip: Path | None = None) -> tuple[
     """(the non-empty documents of the inputs, in order (directories walked in sorted order), or of the default
     corpus; the sources the default corpus leaves out, and why). A folder `skip` (the output directory, which may lie
     inside an input) is left out. Whether each is text, read_documents finds out."""
-    if inputs is None:
+    if not inputs:
         docs, left_out = default_corpus()
         return [Document(*doc) for doc in docs], left_out
     docs = []
@@ -755,8 +758,7 @@ class PrepareOptions:
 def main(argv: list[str] | None = None) -> None:
     opts, _ = parse_options(PrepareOptions, __doc__.split("\n\n")[0], argv, with_config_file=False)
     out_dir = opts.out_dir or ("data/custom" if opts.inputs or opts.hf_dataset else "data/default")
-    inputs = list(opts.inputs) if opts.inputs or opts.hf_dataset else None
-    meta_path = prepare(inputs, out_dir, opts.vocab_size, opts.model_type, opts.val_fraction, opts.workers,
+    meta_path = prepare(list(opts.inputs), out_dir, opts.vocab_size, opts.model_type, opts.val_fraction, opts.workers,
                         overwrite=opts.overwrite, text_field=opts.text_field, hf_dataset=opts.hf_dataset,
                         hf_split=opts.hf_split, tokenizer=opts.tokenizer, tokenizer_sample_mb=opts.tokenizer_sample_mb,
                         shard_tokens=opts.shard_tokens)
