@@ -68,6 +68,7 @@ DEFAULT_SHARD_TOKENS = 100_000_000
 DEFAULT_SAMPLE_MB = 20.0
 BLOCK_BYTES = 1 << 18  # encoding takes the input in blocks of about this size, so one huge file streams through too
 SAMPLE_BLOCK_BYTES = 1 << 16  # the tokenizer sample is made of runs of text this long, drawn across the corpus
+BYTES_PER_WORKER = 16_000_000  # by default, no more workers than one per this much input
 BLOCKS_IN_FLIGHT = 4  # per worker: enough queued to keep it busy, few enough to bound memory
 PARTIAL_DIR = ".partial"  # a dataset being built, in OUT_DIR
 STATE_FILE = "state.json"  # in PARTIAL_DIR: how far it got, to continue from there
@@ -122,9 +123,7 @@ def prepare(inputs: list[str] | None = None, out_dir: str | Path = "data/default
                         f"{DEFAULT_VOCAB_SIZE})")
     if not 0 < val_fraction < 1:
         raise UserError(f"val fraction {val_fraction} is not between 0 and 1; pass e.g. --val-fraction 0.05")
-    if workers is None:
-        workers = os.cpu_count() or 1
-    if workers < 1:
+    if workers is not None and workers < 1:
         raise UserError(f"{workers} workers; pass --workers 1 or more")
     if shard_tokens < 1:
         raise UserError(f"--shard-tokens {shard_tokens} is not positive; pass e.g. --shard-tokens 100000000")
@@ -174,6 +173,8 @@ def prepare(inputs: list[str] | None = None, out_dir: str | Path = "data/default
               f"({_megabytes(not_text)}): {names}; meta.json lists them and why")
 
     plan = split_documents(docs, val_fraction)
+    if workers is None:  # starting a process costs about what encoding a few MB does
+        workers = max(1, min(os.cpu_count() or 1, sum(doc.size for doc in docs) // BYTES_PER_WORKER or 1_000_000))
     stage = out_dir / PARTIAL_DIR
     state = _resume_state(stage, digest)
     if state is not None:
@@ -751,7 +752,8 @@ class PrepareOptions:
                                     "files, or a Hub name (which needs the network)", metavar="NAME_OR_PATH")
     hf_split: str = option("train", "the split of --hf-dataset to read", metavar="SPLIT")
     shard_tokens: int = option(DEFAULT_SHARD_TOKENS, "tokens per shard file", metavar="TOKENS")
-    workers: int | None = option(None, "processes that encode; none means one per CPU core")
+    workers: int | None = option(None, "processes that encode; none means one per CPU core, at most one per 16 MB of "
+                                 "input")
     overwrite: bool = option(False, "replace the dataset in OUT_DIR, even one built from other inputs or options")
 
 
