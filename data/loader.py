@@ -33,7 +33,7 @@ class TokenWindows:
     def __init__(self, path: str | Path | list[Path], dtype: str, vocab_size: int, num_tokens: int, block_size: int,
                  micro_batch: int, grad_accum: int = 1, rank: int = 0, world_size: int = 1, seed: int = 0,
                  device: torch.device | str = "cpu"):
-        """path: a split's shards (split_files lists them), or one token file without a header; num_tokens ids in
+        """path: a split's shards (TokenWindows.split_files lists them), or one token file without a header; num_tokens ids in
         all of the given dtype, each below vocab_size, as meta.json records."""
         paths = [Path(p) for p in path] if isinstance(path, list) else [Path(path)]
         self.vocab_size = vocab_size
@@ -62,6 +62,21 @@ class TokenWindows:
         self.epoch = 0
         self.cursor = 0
         self._order = None
+
+    @staticmethod
+    def split_files(data_dir: Path, meta: dict, split: str) -> Path | list[Path]:
+        """The token files of a split of the dataset meta.json describes: its shards, or the one file of a dataset
+        written before shards."""
+        if "shards" not in meta:
+            return data_dir / f"{split}.bin"
+        try:
+            files = [data_dir / shard["file"] for shard in meta["shards"][split]]
+        except (KeyError, TypeError):
+            files = []
+        if not files:
+            raise UserError(f"{data_dir / 'meta.json'} lists no {split} shards, so it was not written by "
+                            f"data/prepare.py; {_rebuild(data_dir / 'meta.json')}")
+        return files
 
     @property
     def windows_per_step(self) -> int:
@@ -135,21 +150,6 @@ class TokenWindows:
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.cursor, self._order = int(state["epoch"]), int(state["cursor"]), None
-
-
-def split_files(data_dir: Path, meta: dict, split: str) -> Path | list[Path]:
-    """The token files of a split of the dataset meta.json describes: its shards, or the one file of a dataset
-    written before shards."""
-    if "shards" not in meta:
-        return data_dir / f"{split}.bin"
-    try:
-        files = [data_dir / shard["file"] for shard in meta["shards"][split]]
-    except (KeyError, TypeError):
-        files = []
-    if not files:
-        raise UserError(f"{data_dir / 'meta.json'} lists no {split} shards, so it was not written by data/prepare.py; "
-                        f"{_rebuild(data_dir / 'meta.json')}")
-    return files
 
 
 def open_shards(paths: list[Path], dtype: str, vocab_size: int, num_tokens: int) -> list[tuple[Path, np.ndarray]]:

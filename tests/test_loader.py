@@ -8,7 +8,7 @@ import torch
 
 from tests.runs import TINY, assert_user_error, run
 from tritongpt.data import loader as loader_module
-from tritongpt.data.loader import TokenWindows, split_files
+from tritongpt.data.loader import TokenWindows
 from tritongpt.data.shards import HEADER_BYTES, header
 from tritongpt.errors import UserError
 
@@ -192,8 +192,8 @@ def test_windows_are_drawn_from_every_shard_and_never_span_two(tmp_path):
 
 def test_an_unsharded_dataset_of_an_earlier_version_loads_and_keeps_its_order(token_file):
     meta = dict(dtype="uint16", vocab_size=1000, train_tokens=1000)  # no "shards": train.bin, val.bin
-    assert split_files(token_file.parent, meta, "train") == token_file
-    data = loader(split_files(token_file.parent, meta, "train"), micro_batch=1, grad_accum=1)
+    assert TokenWindows.split_files(token_file.parent, meta, "train") == token_file
+    data = loader(TokenWindows.split_files(token_file.parent, meta, "train"), micro_batch=1, grad_accum=1)
     # The order earlier versions drew, so that their runs resume on the same windows.
     g = torch.Generator().manual_seed(7 * 1_000_003)
     offset = int(torch.randint(BLOCK, (1,), generator=g))

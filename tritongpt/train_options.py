@@ -9,7 +9,7 @@ import torch
 
 from tritongpt import distributed
 from tritongpt.checkpoint import CHECKPOINT_FILE, load_checkpoint, tokenizer_bytes
-from tritongpt.data.loader import TokenWindows, split_files
+from tritongpt.data.loader import TokenWindows
 from tritongpt.data.prepare import DEFAULT_VOCAB_SIZE
 from tritongpt.device import compute_dtype, gib, impl_choices, memory_available, resolve_ops
 from tritongpt.errors import UserError
@@ -302,7 +302,7 @@ def check_out_dir(out_dir: Path) -> None:
 def open_data(opts: TrainOptions, config: GPTConfig, meta: dict,
               world: distributed.World) -> tuple[TokenWindows, TokenWindows]:
     grad_accum = opts.grad_accum or world.size
-    return tuple(TokenWindows(split_files(Path(opts.data_dir), meta, split), meta["dtype"], meta["vocab_size"],
-                              meta[f"{split}_tokens"], config.block_size, opts.batch_size, grad_accum, world.rank,
-                              world.size, opts.seed, world.device)
+    return tuple(TokenWindows(TokenWindows.split_files(Path(opts.data_dir), meta, split), meta["dtype"],
+                              meta["vocab_size"], meta[f"{split}_tokens"], config.block_size, opts.batch_size,
+                              grad_accum, world.rank, world.size, opts.seed, world.device)
                  for split in ("train", "val"))
