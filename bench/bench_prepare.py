@@ -142,7 +142,8 @@ def print_table(results: list[dict], workers: list[int]) -> None:
     most = max(at_largest)
     efficiency = at_largest[most]["encode_mb_s"] / at_largest[1]["encode_mb_s"] / most
     fixed_s = at_largest[1]["total_s"] - at_largest[1]["encode_s"]  # sampling and tokenizer training
-    estimates = ", ".join(f"{cores} cores {(fixed_s + FINEWEB_10BT_MB / (at_largest[1]['encode_mb_s'] * cores * efficiency)) / 3600:.1f} h"
+    rate = at_largest[1]["encode_mb_s"]
+    estimates = ", ".join(f"{cores} cores {(fixed_s + FINEWEB_10BT_MB / (rate * cores * efficiency)) / 3600:.1f} h"
                           for cores in (2, 16, 64))
     print(f"\nFineWeb sample-10BT (~{FINEWEB_10BT_MB // 1000} GB of text), at {at_largest[1]['encode_mb_s']:.2f} MB/s "
           f"a worker and {efficiency:.0%} efficiency: {estimates}")

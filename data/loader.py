@@ -33,8 +33,8 @@ class TokenWindows:
     def __init__(self, path: str | Path | list[Path], dtype: str, vocab_size: int, num_tokens: int, block_size: int,
                  micro_batch: int, grad_accum: int = 1, rank: int = 0, world_size: int = 1, seed: int = 0,
                  device: torch.device | str = "cpu"):
-        """path: a split's shards (TokenWindows.split_files lists them), or one token file without a header; num_tokens ids in
-        all of the given dtype, each below vocab_size, as meta.json records."""
+        """path: a split's shards (TokenWindows.split_files lists them), or one token file without a header;
+        num_tokens ids in all of the given dtype, each below vocab_size, as meta.json records."""
         paths = [Path(p) for p in path] if isinstance(path, list) else [Path(path)]
         self.vocab_size = vocab_size
         if isinstance(path, list):

@@ -506,8 +506,8 @@ def find_documents(inputs: list[str] | None, skip: Path | None = None) -> tuple[
         elif path.is_file():
             docs.append(Document(path.name, path, path.stat().st_size, named=True, kind=record_kind(path)))
         else:
-            raise UserError(f"input {arg} does not exist; check the path (inputs are text, JSON lines or Parquet files, "
-                            "or directories)")
+            raise UserError(f"input {arg} does not exist; check the path (inputs are text, JSON lines or Parquet "
+                            "files, or directories)")
     return [doc for doc in docs if doc.size], []
 
 
