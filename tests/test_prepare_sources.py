@@ -223,13 +223,19 @@ def test_a_stopped_prepare_of_other_inputs_is_started_afresh(corpus, tmp_path, m
     assert sorted(_documents(out)) == sorted(_documents(plain))
 
 
-def test_the_bounded_sample_is_all_the_tokenizer_trains_on(corpus, tmp_path, monkeypatch):
-    root, _ = corpus
+def test_the_bounded_sample_is_all_the_tokenizer_trains_on(tmp_path, monkeypatch):
+    # Rows of one 300-byte line each, in runs of 600 bytes: each run drawn gives the sample one row, not both.
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    rows = [f"row {i:03d} " + "abcdefghij " * 27 for i in range(100)]
+    pq.write_table(pa.table({"text": rows}), tmp_path / "rows.parquet", row_group_size=16)
     trained_on = []
     real_train = prep.train_tokenizer
     monkeypatch.setattr(prep, "train_tokenizer", lambda lines, *a: trained_on.extend(lines) or real_train(lines, *a))
     monkeypatch.setattr(prep, "SAMPLE_BLOCK_BYTES", 500)
-    prepare([str(root / "docs.parquet")], tmp_path / "out", vocab_size=VOCAB, workers=1, progress=False,
-            tokenizer_sample_mb=0.004)
-    assert 2_000 < sum(len(line.encode()) for line in trained_on) <= 4_000
-    assert set(trained_on) < {line for text in DOCUMENTS for line in text.split("\n")}, "whole lines of the corpus"
+    prepare([str(tmp_path / "rows.parquet")], tmp_path / "out", vocab_size=290, workers=1, progress=False,
+            tokenizer_sample_mb=0.004)  # 8 runs of the corpus's 50
+    assert len(trained_on) == 8 and set(trained_on) < set(rows)
+    assert sum(len(line.encode()) for line in trained_on) <= 4_000
+    numbers = sorted(int(line.split()[1]) for line in trained_on)
+    assert numbers[-1] - numbers[0] > 50, "drawn across the corpus, not from its start"
