@@ -40,6 +40,7 @@ import multiprocessing
 import os
 import random
 import re
+import resource
 import shutil
 import signal
 import time
@@ -279,7 +280,7 @@ def write_shards(stage: Path, model: bytes, plan: list, val_fraction: float, tex
     with tqdm(total=total, desc="encoding", unit="B", unit_scale=True, disable=None if progress else True) as bar:
         for _ in range(state["blocks"]):  # written before it was stopped
             bar.update(next(todo).nbytes)
-        started, encoded = time.perf_counter(), 0
+        started, encoded, cpu = time.perf_counter(), 0, _cpu_seconds()
         for result in _ordered_map(todo, workers, (model, dtype, text_field, val_fraction)):
             completed = [writers[split].write(result[split]) for split in ("train", "val")]
             for split in ("train", "val"):
@@ -296,8 +297,11 @@ def write_shards(stage: Path, model: bytes, plan: list, val_fraction: float, tex
             writer.finish()
         seconds = time.perf_counter() - started
     if progress:
+        # CPU time tells how the work divides whatever else the machine runs: the main process reads and writes,
+        # the workers parse and encode.
+        here, in_workers = (now - before for now, before in zip(_cpu_seconds(), cpu))
         print(f"encoded {encoded / 1e6:,.1f} MB in {seconds:,.1f} s ({encoded / 1e6 / max(seconds, 1e-9):,.2f} MB/s) "
-              f"on {_count(workers, 'worker')}")
+              f"on {_count(workers, 'worker')}; CPU {here:,.1f} s in this process, {in_workers:,.1f} s in workers")
     tokens = {split: sum(state[split]) for split in ("train", "val")}
     if not tokens["train"] or not tokens["val"]:
         empty = "train" if not tokens["train"] else "val"
@@ -401,6 +405,12 @@ class Encoder:
                 ids[split].append(self.tokenizer.eot_id)
                 result[f"{split}_documents"] += 1
         return result | {split: np.array(ids[split], dtype=self.dtype).tobytes() for split in ids}
+
+
+def _cpu_seconds() -> tuple[float, float]:
+    """CPU seconds of this process and of its finished child processes (the workers, once the pool is shut down)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime, children.ru_utime + children.ru_stime
 
 
 def record_split(index: int, val_fraction: float) -> str:
