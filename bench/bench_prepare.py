@@ -1,7 +1,7 @@
 """data/prepare.py on a generated JSON lines corpus: encoding MB/s and peak memory with one worker and with every
 core, at 100 MB and at 1 GB, and what that makes of FineWeb's sample-10BT.
 
-    python bench/bench_prepare.py            # 100 MB and 1 GB (about 15 minutes on 2 cores)
+    python bench/bench_prepare.py            # 100 MB and 1 GB (about 10 minutes on 2 idle cores)
     python bench/bench_prepare.py --quick    # 100 MB only
 
 The corpus is written to --tmp-dir and deleted afterwards, datasets included: documents of 200 to 6,000 characters of
@@ -19,15 +19,17 @@ trained on a 20 MB sample, 100 M-token shards):
   peak RSS     the largest sum of resident memory over the process and its workers, sampled every 50 ms
 
 Targets (on a 2-core machine): 2 workers encode at least 1.7x as fast as one; peak RSS under 1 GB at 1 GB of input,
-and less than 10% above the 100 MB run's. The FineWeb sample-10BT estimate takes ~40 GB of text at the idle-core
-one-worker rate times the core count times the idle-core efficiency of the most workers measured (more cores assumed
-to scale as those did), plus the measured fixed cost of sampling and training the tokenizer.
+and less than 10% above the 100 MB run's. The FineWeb sample-10BT estimate takes ~40 GB of text: its encoding from
+the CPU seconds per MB of the main process and of the workers (on many cores the main process's share bounds it),
+the phases before encoding (serial) from their CPU seconds, per MB and fixed. The generated corpus repeats 2,000
+documents, which sentencepiece counts once, so training its tokenizer is quicker than on as much real text.
 """
 import argparse
 import json
 import os
 import platform
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -86,7 +88,7 @@ def process_tree_rss(pid: int) -> int:
 def run_prepare(corpus: Path, out: Path, workers: int) -> dict:
     command = [sys.executable, str(REPO / "data/prepare.py"), str(corpus), "--out-dir", str(out), "--workers",
                str(workers), "--overwrite"]
-    started = time.perf_counter()
+    started, cpu_before = time.perf_counter(), _children_cpu_s()
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     peak = 0
     while process.poll() is None:
@@ -94,6 +96,7 @@ def run_prepare(corpus: Path, out: Path, workers: int) -> dict:
         time.sleep(POLL_S)
     total = time.perf_counter() - started
     stdout, stderr = process.communicate()
+    total_cpu = _children_cpu_s() - cpu_before  # the process and its workers, once all have exited
     if process.returncode:
         sys.exit(f"error: {' '.join(command)} failed: {stderr.strip()}")
     encoded = re.search(r"encoded ([\d,.]+) MB in ([\d,.]+) s .* CPU ([\d,.]+) s in this process, ([\d,.]+) s in "
@@ -103,7 +106,13 @@ def run_prepare(corpus: Path, out: Path, workers: int) -> dict:
     # every core, whichever is longest.
     idle_s = max(main_cpu, workers_cpu / workers, (main_cpu + workers_cpu) / (os.cpu_count() or 1))
     return dict(workers=workers, total_s=total, encode_s=seconds, encode_mb_s=mb / seconds, main_cpu_s=main_cpu,
-                workers_cpu_s=workers_cpu, idle_mb_s=mb / idle_s, peak_rss_mb=peak / 1e6)
+                workers_cpu_s=workers_cpu, idle_mb_s=mb / idle_s, before_cpu_s=total_cpu - main_cpu - workers_cpu,
+                peak_rss_mb=peak / 1e6)
+
+
+def _children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def main() -> None:
@@ -153,15 +162,23 @@ def print_table(results: list[dict], workers: list[int]) -> None:
     if 1 not in at_largest or len(at_largest) < 2:
         return
     most = max(at_largest)
-    # From the CPU times, which the machine's other load does not inflate as it does the wall times.
-    efficiency = at_largest[most]["idle_mb_s"] / at_largest[1]["idle_mb_s"] / most
-    fixed_s = at_largest[1]["total_s"] - at_largest[1]["encode_s"]  # sampling and tokenizer training
-    rate = at_largest[1]["idle_mb_s"]
-    estimates = ", ".join(f"{cores} cores {(fixed_s + FINEWEB_10BT_MB / (rate * cores * efficiency)) / 3600:.1f} h"
-                          for cores in (2, 16, 64))
-    print(f"\nFineWeb sample-10BT (~{FINEWEB_10BT_MB // 1000} GB of text), on idle cores at {rate:.2f} MB/s a worker "
-          f"and {efficiency:.0%} efficiency: {estimates}")
-
+    # FineWeb sample-10BT, from CPU times, which other load on the machine does not inflate as it does wall times:
+    # the encoding phase's per MB in the run with the most workers (the main process's, and the workers' shared among
+    # the cores); the phases before it (reading and hashing, drawing the sample, training the tokenizer), serial,
+    # split into a part that grows with the input and a fixed one where two sizes were measured.
+    r = at_largest[most]
+    main_s, workers_s = r["main_cpu_s"] / largest, r["workers_cpu_s"] / largest
+    before = {r["size_mb"]: r["before_cpu_s"] for r in results if r["workers"] == most}
+    small, large = min(before), max(before)
+    per_mb = (before[large] - before[small]) / (large - small) if large > small else before[large] / large
+    fixed_s = max(0.0, before[large] - per_mb * large)
+    estimates = []
+    for cores in (2, 16, 64):
+        encode_s = FINEWEB_10BT_MB * max(main_s, workers_s / cores, (main_s + workers_s) / cores)
+        estimates.append(f"{cores} cores {(fixed_s + FINEWEB_10BT_MB * per_mb + encode_s) / 3600:.1f} h "
+                         f"(encoding {encode_s / 60:.0f} min)")
+    print(f"\nFineWeb sample-10BT (~{FINEWEB_10BT_MB // 1000} GB of text) on idle cores: {', '.join(estimates)}; "
+          f"before encoding {per_mb * 1000:.1f} s per GB + {fixed_s:.0f} s")
 
 if __name__ == "__main__":
     main()
