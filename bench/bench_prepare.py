@@ -175,8 +175,8 @@ def print_table(results: list[dict], workers: list[int]) -> None:
     estimates = []
     for cores in (2, 16, 64):
         encode_s = FINEWEB_10BT_MB * max(main_s, workers_s / cores, (main_s + workers_s) / cores)
-        estimates.append(f"{cores} cores {(fixed_s + FINEWEB_10BT_MB * per_mb + encode_s) / 3600:.1f} h "
-                         f"(encoding {encode_s / 60:.0f} min)")
+        estimates.append(f"{cores} cores {(fixed_s + FINEWEB_10BT_MB * per_mb + encode_s) / 60:.0f} min "
+                         f"(encoding {encode_s / 60:.0f})")
     print(f"\nFineWeb sample-10BT (~{FINEWEB_10BT_MB // 1000} GB of text) on idle cores: {', '.join(estimates)}; "
           f"before encoding {per_mb * 1000:.1f} s per GB + {fixed_s:.0f} s")
 

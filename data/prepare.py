@@ -43,6 +43,7 @@ import re
 import resource
 import shutil
 import signal
+import sys
 import time
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
@@ -198,13 +199,15 @@ def prepare(inputs: list[str] | None = None, out_dir: str | Path = "data/default
             _write_atomically(stage / TOKENIZER_FILE, model)
         meta = write_shards(stage, model, plan, val_fraction, text_field, hf_split, shard_tokens, workers, state,
                             digest, progress)
-        meta.update(model_type=given_model_type(model) if given is not None else model_type, val_fraction=val_fraction,
+        meta.update(model_type=_given_model_type(model) if given is not None else model_type, val_fraction=val_fraction,
                     val_split=VAL_SPLIT, text_field=text_field, left_out=machine_made + not_text, inputs_hash=digest)
         publish(stage, out_dir, meta)
         if meta["empty_records"] and progress:
             print(f"left out {_count(meta['empty_records'], 'empty record')} (a blank line, or an empty or null "
                   "text)")
     except KeyboardInterrupt:  # stopped, not failed: what is complete stays, to continue from
+        if progress and (stage / STATE_FILE).exists():
+            print(f"{stage} keeps the shards complete so far: the same command continues from them", file=sys.stderr)
         raise
     except BaseException as e:
         shutil.rmtree(stage, ignore_errors=True)
@@ -219,7 +222,7 @@ def prepare(inputs: list[str] | None = None, out_dir: str | Path = "data/default
     return out_dir / "meta.json"
 
 
-def given_model_type(model: bytes) -> str:
+def _given_model_type(model: bytes) -> str:
     spec = sentencepiece_model_pb2.ModelProto.FromString(model).trainer_spec
     return MODEL_TYPE_NAMES.get(spec.model_type, "unknown")
 
