@@ -2,11 +2,14 @@
 import io
 import json
 import os
+import struct
 import subprocess
 import sys
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 from types import SimpleNamespace
+
+import numpy as np
 
 import sample
 import train
@@ -70,3 +73,16 @@ def finished_run(dataset: Path, out: Path) -> list[str]:
     assert sorted([*RUN_FILES, LOCK_FILE]) == sorted(p.name for p in out.iterdir())
     assert (out / "checkpoints" / "latest").read_text() == "step_000002\n"
     return args
+
+
+def split_ids(meta_path: Path, split: str) -> np.ndarray:
+    """The token ids of a split: its shards' headers read by hand, as the format in data/shards.py states them."""
+    meta = json.loads(meta_path.read_text())
+    ids = []
+    for shard in meta["shards"][split]:
+        raw = (meta_path.parent / shard["file"]).read_bytes()
+        magic, version, itemsize, count = struct.unpack("<8sIIQ", raw[:24])
+        assert (magic, version, itemsize, count) == (b"TGPTTOKS", 1, np.dtype(meta["dtype"]).itemsize, shard["tokens"])
+        assert raw[24:32] == bytes(8) and len(raw) == 32 + count * itemsize
+        ids.append(np.frombuffer(raw, dtype=np.dtype(meta["dtype"]).newbyteorder("<"), offset=32))
+    return np.concatenate(ids)

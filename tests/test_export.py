@@ -4,7 +4,6 @@ loads with our logits, our greedy tokens and our token ids."""
 import json
 import random
 
-import numpy as np
 import pytest
 import torch
 
@@ -14,7 +13,7 @@ from tritongpt.data.prepare import train_tokenizer
 from tritongpt.data.tokenizer import HuggingFaceTokenizer, Tokenizer, load_tokenizer
 from tritongpt.model import GPT, GPTConfig
 from tests.conftest import TINY_CORPUS
-from tests.runs import TINY, assert_user_error, run, snapshot, train_losses
+from tests.runs import TINY, assert_user_error, run, snapshot, split_ids, train_losses
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
@@ -100,8 +99,8 @@ def our_model(run_dir) -> GPT:
     return model.eval()
 
 
-def split_documents(token_file, dtype, eot_id) -> list[tuple[int, ...]]:
-    ids = np.fromfile(token_file, dtype=dtype).tolist()
+def split_documents(dataset, split, eot_id) -> list[tuple[int, ...]]:
+    ids = split_ids(dataset / "meta.json", split).tolist()
     docs, start = [], 0
     for i, token in enumerate(ids):
         if token == eot_id:
@@ -116,7 +115,7 @@ def test_prepare_with_a_gpt2_tokenizer_encodes_as_transformers(bpe_dataset, gpt2
     eot = gpt2_fast.convert_tokens_to_ids("<|endoftext|>")
     assert (meta["tokenizer"], meta["tokenizer_kind"], meta["eot_id"]) == ("tokenizer.json", "huggingface", eot)
     assert meta["vocab_size"] == len(gpt2_fast)
-    docs = [d for split in ("train", "val") for d in split_documents(bpe_dataset / f"{split}.bin", meta["dtype"], eot)]
+    docs = [d for split in ("train", "val") for d in split_documents(bpe_dataset, split, eot)]
     assert sorted(docs) == sorted(tuple(gpt2_fast.encode(text)) for text in TINY_CORPUS.values())
     # The dataset's copy is the same tokenizer, on any text.
     copy, original = load_tokenizer(bpe_dataset / meta["tokenizer"], meta["eot_id"]), load_tokenizer(gpt2_tokenizer_dir)
@@ -222,7 +221,7 @@ def test_export_then_init_from_starts_at_the_original_loss(sentencepiece_run, ti
     # The first step's batch, drawn as train.py draws it, through the original checkpoint's model.
     meta = json.loads((tiny_dataset / "meta.json").read_text())
     model = our_model(sentencepiece_run)
-    windows = TokenWindows(tiny_dataset / "train.bin", meta["dtype"], meta["vocab_size"], meta["train_tokens"],
+    windows = TokenWindows(TokenWindows.split_files(tiny_dataset, meta, "train"), meta["dtype"], meta["vocab_size"], meta["train_tokens"],
                            model.config.block_size, micro_batch=4, seed=7)
     x, y = windows.fetch(windows.next_step()[0])
     with torch.no_grad():

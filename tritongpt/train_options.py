@@ -380,7 +380,7 @@ def check_out_dir(out_dir: Path) -> None:
 def open_data(opts: TrainOptions, config: GPTConfig, meta: dict,
               world: distributed.World) -> tuple[TokenWindows, TokenWindows]:
     grad_accum = opts.grad_accum or world.size
-    return tuple(TokenWindows(Path(opts.data_dir) / f"{split}.bin", meta["dtype"], meta["vocab_size"],
-                              meta[f"{split}_tokens"], config.block_size, opts.batch_size, grad_accum, world.rank,
-                              world.size, opts.seed, world.device)
+    return tuple(TokenWindows(TokenWindows.split_files(Path(opts.data_dir), meta, split), meta["dtype"],
+                              meta["vocab_size"], meta[f"{split}_tokens"], config.block_size, opts.batch_size,
+                              grad_accum, world.rank, world.size, opts.seed, world.device)
                  for split in ("train", "val"))
