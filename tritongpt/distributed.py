@@ -82,13 +82,27 @@ def join(world: World) -> None:
         torch.cuda.set_device(world.device)
     global _host_group
     backend = "nccl" if world.device.type == "cuda" else "gloo"
-    alone = {} if world.distributed else dict(store=dist.HashStore(), rank=0, world_size=1)  # no torchrun to meet
+    meeting = _store_of_this_attempt(world) if world.distributed else dict(store=dist.HashStore(), rank=0,
+                                                                           world_size=1)  # no torchrun to meet
     dist.init_process_group(backend=backend, timeout=COLLECTIVE_TIMEOUT,
-                            device_id=world.device if world.device.type == "cuda" else None, **alone)
+                            device_id=world.device if world.device.type == "cuda" else None, **meeting)
     if backend == "nccl" and world.distributed:
         _host_group = dist.new_group(backend="gloo")
     global _checkpoint_group
     _checkpoint_group = dist.new_group(backend="gloo")
+
+
+def _store_of_this_attempt(world: World) -> dict:
+    """init_process_group's store under torchrun: the store torchrun's agent keeps for the whole job, its keys
+    prefixed by the restart count. The agent's store outlives a restart of the workers, and so do the addresses
+    that the last attempt's process groups published in it, under the same names: a group made anew would read a
+    dead worker's address and fail to connect. ({} where the workers start a store of their own.)"""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return {}
+    agent_store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                                timeout=COLLECTIVE_TIMEOUT)
+    return dict(store=dist.PrefixStore(f"attempt_{launch()[1]}", agent_store), rank=world.rank,
+                world_size=world.size)
 
 
 def checkpoint_group():
