@@ -19,6 +19,10 @@ REPO = Path(__file__).resolve().parent.parent
 TINY = ["--model", "tiny", "--batch-size", "4", "--eval-iters", "2", "--log-interval", "1", "--sample-tokens", "0"]
 RUN_FILES = ("checkpoints", "metrics.jsonl", "config.json", "training_curves.png")
 FINAL_CHECKPOINT = "checkpoints/step_000002"  # finished_run's
+# Six steps of four micro-batches (two per rank under torchrun), evaluated and checkpointed every three.
+SCHEDULE = ["--eval-interval", "3", "--lr-decay-iters", "6", "--warmup-iters", "2", "--grad-accum", "4"]
+
+
 def run(script: str, *args: str):
     """The script's main() in this process, exactly as its command line runs it (start-up costs seconds a process)."""
     main = {"train.py": train.main, "sample.py": sample.main, "data/prepare.py": prepare.main,
@@ -37,6 +41,22 @@ def run_process(script: str, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.run([sys.executable, script, *args], cwd=REPO, capture_output=True, text=True, env=env,
                           timeout=300)
+
+
+def torchrun(*args: str, nproc: int = 2, rendezvous: tuple[str, ...] = ("--standalone",),
+             launcher: tuple[str, ...] = (), env_extra: dict | None = None, **popen) -> subprocess.Popen:
+    """train.py under torchrun, nproc processes (on one node, unless rendezvous names another), with launcher's
+    options for torchrun itself."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env_extra or {})}
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *rendezvous,
+                             f"--nproc_per_node={nproc}", *launcher, "train.py", *args],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+
+
+def finished(proc: subprocess.Popen, timeout: float = 240) -> str:
+    output, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, output[-3000:]
+    return output
 
 
 def assert_user_error(result, fragment: str) -> None:

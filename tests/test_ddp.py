@@ -4,8 +4,6 @@ import os
 import re
 import signal
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -13,36 +11,10 @@ import pytest
 import torch
 
 from tritongpt.files import LOCK_FILE, DirectoryLock
-from tests.runs import REPO, TINY, metrics, run, train_losses
+from tests.runs import SCHEDULE, TINY, finished, metrics, run, torchrun, train_losses
 from tritongpt.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.slow
-# Six steps of four micro-batches (two per rank), evaluated and checkpointed every three.
-SCHEDULE = ["--eval-interval", "3", "--lr-decay-iters", "6", "--warmup-iters", "2", "--grad-accum", "4"]
-
-
-def torchrun(*args: str, nproc: int = 2, launcher: tuple[str, ...] = (), env_extra: dict | None = None,
-             **popen) -> subprocess.Popen:
-    """train.py under torchrun, with launcher's options for torchrun itself."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env_extra or {})}
-    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                             f"--nproc_per_node={nproc}", *launcher, "train.py", *args],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
-
-
-def finished(proc: subprocess.Popen, timeout: float = 240) -> str:
-    output, _ = proc.communicate(timeout=timeout)
-    assert proc.returncode == 0, output[-3000:]
-    return output
-
-
-@pytest.fixture(scope="module")
-def two_rank_run(tiny_dataset, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("ddp") / "whole"
-    output = finished(torchrun("--data-dir", str(tiny_dataset), "--out-dir", str(out), *TINY, *SCHEDULE,
-                               "--max-iters", "6"))
-    assert "2 processes x 2 micro-batches each" in output
-    return out
 
 
 def test_two_ranks_train_the_same_model_as_one_process(tiny_dataset, two_rank_run, tmp_path):
