@@ -6,6 +6,7 @@ Run alone (`python train.py`) this is a world of one and every call is a no-op.
 import contextlib
 import datetime
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +19,10 @@ from tritongpt.errors import UserError
 # How long a collective may wait for a missing rank before the job fails instead of hanging. torchrun also ends
 # the whole job as soon as any worker process exits with an error.
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=5)
+# After a collective failed, how long each rank still running waits for the others to answer through the store, to
+# learn which ranks are gone. A rank that crashed or was killed never answers; the others reach their own failing
+# collective within a step. Well inside torchrun's grace between its SIGTERM and its SIGKILL (30 s).
+ANSWER_WAIT_S = 10
 # A gloo group beside NCCL's, for the flags the ranks agree on at every step: on the host, such a flag never waits
 # for the GPU. (On CPU the default group is gloo already, and this stays None.)
 _host_group = None
@@ -135,6 +140,39 @@ def gather_objects(obj, world: World) -> list:
 def barrier(world: World) -> None:
     if world.distributed:
         dist.barrier()
+
+
+def lost_ranks(error: BaseException, world: World) -> list[int] | None:
+    """When error is a collective's failure (a peer that ended, a broken connection, a timeout): the ranks that are
+    gone, as every rank still running learns them (an empty list when they cannot be learnt). None for any other
+    error, or when every rank answers after all.
+
+    With two ranks the other one is gone. With more, each rank that meets the failure says so in the process group's
+    store and waits up to ANSWER_WAIT_S for the others; the ranks that do not answer are gone. (torchrun's agent on
+    the first node holds the store, and ends once its own workers have: when the lost rank was that node's only
+    one, the store may be gone too.)
+    """
+    if not world.distributed or not (isinstance(error, dist.DistError) or "gloo/transport" in str(error)):
+        return None
+    if world.size == 2:
+        return [1 - world.rank]
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        store.set(f"{_ANSWER_KEY}/{world.rank}", "")
+        deadline = time.monotonic() + ANSWER_WAIT_S
+        while True:
+            answered = [r for r in range(world.size) if store.check([f"{_ANSWER_KEY}/{r}"])]
+            # All but one answered: that one is gone (the failure needed one), no need to wait for it.
+            if len(answered) >= world.size - 1 or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+    except RuntimeError:  # the store is gone too: nothing to learn from
+        return []
+    gone = [r for r in range(world.size) if r not in answered]
+    return gone or None
+
+
+_ANSWER_KEY = "tritongpt/still-running-after-a-failed-collective"
 
 
 def leave(world: World) -> None:
