@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tritongpt.checkpoint import load_checkpoint
-from tests.runs import (LOST_RANK_EXIT_S, SCHEDULE, TINY, alive, assert_lost_rank_reported, checkpointed,
+from tests.runs import (LOST_RANK_EXIT_S, REPO, SCHEDULE, TINY, alive, assert_lost_rank_reported, checkpointed,
                         exit_codes, finished, metrics, torchrun, workers_of)
 
 pytestmark = pytest.mark.slow
@@ -21,11 +21,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def rendezvous(endpoint: str) -> tuple[str, ...]:
+    return "--nnodes=2", "--rdzv_backend=c10d", f"--rdzv_endpoint={endpoint}", "--rdzv_id=JOB_ID"
+
+
 def two_nodes(*args: str) -> list:
     """Two torchrun launches of one process each, meeting at a c10d rendezvous on this machine."""
-    rendezvous = ("--nnodes=2", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{free_port()}",
-                  "--rdzv_id=two-nodes")
-    return [torchrun(*args, nproc=1, rendezvous=rendezvous) for _ in range(2)]
+    endpoint = f"127.0.0.1:{free_port()}"
+    return [torchrun(*args, nproc=1, rendezvous=rendezvous(endpoint)) for _ in range(2)]
+
+
+def test_the_readme_shows_the_command_tested():
+    assert f"torchrun {' '.join(rendezvous('HOST0:29500'))} --nproc_per_node=8" in (REPO / "README.md").read_text()
 
 
 def test_two_nodes_train_what_one_node_trains(tiny_dataset, two_rank_run, tmp_path):
@@ -56,8 +63,11 @@ def test_a_rank_killed_on_one_node_ends_the_other_node_in_one_line(tiny_dataset,
         # The killed rank's torchrun ends its job. The other's sees its own worker healthy: that worker must end
         # by itself, on meeting the lost rank in its next collective.
         output = survivor.communicate(timeout=LOST_RANK_EXIT_S)[0]
-        assert survivor.returncode == 1 and exit_codes(output) == {"1": "1"}, output[-3000:]
+        assert survivor.returncode == 1
         assert_lost_rank_reported(output, out, rank=0)
+        # That torchrun reports rank 1's exit status 1, unless it failed first on losing the rendezvous, which the
+        # killed rank's torchrun held (it bound the endpoint first) and took along when it ended.
+        assert exit_codes(output) == {"1": "1"} or "RendezvousConnectionError" in output, output[-3000:]
         killed_output = killed.communicate(timeout=LOST_RANK_EXIT_S)[0]
         assert killed.returncode == 1 and exit_codes(killed_output) == {"0": "-9"}, killed_output[-3000:]
         assert not any(alive(pid) for _, pid in workers.values())
