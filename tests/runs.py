@@ -14,7 +14,7 @@ import sample
 import train
 from tritongpt import export
 from tritongpt.data import prepare
-from tritongpt.checkpoint import load_checkpoint
+from tritongpt.checkpoint import CHECKPOINTS_DIR, LATEST_FILE, load_checkpoint, step_folder_name
 from tritongpt.files import LOCK_FILE
 from tritongpt.options import run_main
 
@@ -70,7 +70,8 @@ LOST_RANK_EXIT_S = 60
 def checkpointed(launchers: list[subprocess.Popen], out: Path) -> None:
     """Waits until the run in out has written a checkpoint and trained on (a run that ends stops the test)."""
     deadline = time.time() + 180
-    while not ((out / "ckpt.pt").exists() and (out / "metrics.jsonl").exists() and len(train_losses(out)) >= 5):
+    while not ((out / CHECKPOINTS_DIR / LATEST_FILE).exists() and (out / "metrics.jsonl").exists()
+               and len(train_losses(out)) >= 5):
         assert all(p.poll() is None for p in launchers) and time.time() < deadline, "training did not start"
         time.sleep(0.2)
 
@@ -82,8 +83,8 @@ def assert_lost_rank_reported(output: str, out: Path, rank: int) -> None:
     step = load_checkpoint(out)["iter_num"]
     assert len(lines) == 1 and re.fullmatch(
         rf"error: rank {rank} of the job is gone \(killed, or ended by an error of its own\) after step \d+; the last "
-        rf"checkpoint, {re.escape(str(out / 'ckpt.pt'))}, holds step {step}: continue from it with --resume "
-        rf"--out-dir {re.escape(str(out))}", lines[0]), output[-3000:]
+        rf"checkpoint, {re.escape(str(out / CHECKPOINTS_DIR / step_folder_name(step)))}, holds step {step}: continue "
+        rf"from it with --resume --out-dir {re.escape(str(out))}", lines[0]), output[-3000:]
     assert f'File "{REPO}' not in output, output[-3000:]
 
 

@@ -58,18 +58,18 @@ def test_a_rank_killed_on_one_node_ends_the_other_node_in_one_line(tiny_dataset,
         checkpointed(nodes, out)
         workers = {rank: (node, pid) for node in nodes for rank, pid in workers_of(node.pid).items()}
         assert sorted(workers) == [0, 1]
-        os.kill(workers[0][1], signal.SIGKILL)  # rank 0, which writes the checkpoints and reports
-        killed, survivor = workers[0][0], workers[1][0]
+        os.kill(workers[1][1], signal.SIGKILL)
+        killed, survivor = workers[1][0], workers[0][0]
         # The killed rank's torchrun ends its job. The other's sees its own worker healthy: that worker must end
         # by itself, on meeting the lost rank in its next collective.
         output = survivor.communicate(timeout=LOST_RANK_EXIT_S)[0]
         assert survivor.returncode == 1
-        assert_lost_rank_reported(output, out, rank=0)
-        # That torchrun reports rank 1's exit status 1, unless it failed first on losing the rendezvous, which the
+        assert_lost_rank_reported(output, out, rank=1)
+        # That torchrun reports rank 0's exit status 1, unless it failed first on losing the rendezvous, which the
         # killed rank's torchrun held (it bound the endpoint first) and took along when it ended.
-        assert exit_codes(output) == {"1": "1"} or "RendezvousConnectionError" in output, output[-3000:]
+        assert exit_codes(output) == {"0": "1"} or "RendezvousConnectionError" in output, output[-3000:]
         killed_output = killed.communicate(timeout=LOST_RANK_EXIT_S)[0]
-        assert killed.returncode == 1 and exit_codes(killed_output) == {"0": "-9"}, killed_output[-3000:]
+        assert killed.returncode == 1 and exit_codes(killed_output) == {"1": "-9"}, killed_output[-3000:]
         assert not any(alive(pid) for _, pid in workers.values())
     finally:
         for pid in [*(pid for _, pid in workers.values()), *(node.pid for node in nodes)]:
@@ -77,6 +77,7 @@ def test_a_rank_killed_on_one_node_ends_the_other_node_in_one_line(tiny_dataset,
                 os.kill(pid, signal.SIGKILL)
         for node in nodes:
             node.communicate(timeout=60)
+
 
 def losses(out_dir) -> list[dict]:
     """What metrics.jsonl holds of the computation, in order (not its timings)."""

@@ -169,7 +169,7 @@ def lost_ranks(error: BaseException, world: World) -> list[int] | None:
     on this one) beats on. (torchrun's agent on the first node holds the store, and ends once its own workers have:
     when the lost rank was that node's only one, the store may be gone too.)
     """
-    if not world.distributed or not (isinstance(error, dist.DistError) or "gloo/transport" in str(error)):
+    if not (world.distributed and _collective_failure(error)):
         return None
     if world.size == 2:
         return [1 - world.rank]
@@ -183,6 +183,13 @@ def lost_ranks(error: BaseException, world: World) -> list[int] | None:
     except RuntimeError:  # the store is gone too: nothing to learn from
         return []
     return gone or None
+
+
+def _collective_failure(error: BaseException) -> bool:
+    """Whether error is a collective's failure, itself or on a rank that torch.distributed.checkpoint reports."""
+    if isinstance(error, dist.DistError) or "gloo/transport" in str(error):
+        return True
+    return any(_collective_failure(failure[0]) for failure in getattr(error, "failures", {}).values())
 
 
 def leave(world: World) -> None:
