@@ -193,6 +193,10 @@ def train(opts: TrainOptions, config: GPTConfig, resume_from: Path | None, ckpt:
             if isinstance(e, KeyboardInterrupt):
                 run.say(f"stopped at step {run.step}; {run.checkpoints.describe_last()}")
             raise
+        except BaseException as e:  # torch.distributed.checkpoint's errors are BaseExceptions
+            if (gone := distributed.lost_ranks(e, world)) is None:
+                raise
+            report_lost_ranks(run, gone)
         finally:
             run.logger.finish()
         if run.stopped_by:
@@ -247,6 +251,24 @@ def loop(run: Run, stop_requests: StopRequests) -> None:
         if evaluating or saving:
             clock = (time.perf_counter(), run.step)  # tokens/s counts training steps only
     bar.close()
+
+
+def report_lost_ranks(run: Run, gone: list[int]) -> None:
+    """Ends this rank after others were lost: the lowest rank still running says so in one line (every rank does,
+    when which ones are gone is unknown), with what comes next: torchrun's restart, or else the user's --resume."""
+    restarting = distributed.launch()[1] < int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0))
+    next_step = ("torchrun restarts the job, which continues from its last checkpoint" if restarting
+                 else run.checkpoints.describe_last())
+    error = "" if restarting else "error: "
+    if gone:
+        if run.world.rank == min(set(range(run.world.size)) - set(gone)):
+            print(f"{error}rank{'s' * (len(gone) > 1)} {', '.join(map(str, gone))} of the job "
+                  f"{'are' if len(gone) > 1 else 'is'} gone (killed, or ended by an error of its own) after step "
+                  f"{run.step}; {next_step}", file=sys.stderr)
+    else:
+        print(f"{error}rank {run.world.rank} lost the connection to the other ranks after step {run.step}; {next_step}",
+              file=sys.stderr)
+    sys.exit(1)
 
 
 def note_nonfinite(run: Run, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:

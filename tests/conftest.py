@@ -52,3 +52,14 @@ def finished_run(tiny_dataset, tmp_path):
     from tests.runs import finished_run as train_two_steps
     out = tmp_path / "run"
     return out, train_two_steps(tiny_dataset, out)
+
+
+@pytest.fixture(scope="session")
+def two_rank_run(tiny_dataset, tmp_path_factory):
+    """The out dir of a finished torchrun run of 2 processes on one node (SCHEDULE, 6 steps)."""
+    from tests.runs import SCHEDULE, TINY, finished, torchrun
+    out = tmp_path_factory.mktemp("ddp") / "whole"
+    output = finished(torchrun("--data-dir", str(tiny_dataset), "--out-dir", str(out), *TINY, *SCHEDULE,
+                               "--max-iters", "6"))
+    assert "2 processes x 2 micro-batches each" in output
+    return out

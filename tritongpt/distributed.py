@@ -12,6 +12,8 @@ still gets a process group of one rank, which fully_shard needs.
 import contextlib
 import datetime
 import os
+import threading
+import time
 import warnings
 from dataclasses import dataclass
 
@@ -29,12 +31,19 @@ from tritongpt.errors import UserError
 # the whole job as soon as any worker process exits with an error.
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=5)
 PARALLELISMS = ("ddp", "fsdp")
+# With more than two ranks, each counts up its heartbeat in the process group's store every HEARTBEAT_S, from a
+# thread, whatever its training does meanwhile. After a collective failed, a rank whose count stands still for
+# LOST_RANK_WAIT_S is gone (well inside torchrun's grace between its SIGTERM and its SIGKILL, 30 s).
+HEARTBEAT_S = 1.0
+LOST_RANK_WAIT_S = 3 * HEARTBEAT_S
+_STORE_KEY = "tritongpt/lost-ranks"
 # A gloo group beside NCCL's, for the flags the ranks agree on at every step: on the host, such a flag never waits
 # for the GPU. (On CPU the default group is gloo already, and this stays None.)
 _host_group = None
 # A gloo group of its own for checkpoint writes, whose collectives run in a background thread while the training
 # step's run in the main one: two threads must never share a group.
 _checkpoint_group = None
+_heartbeat_stop: threading.Event | None = None
 
 
 @dataclass(frozen=True)
@@ -90,6 +99,19 @@ def join(world: World) -> None:
         _host_group = dist.new_group(backend="gloo")
     global _checkpoint_group
     _checkpoint_group = dist.new_group(backend="gloo")
+    if world.size > 2:
+        global _heartbeat_stop
+        _heartbeat_stop = threading.Event()
+        threading.Thread(target=_beat, args=(dist.distributed_c10d._get_default_store(), world.rank, _heartbeat_stop),
+                         name="heartbeat", daemon=True).start()
+
+
+def _beat(store: dist.Store, rank: int, stop: threading.Event) -> None:
+    while not stop.wait(HEARTBEAT_S):
+        try:
+            store.add(f"{_STORE_KEY}/beats/{rank}", 1)
+        except RuntimeError:  # the store is gone: the job is ending
+            return
 
 
 def _store_of_this_attempt(world: World) -> dict:
@@ -247,8 +269,43 @@ def barrier(world: World) -> None:
         dist.barrier()
 
 
+def lost_ranks(error: BaseException, world: World) -> list[int] | None:
+    """When error is a collective's failure (a peer that ended, a broken connection, a timeout): the ranks that are
+    gone, as every rank still running learns them (an empty list when they cannot be learnt). None for any other
+    error, or when no rank is gone after all.
+
+    With two ranks the other one is gone. With more, each rank that meets the failure marks itself in the process
+    group's store, and the ranks neither marked nor beating are gone: a rank still waiting in a collective (perhaps
+    on this one) beats on. (torchrun's agent on the first node holds the store, and ends once its own workers have:
+    when the lost rank was that node's only one, the store may be gone too.)
+    """
+    if not (world.distributed and _collective_failure(error)):
+        return None
+    if world.size == 2:
+        return [1 - world.rank]
+    store = dist.distributed_c10d._get_default_store()
+    try:
+        store.set(f"{_STORE_KEY}/met/{world.rank}", "")
+        beats = [store.add(f"{_STORE_KEY}/beats/{r}", 0) for r in range(world.size)]
+        time.sleep(LOST_RANK_WAIT_S)
+        gone = [r for r in range(world.size)
+                if store.add(f"{_STORE_KEY}/beats/{r}", 0) == beats[r] and not store.check([f"{_STORE_KEY}/met/{r}"])]
+    except RuntimeError:  # the store is gone too: nothing to learn from
+        return []
+    return gone or None
+
+
+def _collective_failure(error: BaseException) -> bool:
+    """Whether error is a collective's failure, itself or on a rank that torch.distributed.checkpoint reports."""
+    if isinstance(error, dist.DistError) or "gloo/transport" in str(error):
+        return True
+    return any(_collective_failure(failure[0]) for failure in getattr(error, "failures", {}).values())
+
+
 def leave(world: World) -> None:
     global _host_group, _checkpoint_group
+    if _heartbeat_stop is not None:
+        _heartbeat_stop.set()
     if (world.distributed or world.sharded) and dist.is_initialized():
         dist.destroy_process_group()  # every group, the host and checkpoint groups included
         _host_group = _checkpoint_group = None
