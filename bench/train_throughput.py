@@ -163,7 +163,7 @@ def train_step(model, runner, optimizer, batch: torch.Tensor, dtype: torch.dtype
     """train.py's own optimizer step (tritongpt.loop.train_step) on one micro-batch, bf16 needing no gradient
     scaling; returns the loss (on the device). The step labels its phases for a profile (bench/profile_step.py)."""
     no_scaling = torch.amp.GradScaler(batch.device.type, enabled=False)
-    loss, _ = trainer_step(model, runner, optimizer, no_scaling, [(batch[:, :-1], batch[:, 1:])], 1,
+    loss, _ = trainer_step(model, runner, [optimizer], no_scaling, [(batch[:, :-1], batch[:, 1:])], 1,
                            autocast(dtype, batch.device), GRAD_CLIP)
     return loss
 
