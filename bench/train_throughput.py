@@ -62,6 +62,7 @@ from tritongpt.metrics import mfu, peak_bf16_flops
 from tritongpt.model.gpt import GPT
 from tritongpt.device import autocast
 from tritongpt.loop import train_step as trainer_step
+from tritongpt.optim import adamw
 
 VOCAB_SIZE = 50257
 SEED = 1337
@@ -155,7 +156,7 @@ def build(config, state: dict, variant: Variant, device: torch.device):
     with torch.device(device):  # initialise on the device (fast), then overwrite with the shared weights
         model = GPT(replace(config, **variant.ops))
     model.load_state_dict(state)
-    optimizer = model.configure_optimizers(WEIGHT_DECAY, LEARNING_RATE, BETAS, device.type)
+    optimizer = adamw(model.parameters(), WEIGHT_DECAY, LEARNING_RATE, BETAS, device.type)
     return model, (torch.compile(model) if variant.compile else model), optimizer
 
 

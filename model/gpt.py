@@ -13,7 +13,6 @@ import torch.nn as nn
 
 from tritongpt import kernels
 from tritongpt.model.config import GPTConfig
-from tritongpt.optim import adamw
 
 
 @dataclass
@@ -210,12 +209,6 @@ class GPT(nn.Module):
         the tied LM head, whose FLOPs are real)."""
         n = sum(p.numel() for p in self.parameters())
         return n - self.transformer.wpe.weight.numel() if non_embedding else n
-
-    def configure_optimizers(self, weight_decay: float, learning_rate: float, betas: tuple[float, float],
-                             device_type: str) -> torch.optim.AdamW:
-        """AdamW on every parameter (tritongpt.optim.adamw); train.py picks its optimizers with
-        tritongpt.optim.configure_optimizers."""
-        return adamw(self.parameters(), learning_rate, weight_decay, betas, device_type)
 
     def flops_per_token(self) -> int:
         """Training FLOPs per token (forward and backward): 6N for the matmuls with the weights plus 12·L·H·Q·T for

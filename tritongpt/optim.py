@@ -22,7 +22,7 @@ OPTIMIZERS = ("adamw", "muon")
 MUON_LR_ADJUSTMENTS = ("original", "match_rms_adamw")
 
 
-def adamw(params: Iterable[nn.Parameter], learning_rate: float, weight_decay: float, betas: tuple[float, float],
+def adamw(params: Iterable[nn.Parameter], weight_decay: float, learning_rate: float, betas: tuple[float, float],
           device_type: str) -> torch.optim.AdamW:
     """AdamW with weight decay on the matrices (every 2-D weight, embeddings included) and none on biases and
     LayerNorm gains; the fused CUDA implementation on GPU."""
@@ -44,13 +44,13 @@ def configure_optimizers(model: nn.Module, opts, device_type: str) -> list[torch
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}  # the tied weight once
     betas = (opts.beta1, opts.beta2)
     if opts.optimizer == "adamw":
-        optimizers = [adamw(params.values(), opts.learning_rate, opts.weight_decay, betas, device_type)]
+        optimizers = [adamw(params.values(), opts.weight_decay, opts.learning_rate, betas, device_type)]
     else:
         hidden = set(hidden_matrices(model))
         muon = torch.optim.Muon([p for name, p in params.items() if name in hidden], lr=opts.muon_lr,
                                 weight_decay=opts.muon_weight_decay, momentum=opts.muon_momentum,
                                 ns_steps=opts.muon_ns_steps, adjust_lr_fn=opts.muon_adjust_lr)
-        rest = adamw([p for name, p in params.items() if name not in hidden], opts.learning_rate, opts.weight_decay,
+        rest = adamw([p for name, p in params.items() if name not in hidden], opts.weight_decay, opts.learning_rate,
                      betas, device_type)
         optimizers = [muon, rest]
     for optimizer in optimizers:

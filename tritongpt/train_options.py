@@ -22,6 +22,9 @@ from tritongpt.plot import CONFIG_FILE, CURVES_FILE, METRICS_FILE
 DEFAULT_DATA_DIR = "data/default"
 DATASET_KEYS = ("vocab_size", "dtype", "tokenizer", "train_tokens", "val_tokens")  # what training reads of meta.json
 RUN_FILES = (CHECKPOINT_FILE, METRICS_FILE, CONFIG_FILE, CURVES_FILE)  # a run's own files in OUT_DIR
+# With torch.optim.Muon's "original" shape adjustment a matrix's step has the spectral norm lr x sqrt(fan-out /
+# fan-in) at any width, so one rate serves every model size.
+DEFAULT_MUON_LR = 0.02
 # The model's shape: a checkpoint (--resume) or a GPT-2 directory (--init-from) fixes it.
 SHAPE_OPTIONS = ("model", "n_layer", "n_head", "n_embd", "block_size", "bias")
 
@@ -72,8 +75,9 @@ class TrainOptions:
     weight_decay: float = option(0.1, "AdamW weight decay on matrices")
     beta1: float = option(0.9, "AdamW beta1")
     beta2: float = option(0.95, "AdamW beta2")
-    muon_lr: float = option(0.02, "Muon's peak learning rate (the schedule scales it as it does --learning-rate)",
-                            metavar="LR")
+    muon_lr: float | None = option(None, f"Muon's peak learning rate, scaled by the schedule as --learning-rate is; "
+                                   f"none means {DEFAULT_MUON_LR:g} at any width, a twentieth of that with "
+                                   "--init-from", metavar="LR")
     muon_momentum: float = option(0.95, "Muon's momentum (Nesterov)")
     muon_ns_steps: int = option(5, "Newton-Schulz iterations that orthogonalise Muon's step", metavar="STEPS")
     muon_adjust_lr: str = option("original", "how Muon scales a matrix's rate by its shape A x B: original by "
@@ -126,6 +130,8 @@ def check_run(opts: TrainOptions, given: set[str], world: distributed.World, out
     config = model_config(opts, given, vocab_size, world.device, ckpt)
     if opts.learning_rate is None:
         opts = replace(opts, learning_rate=default_learning_rate(config, fine_tuning=bool(opts.init_from)))
+    if opts.muon_lr is None:
+        opts = replace(opts, muon_lr=DEFAULT_MUON_LR / 20 if opts.init_from else DEFAULT_MUON_LR)
     check_learning_rates(opts)
     if opts.sample_prompt is None:  # the default corpus is mostly Python; another may have no `def` in it at all
         opts = replace(opts, sample_prompt="def" if Path(opts.data_dir) == Path(DEFAULT_DATA_DIR) else "")
