@@ -26,7 +26,7 @@ from tritongpt.files import DirectoryLock, disk_full
 from tritongpt.loop import estimate_loss, train_step
 from tritongpt.metrics import MetricsLogger, mfu
 from tritongpt.model import GPT, GPTConfig, load_gpt2
-from tritongpt.optim import configure_optimizers, load_optimizer_states, scale_learning_rates
+from tritongpt.optim import configure_optimizers, hidden_matrices, load_optimizer_states, scale_learning_rates
 from tritongpt.options import parse_options, run_main
 from tritongpt.plot import CURVES_FILE
 from tritongpt.schedule import learning_rate
@@ -161,6 +161,11 @@ def describe(run: Run) -> None:
             f"{plural(grad_accum, 'micro-batch', 'micro-batches')} x {c.block_size} tokens = "
             f"{tokens_per_step(opts, c, world):,} tokens per step ({plural(world.size, 'process', 'processes')} x "
             f"{plural(grad_accum // world.size, 'micro-batch', 'micro-batches')} each)")
+    if opts.optimizer == "muon":
+        run.say(f"optimizer: Muon on the blocks' {len(hidden_matrices(run.model))} matrices (peak lr "
+                f"{opts.muon_lr:g}), AdamW on the rest (peak lr {opts.learning_rate:.2e})")
+    else:
+        run.say(f"optimizer: AdamW (peak lr {opts.learning_rate:.2e})")
     if run.step:
         run.say(f"resuming from step {run.step} of {opts.max_iters} ({run.checkpoint_path})")
 
