@@ -26,7 +26,7 @@ from tritongpt.files import DirectoryLock, disk_full
 from tritongpt.loop import estimate_loss, train_step
 from tritongpt.metrics import MetricsLogger, mfu
 from tritongpt.model import GPT, GPTConfig, load_gpt2
-from tritongpt.optim import configure_optimizers, hidden_matrices, load_optimizer_states, scale_learning_rates
+from tritongpt.optim import configure_optimizers, hidden_matrices, scale_learning_rates
 from tritongpt.options import parse_options, run_main
 from tritongpt.plot import CURVES_FILE
 from tritongpt.schedule import learning_rate
@@ -109,7 +109,8 @@ def set_up(opts: TrainOptions, config: GPTConfig, ckpt: dict | None, world: dist
     step = 0
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
-        load_optimizer_states(optimizers, ckpt["optimizers"])
+        for optimizer, state in zip(optimizers, ckpt["optimizers"], strict=True):
+            optimizer.load_state_dict(state)
         scaler.load_state_dict(ckpt["scaler"])
         train_data.load_state_dict(ckpt["data"])
         step = ckpt["iter_num"]
@@ -211,7 +212,7 @@ def loop(run: Run, stop_requests: StopRequests) -> None:
         # Every group's rate is its own peak rate (Muon's and AdamW's differ) times the schedule's factor.
         lr_factor = learning_rate(run.step, 1.0, (opts.min_lr or opts.learning_rate / 10) / opts.learning_rate,
                                   warmup_iters(opts), opts.lr_decay_iters or opts.max_iters)
-        scale_learning_rates(run.optimizers, lr_factor)
+        scale_learning_rates(run.optimizers, lr_factor, opts)
         micro_batches = (run.train_data.fetch(starts) for starts in run.train_data.next_step())
         loss, grad_norm = train_step(run.model, run.net, run.optimizers, run.scaler, micro_batches, micro_steps,
                                      run.autocast, opts.grad_clip)

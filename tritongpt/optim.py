@@ -7,8 +7,8 @@ that dominate the gradient. As in the modded-nanogpt speedrun, only the 2-D weig
 tied LM head), the LayerNorm gains and the biases keep AdamW.
 
 A run's optimizers are a list (AdamW alone, or Muon then AdamW) that the training step steps in turn and the
-checkpoint saves one by one. Each parameter group keeps its peak learning rate as "peak_lr"; the schedule scales
-every group's by the same factor.
+checkpoint saves one by one. Muon's peak learning rate is --muon-lr, AdamW's --learning-rate; the schedule scales
+both by the same factor, read from the options at every step (so a resumed run takes a rate given anew).
 """
 from collections.abc import Iterable
 
@@ -53,24 +53,12 @@ def configure_optimizers(model: nn.Module, opts, device_type: str) -> list[torch
         rest = adamw([p for name, p in params.items() if name not in hidden], opts.weight_decay, opts.learning_rate,
                      betas, device_type)
         optimizers = [muon, rest]
-    for optimizer in optimizers:
-        for group in optimizer.param_groups:
-            group["peak_lr"] = group["lr"]
     return optimizers
 
 
-def scale_learning_rates(optimizers: list[torch.optim.Optimizer], factor: float) -> None:
-    """Sets every group's learning rate to factor times its own peak rate."""
+def scale_learning_rates(optimizers: list[torch.optim.Optimizer], factor: float, opts) -> None:
+    """Sets every group's learning rate to factor times its optimizer's peak rate in opts."""
     for optimizer in optimizers:
+        peak = opts.muon_lr if isinstance(optimizer, torch.optim.Muon) else opts.learning_rate
         for group in optimizer.param_groups:
-            group["lr"] = factor * group["peak_lr"]
-
-
-def load_optimizer_states(optimizers: list[torch.optim.Optimizer], states: list[dict]) -> None:
-    """Restores what the optimizers accumulated (moments, momentum, step counts) from their saved state dicts,
-    keeping the settings they were built with (a resumed run may be given another learning rate, say)."""
-    for optimizer, state in zip(optimizers, states, strict=True):
-        settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
-        optimizer.load_state_dict(state)
-        for group, own in zip(optimizer.param_groups, settings):
-            group.update(own)
+            group["lr"] = factor * peak
