@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from tritongpt.data.tokenizer import Tokenizer
+from tritongpt.data.tokenizer import HuggingFaceTokenizer, Tokenizer, load_tokenizer
 from tritongpt.model import GPT, GPTConfig
 from tritongpt.checkpoint import load_checkpoint, nonfinite_weights, tokenizer_bytes, unpack_tokenizer
 from tritongpt.device import autocast, compute_dtype, impl_choices, resolve_device, resolve_ops
@@ -20,7 +20,8 @@ from tritongpt.textgen import prompt_ids, stream_text
 
 @dataclass(frozen=True)
 class SampleOptions:
-    checkpoint: str = option("out/ckpt.pt", "checkpoint written by train.py, or the --out-dir holding it",
+    checkpoint: str = option("out", "a run's --out-dir (its latest checkpoint), one of its checkpoints/step_* "
+                             "folders, or a single-file checkpoint",
                              metavar="PATH", group="sampling")
     prompt: str = option("", "text to continue (empty: start a new document)")
     prompt_file: str | None = option(None, "read the prompt from this file instead", metavar="FILE")
@@ -31,8 +32,9 @@ class SampleOptions:
     top_p: float | None = option(None, "sample among the most likely tokens whose probability reaches p; none for all",
                                  metavar="P")
     seed: int = option(1337, "random seed", metavar="SEED")
-    tokenizer: str | None = option(None, "tokenizer model file to use instead of the one the checkpoint carries",
-                                   metavar="FILE")
+    tokenizer: str | None = option(None, "tokenizer to use instead of the one the checkpoint carries: a "
+                                   "sentencepiece .model file, or a Hugging Face tokenizer directory or tokenizer.json",
+                                   metavar="PATH")
     force_tokenizer: bool = option(False, "use --tokenizer although it differs from the one the checkpoint carries")
     device: str = option("auto", "auto, cpu, cuda or cuda:N", metavar="DEVICE", group="system")
     dtype: str = option("auto", "auto is bfloat16 on CUDA where supported, float32 on CPU",
@@ -51,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     device = resolve_device(opts.device)
     dtype = compute_dtype(opts.dtype, device)
 
-    ckpt = load_checkpoint(opts.checkpoint)
+    ckpt = load_checkpoint(opts.checkpoint, with_optimizer=False)
     ops = resolve_ops(opts, device)
     config = GPTConfig.from_dict({**ckpt["model_config"], **ops})
     tokenizer = read_tokenizer(opts, ckpt, config.vocab_size)
@@ -92,10 +94,10 @@ def check_sampling_options(opts: SampleOptions) -> None:
         raise UserError("give --prompt or --prompt-file, not both")
 
 
-def read_tokenizer(opts: SampleOptions, ckpt: dict, vocab_size: int) -> Tokenizer:
+def read_tokenizer(opts: SampleOptions, ckpt: dict, vocab_size: int) -> Tokenizer | HuggingFaceTokenizer:
     """The checkpoint's tokenizer, or --tokenizer: one of the model's vocabulary size, and the checkpoint's own
     unless --force-tokenizer (another tokenizer of the same size maps the model's tokens to other text)."""
-    tokenizer = Tokenizer(opts.tokenizer) if opts.tokenizer else unpack_tokenizer(ckpt, opts.checkpoint)
+    tokenizer = load_tokenizer(opts.tokenizer) if opts.tokenizer else unpack_tokenizer(ckpt, opts.checkpoint)
     if tokenizer.vocab_size != vocab_size:
         raise UserError(f"tokenizer {tokenizer.origin} has {tokenizer.vocab_size} tokens but the checkpoint's model "
                         f"has {vocab_size}; pass the tokenizer the model was trained with (--tokenizer)")

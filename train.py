@@ -5,6 +5,9 @@
 """
 import dataclasses
 import json
+import os
+import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -15,14 +18,14 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from tqdm import tqdm
 
 from tritongpt import distributed
-from tritongpt.checkpoint import (CHECKPOINT_FILE, interrupts_deferred, nonfinite_weights, pack_tokenizer,
-                                  save_checkpoint)
+from tritongpt.checkpoint import (CheckpointWriter, interrupts_deferred, nonfinite_weights, pack_tokenizer,
+                                  restore)
 from tritongpt.data.loader import TokenWindows
 from tritongpt.data.prepare import prepare
-from tritongpt.data.tokenizer import Tokenizer
+from tritongpt.data.tokenizer import HuggingFaceTokenizer, Tokenizer, load_tokenizer
 from tritongpt.device import autocast, compute_dtype, out_of_memory
 from tritongpt.errors import UserError
-from tritongpt.files import DirectoryLock, disk_full
+from tritongpt.files import DirectoryLock
 from tritongpt.loop import estimate_loss, train_step
 from tritongpt.metrics import MetricsLogger, mfu
 from tritongpt.model import GPT, GPTConfig, load_gpt2
@@ -39,10 +42,13 @@ def main(argv: list[str] | None = None) -> None:
     opts, given = parse_options(TrainOptions, __doc__.splitlines()[0], argv)
     world = distributed.world_from_env(opts.device)
     with DirectoryLock(opts.out_dir) as out_dir_lock:  # rank 0 holds OUT_DIR from its checks to the end
-        opts, config, ckpt = check_run(opts, given, world, out_dir_lock)  # every rank refuses a mistake alike,
-        distributed.join(world)                                           # before talking
+        opts, config, resume_from, ckpt = check_run(opts, given, world, out_dir_lock)  # every rank refuses a
+        if ckpt is not None and ckpt["iter_num"] >= opts.max_iters:  # mistake alike, before talking
+            print(f"the run in {opts.out_dir} already reached step {ckpt['iter_num']}: nothing left to train")
+            return  # (a torchrun restart after the last checkpoint)
+        distributed.join(world)
         try:
-            train(opts, config, ckpt, world)
+            train(opts, config, resume_from, ckpt, world)
             distributed.barrier(world)  # a rank that tore the group down while another still talked would abort it
         except RuntimeError as e:  # torch.OutOfMemoryError is one
             if (size := out_of_memory(e)) is None:
@@ -67,35 +73,33 @@ class Run:
     eval_model: torch.nn.Module      # the model as evaluation calls it (compiled when --compile)
     net: torch.nn.Module             # the model as the training step calls it (also DDP-wrapped under torchrun)
     optimizers: list[torch.optim.Optimizer]  # stepped in turn: AdamW alone, or Muon then AdamW
+    checkpoints: CheckpointWriter
     scaler: torch.amp.GradScaler
     dtype: torch.dtype               # what autocast computes in
     autocast: torch.autocast
     train_data: TokenWindows
     val_data: TokenWindows
-    tokenizer: Tokenizer
+    tokenizer: Tokenizer | HuggingFaceTokenizer
     logger: MetricsLogger
     step: int                        # optimizer steps taken
-    checkpoint_step: int | None      # the step of the last checkpoint written (or resumed from)
     stopped_by: int | None           # the signal that stopped the run (on any rank), if one did
     first_nonfinite_step: torch.Tensor  # on the device: the first step whose loss or gradient was inf/nan, else a
                                         # step past the end (tracked without waiting for the device)
     eval_losses: dict[str, float] = field(default_factory=dict)  # the last evaluation's, by split
 
-    @property
-    def checkpoint_path(self) -> Path:
-        return Path(self.opts.out_dir) / CHECKPOINT_FILE
 
     def say(self, text: str) -> None:
         if self.world.is_main:
             tqdm.write(text)  # above the progress bar, never through it
 
 
-def set_up(opts: TrainOptions, config: GPTConfig, ckpt: dict | None, world: distributed.World) -> Run:
+def set_up(opts: TrainOptions, config: GPTConfig, resume_from: Path | None, ckpt: dict | None,
+           world: distributed.World) -> Run:
     meta = ensure_dataset(opts, world)
     if ckpt is None and not opts.init_from:
         config = replace(config, vocab_size=meta["vocab_size"])
     train_data, val_data = check_dataset(opts, config, meta, ckpt, world)
-    tokenizer = Tokenizer(Path(opts.data_dir) / meta["tokenizer"])
+    tokenizer = load_tokenizer(Path(opts.data_dir) / meta["tokenizer"], meta.get("eot_id"))
     if opts.init_from and ckpt is None:
         model = load_gpt2(opts.init_from, config)
     else:
@@ -108,28 +112,31 @@ def set_up(opts: TrainOptions, config: GPTConfig, ckpt: dict | None, world: dist
     torch.manual_seed(opts.seed + world.rank)  # dropout differs per rank; the data order does not depend on it
     step = 0
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        for optimizer, state in zip(optimizers, ckpt["optimizers"], strict=True):
-            optimizer.load_state_dict(state)
+        restore(resume_from, model, optimizers)
         scaler.load_state_dict(ckpt["scaler"])
         train_data.load_state_dict(ckpt["data"])
         step = ckpt["iter_num"]
         restore_rng(ckpt["rng"], world)
     if ckpt is None and world.is_main:  # a new run: an earlier one's files were to go (--overwrite, or no checkpoint)
         for name in RUN_FILES:
-            (Path(opts.out_dir) / name).unlink(missing_ok=True)
+            path = Path(opts.out_dir) / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    checkpoints = CheckpointWriter(opts.out_dir, world, opts.keep_checkpoints, opts.async_checkpoint,
+                                   last=(step, resume_from) if ckpt else None)
+    job, restarts = distributed.launch()
     eval_model = torch.compile(model) if opts.compile else model
     logger = MetricsLogger(
         opts.out_dir, config={"options": dataclasses.asdict(opts), "model": dataclasses.asdict(config),
                               "num_params": model.num_params(), "world_size": world.size,
-                              "tokens_per_step": tokens_per_step(opts, config, world)},
+                              "tokens_per_step": tokens_per_step(opts, config, world),
+                              "launch": {"job": job, "restart": restarts}},
         wandb=opts.wandb, project=opts.wandb_project, run_name=opts.wandb_run_name, entity=opts.wandb_entity,
         mode=opts.wandb_mode, resume_run_id=ckpt.get("wandb_run_id") if ckpt else None,
         resume_step=step + 1 if ckpt else None,  # the checkpoint's own step was logged before it was written
         enabled=world.is_main)
-    return Run(opts, world, config, model, eval_model, distributed.wrap_model(eval_model, world), optimizers, scaler,
-               dtype, autocast(dtype, world.device), train_data, val_data, tokenizer, logger, step,
-               step if ckpt else None, None, torch.tensor(opts.max_iters + 1, device=world.device))
+    return Run(opts, world, config, model, eval_model, distributed.wrap_model(eval_model, world), optimizers,
+               checkpoints, scaler, dtype, autocast(dtype, world.device), train_data, val_data, tokenizer, logger,
+               step, None, torch.tensor(opts.max_iters + 1, device=world.device))
 
 
 def ensure_dataset(opts: TrainOptions, world: distributed.World) -> dict:
@@ -168,27 +175,31 @@ def describe(run: Run) -> None:
     else:
         run.say(f"optimizer: AdamW (peak lr {opts.learning_rate:.2e})")
     if run.step:
-        run.say(f"resuming from step {run.step} of {opts.max_iters} ({run.checkpoint_path})")
+        run.say(f"resuming from step {run.step} of {opts.max_iters} ({run.checkpoints.last_path})")
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # The loop.
 
-def train(opts: TrainOptions, config: GPTConfig, ckpt: dict | None, world: distributed.World) -> None:
-    run = set_up(opts, config, ckpt, world)
+def train(opts: TrainOptions, config: GPTConfig, resume_from: Path | None, ckpt: dict | None,
+          world: distributed.World) -> None:
+    run = set_up(opts, config, resume_from, ckpt, world)
     describe(run)
     # Up to the exit: once the run stops, a signal that follows (torchrun's, as it ends the job) is only noted.
     with StopRequests() as stop_requests:
         try:
             loop(run, stop_requests)
-        except KeyboardInterrupt:
-            run.say(f"stopped at step {run.step}; {last_checkpoint(run)}")
+            run.checkpoints.finish()
+        except (UserError, KeyboardInterrupt) as e:
+            run.checkpoints.finish()  # the write under way holds a healthy step: it completes before the report
+            if isinstance(e, KeyboardInterrupt):
+                run.say(f"stopped at step {run.step}; {run.checkpoints.describe_last()}")
             raise
         finally:
             run.logger.finish()
         if run.stopped_by:
             if world.is_main:
-                print(f"stopped by {SIGNAL_NAMES[run.stopped_by]} after step {run.step}; {last_checkpoint(run)}",
+                print(f"stopped by {SIGNAL_NAMES[run.stopped_by]} after step {run.step}; {run.checkpoints.describe_last()}",
                       file=sys.stderr)
             distributed.barrier(world)  # torchrun ends the job when a rank exits: none leaves before rank 0 is done
             sys.exit(128 + run.stopped_by)  # what the signal's default action would have reported
@@ -217,7 +228,9 @@ def loop(run: Run, stop_requests: StopRequests) -> None:
         loss, grad_norm = train_step(run.model, run.net, run.optimizers, run.scaler, micro_batches, micro_steps,
                                      run.autocast, opts.grad_clip)
         run.step += 1
+        fault_drill(run)
         note_nonfinite(run, loss, grad_norm)
+        run.checkpoints.poll()
         bar.update()
         last = run.step == opts.max_iters
         if run.step % opts.log_interval == 0 or last:
@@ -251,14 +264,18 @@ def stop_if_diverged(run: Run) -> None:
     step = int(distributed.min_across_ranks(run.first_nonfinite_step, run.world))
     if step <= run.opts.max_iters:
         raise UserError(f"training diverged: the loss or gradient norm became inf or nan at step {step}; "
-                        f"{last_checkpoint(run)} (try a lower --learning-rate)")
+                        f"{run.checkpoints.describe_last()} (try a lower --learning-rate)")
 
 
-def last_checkpoint(run: Run) -> str:
-    if run.checkpoint_step is None:
-        return "no checkpoint was written"
-    return (f"the last checkpoint, {run.checkpoint_path}, holds step {run.checkpoint_step}: continue from it with "
-            f"--resume --out-dir {run.opts.out_dir}")
+FAULT_DRILL = "TRITONGPT_FAULT_DRILL"
+
+
+def fault_drill(run: Run) -> None:
+    """Rehearses a lost worker: with TRITONGPT_FAULT_DRILL=STEP set, the last rank kills itself (SIGKILL) after
+    that step, in the job's first launch only, so that a torchrun restart then resumes the run."""
+    drill = os.environ.get(FAULT_DRILL)
+    if drill and run.step == int(drill) and run.world.rank == run.world.size - 1 and distributed.launch()[1] == 0:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def log_progress(run: Run, loss: torch.Tensor, grad_norm: torch.Tensor, lr_factor: float,
@@ -295,34 +312,24 @@ def evaluate(run: Run) -> None:
 
 
 def save(run: Run) -> None:
-    """Writes the checkpoint (atomically), after making sure that nothing non-finite replaces a good one."""
+    """Hands the step's checkpoint to the writer, after making sure that nothing non-finite replaces a good one."""
     stop_if_diverged(run)
-    state = run.model.state_dict()
-    if nonfinite_weights(state):
-        raise UserError(f"training diverged: the weights at step {run.step} hold inf or nan; {last_checkpoint(run)} "
+    broken = nonfinite_weights(run.model.state_dict())
+    if distributed.max_on_host(len(broken), run.world):  # a shard of any rank's
+        raise UserError(f"training diverged: the weights at step {run.step} hold inf or nan; {run.checkpoints.describe_last()} "
                         "(try a lower --learning-rate)")
     rng = distributed.gather_objects(rng_state(run.world.device), run.world)
     with interrupts_deferred():  # Ctrl-C meanwhile would leave a checkpoint on disk that the run does not know of
-        if run.world.is_main:
-            try:
-                save_checkpoint(run.checkpoint_path, {
-                    "model": state, "optimizers": [optimizer.state_dict() for optimizer in run.optimizers],
-                    "scaler": run.scaler.state_dict(), "model_config": dataclasses.asdict(run.config),
-                    "options": dataclasses.asdict(run.opts), "tokenizer": pack_tokenizer(run.tokenizer),
-                    "iter_num": run.step, "data": run.train_data.state_dict(), "rng": rng,
-                    "wandb_run_id": run.logger.run_id,
-                })
-            except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
-                if not disk_full(e):
-                    raise
-                raise UserError(f"the disk is full: no space left in {run.checkpoint_path.parent} for the "
-                                f"checkpoint of step {run.step}; {last_checkpoint(run)} once there is space") from None
-        distributed.barrier(run.world)  # no rank runs ahead of (or exits before) the write
-        run.checkpoint_step = run.step
+        run.checkpoints.save(run.step, run.model, run.optimizers, {
+            "scaler": run.scaler.state_dict(), "model_config": dataclasses.asdict(run.config),
+            "options": dataclasses.asdict(run.opts), "tokenizer": pack_tokenizer(run.tokenizer),
+            "iter_num": run.step, "data": run.train_data.state_dict(), "rng": rng, "world_size": run.world.size,
+            "wandb_run_id": run.logger.run_id,
+        })
 
 
 def closing_sample(run: Run) -> None:
-    print(f"checkpoint: {run.checkpoint_path}\n--- sample ---")
+    print(f"checkpoint: {run.checkpoints.last_path}\n--- sample ---")
     print(run.opts.sample_prompt, end="", flush=True)
     run.model.eval()
     prompt = prompt_ids(run.tokenizer, run.opts.sample_prompt, run.config.block_size)

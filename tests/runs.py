@@ -2,24 +2,30 @@
 import io
 import json
 import os
+import struct
 import subprocess
 import sys
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
+
 import sample
 import train
+from tritongpt import export
 from tritongpt.data import prepare
 from tritongpt.files import LOCK_FILE
 from tritongpt.options import run_main
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = ["--model", "tiny", "--batch-size", "4", "--eval-iters", "2", "--log-interval", "1", "--sample-tokens", "0"]
-RUN_FILES = ("ckpt.pt", "metrics.jsonl", "config.json", "training_curves.png")
+RUN_FILES = ("checkpoints", "metrics.jsonl", "config.json", "training_curves.png")
+FINAL_CHECKPOINT = "checkpoints/step_000002"  # finished_run's
 def run(script: str, *args: str):
     """The script's main() in this process, exactly as its command line runs it (start-up costs seconds a process)."""
-    main = {"train.py": train.main, "sample.py": sample.main, "data/prepare.py": prepare.main}[script]
+    main = {"train.py": train.main, "sample.py": sample.main, "data/prepare.py": prepare.main,
+            "-m tritongpt.export": export.main}[script]
     out, err = io.StringIO(), io.StringIO()
     with redirect_stdout(out), redirect_stderr(err):
         try:
@@ -53,9 +59,10 @@ def train_losses(out_dir: Path) -> dict[int, float]:
 
 
 def snapshot(out: Path) -> dict[str, bytes]:
-    """Every file of a run directory, by name: what a refused command must leave byte-identical (all but the lock
-    file, which names the last process to hold the directory)."""
-    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file() and p.name != LOCK_FILE}
+    """Every file of a run directory, by its path in it: what a refused command must leave byte-identical (all but
+    the lock file, which names the last process to hold the directory)."""
+    return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*"))
+            if p.is_file() and p.name != LOCK_FILE}
 
 
 def finished_run(dataset: Path, out: Path) -> list[str]:
@@ -63,5 +70,19 @@ def finished_run(dataset: Path, out: Path) -> list[str]:
     args = ["--data-dir", str(dataset), "--out-dir", str(out), *TINY, "--max-iters", "2", "--eval-interval", "2"]
     result = run("train.py", *args)
     assert result.returncode == 0, result.stderr
-    assert sorted([*RUN_FILES, LOCK_FILE]) == sorted(p.name for p in out.iterdir() if p.is_file())
+    assert sorted([*RUN_FILES, LOCK_FILE]) == sorted(p.name for p in out.iterdir())
+    assert (out / "checkpoints" / "latest").read_text() == "step_000002\n"
     return args
+
+
+def split_ids(meta_path: Path, split: str) -> np.ndarray:
+    """The token ids of a split: its shards' headers read by hand, as the format in data/shards.py states them."""
+    meta = json.loads(meta_path.read_text())
+    ids = []
+    for shard in meta["shards"][split]:
+        raw = (meta_path.parent / shard["file"]).read_bytes()
+        magic, version, itemsize, count = struct.unpack("<8sIIQ", raw[:24])
+        assert (magic, version, itemsize, count) == (b"TGPTTOKS", 1, np.dtype(meta["dtype"]).itemsize, shard["tokens"])
+        assert raw[24:32] == bytes(8) and len(raw) == 32 + count * itemsize
+        ids.append(np.frombuffer(raw, dtype=np.dtype(meta["dtype"]).newbyteorder("<"), offset=32))
+    return np.concatenate(ids)

@@ -14,16 +14,19 @@ import torch
 
 from tritongpt.files import LOCK_FILE, DirectoryLock
 from tests.runs import REPO, TINY, metrics, run, train_losses
+from tritongpt.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.slow
 # Six steps of four micro-batches (two per rank), evaluated and checkpointed every three.
 SCHEDULE = ["--eval-interval", "3", "--lr-decay-iters", "6", "--warmup-iters", "2", "--grad-accum", "4"]
 
 
-def torchrun(*args: str, nproc: int = 2, **popen) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+def torchrun(*args: str, nproc: int = 2, launcher: tuple[str, ...] = (), env_extra: dict | None = None,
+             **popen) -> subprocess.Popen:
+    """train.py under torchrun, with launcher's options for torchrun itself."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env_extra or {})}
     return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                             f"--nproc_per_node={nproc}", "train.py", *args],
+                             f"--nproc_per_node={nproc}", *launcher, "train.py", *args],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
 
 
@@ -65,8 +68,8 @@ def test_two_ranks_train_the_same_model_as_one_process(tiny_dataset, two_rank_ru
     # decay shared by both runs), so two runs from the same start differ by at most twice the sum of those.
     lr = [m["lr"] for step, m in sorted(one.items()) if step >= 1]
     bound = sum(2 * lr_t * adam_step_bound(t, 0.9, 0.95) for t, lr_t in enumerate(lr, start=1))
-    a = torch.load(two_rank_run / "ckpt.pt", weights_only=True)["model"]
-    b = torch.load(single / "ckpt.pt", weights_only=True)["model"]
+    a = load_checkpoint(two_rank_run)["model"]
+    b = load_checkpoint(single)["model"]
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=bound, msg=name)
 
@@ -95,8 +98,8 @@ def test_resumed_two_rank_run_matches_uninterrupted(tiny_dataset, two_rank_run, 
     finished(torchrun("--data-dir", str(tiny_dataset), "--out-dir", str(parts), *TINY, *SCHEDULE, "--max-iters", "3"))
     finished(torchrun("--resume", "--out-dir", str(parts), "--max-iters", "6"))
     assert train_losses(parts) == train_losses(two_rank_run)  # same world size: bitwise the same arithmetic
-    a = torch.load(two_rank_run / "ckpt.pt", weights_only=True)["model"]
-    b = torch.load(parts / "ckpt.pt", weights_only=True)["model"]
+    a = load_checkpoint(two_rank_run)["model"]
+    b = load_checkpoint(parts)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -148,11 +151,11 @@ def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step_with_its_chec
         output, _ = proc.communicate(timeout=120)
     finally:
         proc.kill()
-    step = torch.load(out / "ckpt.pt", weights_only=True)["iter_num"]
+    step = load_checkpoint(out)["iter_num"]
     assert step == max(train_losses(out))
     assert [line for line in output.splitlines() if line.startswith("stopped by")] == [
-        f"stopped by SIGTERM after step {step}; the last checkpoint, {out / 'ckpt.pt'}, holds step {step}: continue "
-        f"from it with --resume --out-dir {out}"]
+        f"stopped by SIGTERM after step {step}; the last checkpoint, {out / 'checkpoints' / f'step_{step:06d}'}, "
+        f"holds step {step}: continue from it with --resume --out-dir {out}"]
     # Each rank exits 143 (128 + SIGTERM), unless torchrun's SIGTERM, sent as the first one exits, ends it sooner.
     assert set(exit_codes(output).values()) <= {"143", "-15"} and exit_codes(output).keys() == {"0", "1"}, output
 

@@ -2,8 +2,10 @@
 import pytest
 import torch
 
+from tritongpt.data.tokenizer import Tokenizer
 from tritongpt.model import GPTConfig, load_gpt2
 from tests.runs import TINY, assert_user_error, run
+from tritongpt.checkpoint import load_checkpoint
 
 transformers = pytest.importorskip("transformers")
 TINY_OPTIONS = [arg for arg in TINY if arg not in ("--model", "tiny")]  # --init-from brings the model's shape
@@ -53,15 +55,20 @@ def test_missing_checkpoint_is_refused(tmp_path):
         load_gpt2(tmp_path)
 
 
+def save_with_the_datasets_tokenizer(model, path, dataset):
+    """A GPT-2 directory whose tokenizer is the dataset's, as a fine-tuning run needs."""
+    model.save_pretrained(path)
+    (path / "tokenizer.json").write_text(Tokenizer(dataset / "tokenizer.model").huggingface_json())
+
+
 def test_train_py_fine_tunes_from_a_gpt2_directory(tiny_dataset, tmp_path):
-    # A GPT-2 whose vocabulary matches the dataset's tokenizer (400 tokens), as a fine-tuning run needs.
     config = transformers.GPT2Config(vocab_size=400, n_positions=64, n_embd=32, n_layer=2, n_head=2)
-    transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / "gpt2")
+    save_with_the_datasets_tokenizer(transformers.GPT2LMHeadModel(config), tmp_path / "gpt2", tiny_dataset)
     out = tmp_path / "out"
     result = run("train.py", "--data-dir", str(tiny_dataset), "--out-dir", str(out), *TINY_OPTIONS, "--max-iters", "1",
                  "--init-from", str(tmp_path / "gpt2"))
     assert result.returncode == 0, result.stderr
-    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    ckpt = load_checkpoint(out)
     saved = ckpt["model_config"]
     assert (saved["n_layer"], saved["n_embd"], saved["block_size"]) == (2, 32, 64)
     # Fine-tuning's default peak rate: a twentieth of a new model's at this width, 6e-3 x 128 / 32.
@@ -77,13 +84,13 @@ def test_train_py_fine_tunes_from_a_gpt2_directory(tiny_dataset, tmp_path):
 def test_init_from_crops_the_context_and_refuses_other_shape_options(tiny_dataset, tmp_path):
     config = transformers.GPT2Config(vocab_size=400, n_positions=64, n_embd=32, n_layer=2, n_head=2)
     hf = transformers.GPT2LMHeadModel(config)
-    hf.save_pretrained(tmp_path / "gpt2")
+    save_with_the_datasets_tokenizer(hf, tmp_path / "gpt2", tiny_dataset)
     common = ["--data-dir", str(tiny_dataset), "--init-from", str(tmp_path / "gpt2"), *TINY_OPTIONS, "--max-iters", "1",
               "--learning-rate", "1e-9"]
     out = tmp_path / "cropped"
     result = run("train.py", *common, "--out-dir", str(out), "--block-size", "16")
     assert result.returncode == 0, result.stderr
-    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    ckpt = load_checkpoint(out)
     assert ckpt["model_config"]["block_size"] == 16
     # The first 16 learned positions, moved by at most one AdamW step (lr 1e-9, its weight decay negligible).
     torch.testing.assert_close(ckpt["model"]["transformer.wpe.weight"], hf.transformer.wpe.weight[:16].detach(),

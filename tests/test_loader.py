@@ -9,6 +9,7 @@ import torch
 from tests.runs import TINY, assert_user_error, run
 from tritongpt.data import loader as loader_module
 from tritongpt.data.loader import TokenWindows
+from tritongpt.data.shards import HEADER_BYTES, header
 from tritongpt.errors import UserError
 
 BLOCK = 8
@@ -131,16 +132,17 @@ def test_an_id_the_opening_check_missed_stops_the_batch_that_holds_it(token_file
         data.fetch(torch.tensor([0, 496]))
 
 
-@pytest.mark.parametrize("damage", ["truncated train.bin", "val.bin of random bytes", "meta.json without sizes"])
+@pytest.mark.parametrize("damage", ["truncated train shard", "val shard of random tokens", "meta.json without sizes"])
 def test_train_refuses_a_damaged_dataset_in_one_line(tiny_dataset, tmp_path, damage):
     data = shutil.copytree(tiny_dataset, tmp_path / "data")
-    if damage == "truncated train.bin":
-        train_bin = data / "train.bin"
+    if damage == "truncated train shard":
+        train_bin = data / "train-000000.bin"
         train_bin.write_bytes(train_bin.read_bytes()[:-64])  # an even cut: a whole number of tokens
         expected = f"{train_bin} holds"
-    elif damage == "val.bin of random bytes":
-        val_bin = data / "val.bin"
-        val_bin.write_bytes(np.random.default_rng(0).bytes(val_bin.stat().st_size))
+    elif damage == "val shard of random tokens":
+        val_bin = data / "val-000000.bin"
+        raw = val_bin.read_bytes()
+        val_bin.write_bytes(raw[:HEADER_BYTES] + np.random.default_rng(0).bytes(len(raw) - HEADER_BYTES))
         expected = f"{val_bin} holds token id"
     else:
         meta = json.loads((data / "meta.json").read_text())
@@ -153,3 +155,79 @@ def test_train_refuses_a_damaged_dataset_in_one_line(tiny_dataset, tmp_path, dam
     assert result.returncode == 2
     assert {p.name: p.read_bytes() for p in data.iterdir()} == before
     assert not (tmp_path / "out").exists()
+
+
+def write_shards(folder, lengths, dtype="uint16"):
+    """Shards of the given lengths whose tokens are their positions in the split (so windows are easy to check)."""
+    paths, start = [], 0
+    for i, length in enumerate(lengths):
+        path = folder / f"train-{i:06d}.bin"
+        path.write_bytes(header(dtype, length) + np.arange(start, start + length, dtype=dtype).tobytes())
+        paths.append(path)
+        start += length
+    return paths
+
+
+def test_windows_are_drawn_from_every_shard_and_never_span_two(tmp_path):
+    lengths = [300, 97, 403]  # ends 300, 397, 800
+    data = loader(write_shards(tmp_path, lengths), num_tokens=800, vocab_size=800, micro_batch=5, grad_accum=1)
+    seen = []
+    while data.epoch == 0:
+        starts = data.next_step()
+        x, y = data.fetch(starts[0])
+        assert torch.equal(x[:, 0], starts[0]), "a window's first token is its position in the split"
+        assert torch.equal(y[:, :-1], x[:, 1:])
+        assert torch.equal(x[:, 1:] - x[:, :-1], torch.ones(5, BLOCK - 1, dtype=torch.long)), "within one shard"
+        seen += starts.flatten().tolist()
+    seen = seen[:-5]  # the last call already began epoch 1
+    ends = np.cumsum(lengths)
+    shard_of = [int(np.searchsorted(ends, s, side="right")) for s in seen]
+    assert all(s + BLOCK < ends[k] for s, k in zip(seen, shard_of)), "x and y lie in the shard they start in"
+    assert set(shard_of) == {0, 1, 2} and len(seen) == len(set(seen))
+    offset = seen[0] % BLOCK if shard_of[0] == 0 else (seen[0] - ends[shard_of[0] - 1]) % BLOCK
+    # Every window of the epoch's grid in each shard, less the fewer than one step's worth left at its end.
+    windows = sum((length - 1 - offset) // BLOCK for length in lengths)
+    assert windows - 5 < len(seen) <= windows
+
+
+def test_an_unsharded_dataset_of_an_earlier_version_loads_and_keeps_its_order(token_file):
+    meta = dict(dtype="uint16", vocab_size=1000, train_tokens=1000)  # no "shards": train.bin, val.bin
+    assert TokenWindows.split_files(token_file.parent, meta, "train") == token_file
+    data = loader(TokenWindows.split_files(token_file.parent, meta, "train"), micro_batch=1, grad_accum=1)
+    # The order earlier versions drew, so that their runs resume on the same windows.
+    g = torch.Generator().manual_seed(7 * 1_000_003)
+    offset = int(torch.randint(BLOCK, (1,), generator=g))
+    order = offset + torch.randperm((1000 - 1 - offset) // BLOCK, generator=g) * BLOCK
+    assert [int(data.next_step()) for _ in range(len(order))] == order.tolist()
+
+
+def test_sharded_and_single_file_splits_give_the_same_windows_for_one_shard(tmp_path, token_file):
+    sharded = loader(write_shards(tmp_path, [1000]), micro_batch=4, grad_accum=2)
+    single = loader(token_file, micro_batch=4, grad_accum=2)
+    for _ in range(40):
+        starts = sharded.next_step()
+        assert torch.equal(starts, single.next_step())
+        assert all(torch.equal(a, b) for a, b in zip(sharded.fetch(starts[0]), single.fetch(starts[0])))
+    assert torch.equal(sharded.eval_batches(3), single.eval_batches(3))
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("no header", "is not a token shard"),
+    ("cut short", "holds 1,000 bytes of tokens but its header records 600"),
+    ("other dtype", "holds uint32 tokens but meta.json records uint16"),
+    ("missing", "token shard .* is missing"),
+    ("counts disagree", "hold 700 tokens but meta.json records 701"),
+])
+def test_a_damaged_shard_is_refused_on_opening(tmp_path, damage, message):
+    paths = write_shards(tmp_path, [600, 100])
+    if damage == "no header":
+        paths[0].write_bytes(np.arange(600, dtype=np.uint16).tobytes())
+    elif damage == "cut short":
+        paths[0].write_bytes(paths[0].read_bytes()[:HEADER_BYTES + 1000])
+    elif damage == "other dtype":
+        paths[1].write_bytes(header("uint32", 100) + np.arange(100, dtype=np.uint32).tobytes())
+    elif damage == "missing":
+        paths[1].unlink()
+    with pytest.raises(UserError, match=message) as error:
+        loader(paths, num_tokens=701 if damage == "counts disagree" else 700)
+    assert "Traceback" not in str(error.value)

@@ -8,6 +8,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from tritongpt import distributed, plot
+from tritongpt.checkpoint import load_checkpoint
 from tritongpt.loop import train_step
 from tritongpt.metrics import MetricsLogger
 from tritongpt.model import GPT, GPTConfig
@@ -80,10 +81,12 @@ def test_the_schedule_scales_each_group_from_its_own_peak(tiny_dataset, tmp_path
                  "--learning-rate", "4e-3", "--muon-lr", "0.03", "--max-iters", "3", "--warmup-iters", "1",
                  "--lr-decay-iters", "2", "--eval-interval", "3")
     assert result.returncode == 0, result.stderr
-    muon, adamw = torch.load(out / "ckpt.pt", weights_only=True)["optimizers"]
-    assert [g["lr"] for g in muon["param_groups"]] == pytest.approx([0.003])
-    assert [g["lr"] for g in adamw["param_groups"]] == pytest.approx([4e-4, 4e-4])
-    assert all(len(state["momentum_buffer"].shape) == 2 for state in muon["state"].values())
+    optimizers = load_checkpoint(out)["optimizer"]  # both optimizers' state, keyed by parameter name
+    muon, *adamw = optimizers["param_groups"]
+    assert all(name.startswith("transformer.h.") for name in muon["params"])
+    assert muon["lr"] == pytest.approx(0.003)
+    assert [g["lr"] for g in adamw] == pytest.approx([4e-4, 4e-4])
+    assert {name for name, state in optimizers["state"].items() if "momentum_buffer" in state} == set(muon["params"])
 
 
 def test_resumed_muon_run_matches_uninterrupted(tiny_dataset, tmp_path):
@@ -96,7 +99,7 @@ def test_resumed_muon_run_matches_uninterrupted(tiny_dataset, tmp_path):
     assert resumed.returncode == 0, resumed.stderr
 
     assert train_losses(parts) == train_losses(whole)  # exactly: CPU, fp32, both optimizers' state restored
-    a, b = (torch.load(out / "ckpt.pt", weights_only=True) for out in (whole, parts))
+    a, b = (load_checkpoint(out) for out in (whole, parts))
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     refused = run("train.py", "--resume", "--out-dir", str(parts), "--max-iters", "8", "--optimizer", "adamw")
     assert_user_error(refused, "--optimizer cannot change a resumed run")

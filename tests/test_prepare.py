@@ -25,11 +25,11 @@ from tritongpt.data.default_corpus import CAP_BYTES, data_share, default_corpus
 from tritongpt.data.prepare import prepare, token_dtype
 from tritongpt.data.tokenizer import Tokenizer
 from tritongpt.errors import UserError
-from tests.runs import assert_user_error, run
+from tests.runs import assert_user_error, run, split_ids
 
 REPO = Path(__file__).resolve().parent.parent
 VOCAB = 400
-OUTPUTS = ("tokenizer.model", "train.bin", "val.bin", "meta.json")
+OUTPUTS = ("tokenizer.model", "train-000000.bin", "val-000000.bin", "meta.json")  # of a corpus under one shard
 
 # Text sentencepiece would alter without the options prepare sets: tabs, runs of spaces, trailing spaces, blank
 # lines, CRLF, NFKC-foldable characters (ﬁ, the no-break space), a literal "▁" (sentencepiece's own space mark),
@@ -60,12 +60,12 @@ def _corpus(root: Path) -> dict[str, str]:
 
 
 def _splits(meta_path: Path) -> dict[str, list[str]]:
-    """The decoded documents of train.bin and val.bin, split on eot_id."""
+    """The decoded documents of the train and val shards, split on eot_id."""
     meta = json.loads(meta_path.read_text())
     tokenizer = Tokenizer.from_meta(meta_path)
     out = {}
     for split in ("train", "val"):
-        ids = np.fromfile(meta_path.parent / f"{split}.bin", dtype=np.dtype(meta["dtype"]).newbyteorder("<"))
+        ids = split_ids(meta_path, split)
         ends = np.flatnonzero(ids == meta["eot_id"])
         assert len(ids) == 0 or ids[-1] == meta["eot_id"], "every document ends with eot_id"
         out[split] = [tokenizer.decode(ids[start + 1:end]) for start, end in zip([-1, *ends[:-1]], ends)]
@@ -73,7 +73,9 @@ def _splits(meta_path: Path) -> dict[str, list[str]]:
 
 
 def _snapshot(out: Path) -> dict[str, tuple[int, bytes]]:
-    return {name: ((out / name).stat().st_mtime_ns, (out / name).read_bytes()) for name in OUTPUTS}
+    """Every file in out (a folder left behind would show as an error here) with its time and contents."""
+    return {path.name: (path.stat().st_mtime_ns, path.read_bytes() if path.is_file() else b"a folder")
+            for path in sorted(out.iterdir())}
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
@@ -105,8 +107,10 @@ def test_meta_agrees_with_files(built):
             "inputs_hash"} <= meta.keys()
     assert meta["dtype"] == "uint16" and meta["model_type"] == "bpe" and meta["documents"] == len(docs)
     assert meta["vocab_size"] == VOCAB == Tokenizer(out / meta["tokenizer"]).vocab_size
-    assert (out / "train.bin").stat().st_size == 2 * meta["train_tokens"] > 0
-    assert (out / "val.bin").stat().st_size == 2 * meta["val_tokens"] > 0
+    assert (out / "train-000000.bin").stat().st_size == 32 + 2 * meta["train_tokens"] > 32
+    assert (out / "val-000000.bin").stat().st_size == 32 + 2 * meta["val_tokens"] > 32
+    assert meta["shards"] == {split: [{"file": f"{split}-000000.bin", "tokens": meta[f"{split}_tokens"]}]
+                              for split in ("train", "val")}
     assert meta["train_documents"] + meta["val_documents"] == len(docs)
     assert len(meta["inputs_hash"]) == 64 and int(meta["inputs_hash"], 16) >= 0
     assert sorted(p.name for p in out.iterdir()) == sorted(OUTPUTS), "no temporary files left behind"
@@ -170,7 +174,7 @@ def test_single_document_is_split_by_characters(tmp_path):
 
 def test_large_documents_stream_in_chunks(built, tmp_path, monkeypatch):
     # Chunks cut at character boundaries (the corpus has 3- and 4-byte characters); eot only after a document.
-    monkeypatch.setattr(prep, "CHUNK_BYTES", 100)
+    monkeypatch.setattr(prep, "BLOCK_BYTES", 100)
     root, docs, _ = built
     meta_path = prepare([str(root)], tmp_path / "out", vocab_size=VOCAB, workers=2, progress=False)
     splits = _splits(meta_path)
@@ -227,17 +231,21 @@ def test_failure_leaves_existing_dataset_intact(built, tmp_path, monkeypatch):
     assert len(result.stderr.splitlines()) == 1 and result.stderr.startswith("error: ")
     assert _snapshot(out) == before
 
-    # Failing halfway through writing the new files (as Ctrl-C would).
-    def interrupted(pieces, temp, *args):
-        for path in temp.values():
-            path.write_bytes(b"half-written")
+    # Stopped halfway through writing the new shards (as Ctrl-C would): the new dataset waits in .partial.
+    def interrupted(*args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(prep, "encode", interrupted)
+    monkeypatch.setattr(prep, "publish", interrupted)
     with pytest.raises(KeyboardInterrupt):
         prepare([str(root)], out, vocab_size=VOCAB + 10, workers=1, progress=False, overwrite=True)
+    assert (out / prep.PARTIAL_DIR / "train-000000.bin").is_file()
+    assert {name: stamp for name, stamp in _snapshot(out).items() if name != prep.PARTIAL_DIR} == before
+
+    # Failing halfway (a bug, a bad record): the new dataset's files are gone too.
+    monkeypatch.setattr(prep, "publish", lambda *args: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        prepare([str(root)], out, vocab_size=VOCAB + 10, workers=1, progress=False, overwrite=True)
     assert _snapshot(out) == before
-    assert sorted(p.name for p in out.iterdir()) == sorted(OUTPUTS), "temporary files removed"
 
 
 def test_tokenizer_rejects_missing_and_foreign_files(tmp_path):
@@ -288,13 +296,20 @@ def _docs(names: list[str]) -> list[prep.Document]:
 
 def test_val_split_draws_from_every_folder_whatever_the_input_order():
     names = [f"{folder}/doc{i}.py" for folder in ("code", "docs", "tables", "tests") for i in range(25)]
-    pieces = prep.split_documents(_docs(names), val_fraction=0.08)
-    val = [doc.name for split, doc, _, _ in pieces if split == "val"]
-    assert len(val) == 8
-    assert Counter(name.split("/")[0] for name in val) == dict.fromkeys(("code", "docs", "tables", "tests"), 2)
-    shuffled = names[::-1]
-    again = [doc.name for split, doc, _, _ in prep.split_documents(_docs(shuffled), 0.08) if split == "val"]
-    assert sorted(again) == sorted(val)
+
+    def val(docs):
+        return [doc.name for doc, pieces in prep.split_documents(docs, 0.08) if pieces == [("val", 0, doc.size)]]
+
+    assert len(val(_docs(names))) == 8
+    folders = Counter(name.split("/")[0] for name in val(_docs(names)))
+    assert folders == dict.fromkeys(("code", "docs", "tables", "tests"), 2)
+    assert sorted(val(_docs(names[::-1]))) == sorted(val(_docs(names)))
+
+
+def test_records_go_to_val_evenly_spaced():
+    splits = [prep.record_split(i, 0.05) for i in range(1000)]
+    val = [i for i, split in enumerate(splits) if split == "val"]
+    assert val == list(range(9, 1000, 20))
 
 
 def test_a_changed_split_rule_is_another_dataset(built, tmp_path, monkeypatch):
@@ -310,42 +325,51 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def test_the_same_corpus_above_the_sampling_limit_gives_the_same_files(tmp_path):
-    # More lines than sentencepiece samples from, short ones so it stays quick. Its own draw is the same within a
-    # process but differs from one process to the next: hence two processes.
+def test_one_and_two_workers_and_two_processes_give_the_same_files(tmp_path):
+    # Several blocks, shards and a sample smaller than the corpus: two workers finish blocks out of order.
     rng = random.Random(1)
-    words = ["alpha", "beta", "gamma", "delta", "eps", "zeta", "eta", "theta", "iota", "kappa", "mu", "pi"]
-    lines = [" ".join(rng.choice(words) + str(rng.randrange(100)) for _ in range(rng.randrange(1, 4)))
-             for _ in range(prep.TOKENIZER_SAMPLE_LINES + 50_000)]
-    assert prep.SENTENCEPIECE_OPTIONS["input_sentence_size"] < len(lines)
-    for part in range(4):
+    words = ["alpha", "beta", "gamma", "delta", "eps", "zeta", "eta", "theta", "iota", "kappa", "mu", "πι", "日本"]
+    lines = [" ".join(rng.choice(words) + str(rng.randrange(100)) for _ in range(rng.randrange(1, 9)))
+             for _ in range(60_000)]
+    for part in range(3):
         (tmp_path / f"part{part}.txt").write_text("\n".join(lines[part::4]) + "\n")
-    parts = [str(tmp_path / f"part{part}.txt") for part in range(4)]
-    for out in ("out0", "out1"):
-        result = _cli(*parts, "--out-dir", str(tmp_path / out), "--vocab-size", "320", "--workers", "2")
+    with open(tmp_path / "part3.jsonl", "w") as f:
+        f.writelines(json.dumps({"text": line}) + "\n" for line in lines[3::4])
+    parts = [str(tmp_path / name) for name in ("part0.txt", "part1.txt", "part2.txt", "part3.jsonl")]
+    assert sum(Path(part).stat().st_size for part in parts) > 4 * prep.BLOCK_BYTES
+    for out, workers in (("out1", "1"), ("out2", "2")):
+        result = _cli(*parts, "--out-dir", str(tmp_path / out), "--vocab-size", "320", "--workers", workers,
+                      "--shard-tokens", "100000", "--tokenizer-sample-mb", "0.3")
         assert result.returncode == 0, result.stderr
-    for name in OUTPUTS:
-        assert _sha256(tmp_path / "out0" / name) == _sha256(tmp_path / "out1" / name), name
+    files = sorted(p.name for p in (tmp_path / "out1").iterdir())
+    assert len(files) > 5 and files == sorted(p.name for p in (tmp_path / "out2").iterdir())
+    for name in files:
+        assert _sha256(tmp_path / "out1" / name) == _sha256(tmp_path / "out2" / name), name
 
 
-def _numbered_docs(n_lines: int) -> list[prep.Document]:
-    """Two documents of numbered lines, with empty lines between."""
+def _numbered_docs(n_lines: int) -> list[tuple[prep.Document, list]]:
+    """Two documents of numbered lines, with empty lines between, as split_documents plans them."""
     text = "".join(f"line {i}\n\n" for i in range(n_lines))
     half = text.index(f"line {n_lines // 2}\n")
-    return [prep.Document(name, part.encode(), len(part.encode())) for name, part in
-            (("a.txt", text[:half]), ("b.txt", text[half:]))]
+    return prep.split_documents([prep.Document(name, part.encode(), len(part.encode())) for name, part in
+                                 (("a.txt", text[:half]), ("b.txt", text[half:]))], 0.5)
 
 
-def test_the_tokenizer_sample_is_drawn_evenly_and_the_same_every_time(monkeypatch):
-    docs = _numbered_docs(20_000)
-    assert prep.tokenizer_sample(docs, progress=False) == [f"line {i}" for i in range(20_000)], "all, in order"
-    monkeypatch.setattr(prep, "TOKENIZER_SAMPLE_LINES", 2_000)
-    sample = prep.tokenizer_sample(docs, progress=False)
-    assert sample == prep.tokenizer_sample(docs, progress=False)
+def _sample(plan, sample_bytes):
+    return prep.tokenizer_sample(plan, sample_bytes, "text", "train", progress=False)
+
+
+def test_the_tokenizer_sample_is_bounded_drawn_evenly_and_the_same_every_time(monkeypatch):
+    plan = _numbered_docs(20_000)
+    assert _sample(plan, 10**6) == [f"line {i}" for i in range(20_000)], "all of a smaller corpus, in order"
+    monkeypatch.setattr(prep, "SAMPLE_BLOCK_BYTES", 400)
+    sample = _sample(plan, 40_000)  # 100 blocks of the corpus's 550
+    assert sample == _sample(plan, 40_000)
+    assert 30_000 < sum(len(line.encode()) + 1 for line in sample) <= 40_000
     numbers = [int(line.split()[1]) for line in sample]
-    assert len(set(numbers)) == 2_000 and numbers == sorted(numbers), "distinct non-empty lines, in corpus order"
+    assert len(set(numbers)) == len(numbers) and numbers == sorted(numbers), "distinct whole lines, in corpus order"
     per_tenth = Counter(number // 2_000 for number in numbers)
-    assert sorted(per_tenth) == list(range(10)) and all(150 < count < 250 for count in per_tenth.values())
+    assert sorted(per_tenth) == list(range(10)) and all(100 < count < 800 for count in per_tenth.values())
 
 
 @pytest.mark.parametrize("size", ["0", "-5", "258"])
@@ -382,7 +406,8 @@ def test_a_vocabulary_the_corpus_cannot_fill_is_refused_before_training(built, t
     assert result.returncode == 2 and not (tmp_path / "out").exists()
     # The check is a bound, never stricter than sentencepiece: the largest vocabulary training reaches passes it.
     assert prep.MAX_TOKEN_CHARS == sentencepiece_model_pb2.TrainerSpec().max_sentencepiece_length
-    lines = prep.tokenizer_sample(prep.find_documents([str(built[0])])[0], progress=False)
+    lines = prep.tokenizer_sample(prep.split_documents(prep.find_documents([str(built[0])])[0], 0.05), 10**7,
+                                  "text", "train", progress=False)
     for model_type in ("bpe", "unigram"):
         with pytest.raises(UserError, match=r"--vocab-size \d+ or less") as error:
             prep.train_tokenizer(lines, 60_000, model_type, progress=False)
@@ -457,10 +482,10 @@ def test_a_full_disk_is_one_line_and_leaves_no_half_made_dataset(built, tmp_path
 def test_overwrite_rebuilds_a_damaged_dataset_of_the_same_inputs(built, tmp_path):
     out = tmp_path / "out"
     meta_path = prepare([str(built[0])], out, vocab_size=VOCAB, workers=1, progress=False)
-    whole = (out / "val.bin").read_bytes()
-    (out / "val.bin").write_bytes(bytes(len(whole)))  # damaged, its size unchanged
+    whole = (out / "val-000000.bin").read_bytes()
+    (out / "val-000000.bin").write_bytes(bytes(len(whole)))  # damaged, its size unchanged
     prepare([str(built[0])], out, vocab_size=VOCAB, workers=1, progress=False, overwrite=True)
-    assert (out / "val.bin").read_bytes() == whole and meta_path.is_file()
+    assert (out / "val-000000.bin").read_bytes() == whole and meta_path.is_file()
 
 
 def test_the_summary_counts_one_document_as_one(tmp_path):

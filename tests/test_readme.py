@@ -10,7 +10,7 @@ import pytest
 
 import sample
 import train
-from tritongpt import plot
+from tritongpt import export, plot
 from tritongpt.data import prepare
 from tritongpt.train_options import TrainOptions
 
@@ -30,8 +30,8 @@ def help_flags(main) -> set[str]:
     return {f for f in flags if not (f.startswith("--no-") and "--" + f[5:] in flags)}
 
 
-@pytest.mark.parametrize("main", [train.main, sample.main, prepare.main, plot.main],
-                         ids=["train", "sample", "prepare", "plot"])
+@pytest.mark.parametrize("main", [train.main, sample.main, prepare.main, plot.main, export.main],
+                         ids=["train", "sample", "prepare", "plot", "export"])
 def test_readme_documents_every_option(main):
     flags = help_flags(main)
     assert flags
@@ -46,7 +46,9 @@ def test_ci_runs_the_readme_test_command():
 
 
 @pytest.mark.parametrize("main, options", [(train.main, TrainOptions), (sample.main, sample.SampleOptions),
-                                           (prepare.main, prepare.PrepareOptions)], ids=["train", "sample", "prepare"])
+                                           (prepare.main, prepare.PrepareOptions),
+                                           (export.main, export.ExportOptions)],
+                         ids=["train", "sample", "prepare", "export"])
 def test_help_shows_groups_placeholders_choices_and_defaults(main, options):
     text = help_text(main)
     assert not re.search(r"\b(STR|INT|FLOAT)\b", text), "placeholders say what goes there"

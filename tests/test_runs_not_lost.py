@@ -17,7 +17,8 @@ import tritongpt.files
 from tritongpt.files import LOCK_FILE, DirectoryLock
 from tritongpt.model import GPT, PRESETS, parameter_count, preset, training_memory
 from tritongpt.stopping import StopRequests
-from tests.runs import REPO, TINY, assert_user_error, metrics, run, snapshot, train_losses
+from tests.runs import FINAL_CHECKPOINT, REPO, TINY, assert_user_error, metrics, run, snapshot, train_losses
+from tritongpt.checkpoint import load_checkpoint
 
 # A run that goes on until it is stopped: no evaluation or checkpoint after step 0's, a log line every step.
 ENDLESS = [*TINY, "--max-iters", "100000", "--eval-interval", "100000"]
@@ -48,13 +49,13 @@ def test_a_directory_in_use_is_refused_until_its_run_ends(tiny_dataset, tmp_path
             second = run("train.py", *data, "--out-dir", str(out), *flags)
             assert_user_error(second, f"--out-dir {out} is in use by another training run (pid {first.pid} on ")
         assert first.poll() is None  # the first run goes on, its files its own
-        assert (out / "config.json").read_bytes() == config and not (out / "ckpt.pt").exists()
+        assert (out / "config.json").read_bytes() == config and not (out / "checkpoints").exists()
     finally:
         first.kill()  # as a crash or the OOM killer would: its lock goes with it
         first.communicate(timeout=60)
     result = run("train.py", *data, "--out-dir", str(out))
     assert result.returncode == 0, result.stderr
-    assert torch.load(out / "ckpt.pt", weights_only=True)["iter_num"] == 1
+    assert load_checkpoint(out)["iter_num"] == 1
 
 
 def test_a_lock_is_held_until_released(tmp_path):
@@ -74,7 +75,7 @@ def test_a_file_system_without_locks_still_trains_and_says_so(tiny_dataset, tmp_
     result = run("train.py", "--data-dir", str(tiny_dataset), "--out-dir", str(out), *TINY, "--max-iters", "1")
     assert result.returncode == 0, result.stderr
     assert result.stdout.count(f"note: the file system of {out} has no locks") == 1
-    assert torch.load(out / "ckpt.pt", weights_only=True)["iter_num"] == 1
+    assert load_checkpoint(out)["iter_num"] == 1
 
 
 def test_a_run_without_a_checkpoint_leaves_its_directory_reusable(tiny_dataset, tmp_path, monkeypatch):
@@ -95,7 +96,7 @@ def test_a_run_without_a_checkpoint_leaves_its_directory_reusable(tiny_dataset, 
     assert again.returncode == 0, again.stderr
     assert (f"note: {out} holds no checkpoint, only metrics.jsonl, config.json of a run that stopped before writing "
             "one; this run starts over in it") in again.stdout
-    assert torch.load(out / "ckpt.pt", weights_only=True)["iter_num"] == 1
+    assert load_checkpoint(out)["iter_num"] == 1
     assert sorted(train_losses(out)) == [1]
 
 
@@ -110,7 +111,7 @@ def test_an_allocation_failure_in_a_step_is_one_line(tiny_dataset, tmp_path, mon
     monkeypatch.setattr("train.train_step", train_step)
     out = tmp_path / "out"
     assert_user_error(run("train.py", "--data-dir", str(tiny_dataset), "--out-dir", str(out), *TINY), message)
-    assert not (out / "ckpt.pt").exists()
+    assert not (out / "checkpoints" / "latest").exists()
 
 
 @pytest.mark.parametrize("flags, largest", [
@@ -151,12 +152,15 @@ def test_a_signal_saves_the_step_just_finished(tiny_dataset, tmp_path, signum, n
     finally:
         proc.kill()
     assert proc.returncode == 128 + signum, stderr
-    step = torch.load(out / "ckpt.pt", weights_only=True)["iter_num"]
+    step = load_checkpoint(out)["iter_num"]
     assert step == max(train_losses(out))  # the last step logged is the one saved
-    assert stderr.strip() == (f"stopped by {name} after step {step}; the last checkpoint, {out / 'ckpt.pt'}, holds "
-                              f"step {step}: continue from it with --resume --out-dir {out}")
-    assert sorted(p.name for p in out.iterdir()) == sorted([LOCK_FILE, "ckpt.pt", "config.json", "metrics.jsonl",
-                                                            "training_curves.png"])  # no temporary file left
+    saved = f"step_{step:06d}"
+    assert stderr.strip() == (f"stopped by {name} after step {step}; the last checkpoint, "
+                              f"{out / 'checkpoints' / saved}, holds step {step}: continue from it with --resume "
+                              f"--out-dir {out}")
+    assert sorted(p.name for p in out.iterdir()) == sorted([LOCK_FILE, "checkpoints", "config.json", "metrics.jsonl",
+                                                            "training_curves.png"])
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", saved]  # no partial write left
 
 
 def test_stop_requests_note_signals_and_a_second_ctrl_c_stops_at_once():
@@ -184,20 +188,21 @@ class FillingDisk(io.FileIO):
 
 def test_a_full_disk_keeps_the_previous_checkpoint(finished_run, monkeypatch):
     out, _ = finished_run
-    before = (out / "ckpt.pt").read_bytes()
+    before = snapshot(out)
 
     def open_on_a_full_disk(path, mode="r", *args, **kwargs):
-        if "ckpt.pt" in str(path):  # the checkpoint, buffered as open() buffers any file
+        if "trainer.pt" in str(path):  # the checkpoint, buffered as open() buffers any file
             return io.BufferedWriter(FillingDisk(path, "w"))
         return open(path, mode, *args, **kwargs)
     monkeypatch.setattr(tritongpt.files, "open", open_on_a_full_disk, raising=False)
     result = run("train.py", "--resume", "--out-dir", str(out), "--max-iters", "4")
-    assert_user_error(result, f"the disk is full: no space left in {out} for the checkpoint of step 4; the last "
-                              f"checkpoint, {out / 'ckpt.pt'}, holds step 2: continue from it with --resume "
-                              f"--out-dir {out} once there is space")
+    assert_user_error(result, f"the disk is full: no space left in {out / 'checkpoints'} for the checkpoint of step "
+                              f"4; the last checkpoint, {out / FINAL_CHECKPOINT}, holds step 2: continue from it with "
+                              f"--resume --out-dir {out} once there is space")
     assert result.returncode == 2
-    assert (out / "ckpt.pt").read_bytes() == before
-    assert not [p.name for p in out.iterdir() if ".tmp." in p.name]  # the partial checkpoint is gone
+    after = snapshot(out)
+    assert {k: v for k, v in after.items() if k.startswith("checkpoints/")} == \
+        {k: v for k, v in before.items() if k.startswith("checkpoints/")}  # the partial checkpoint is gone
 
 
 def test_init_from_refuses_what_is_not_a_gpt2_checkpoint(tiny_dataset, tmp_path):
@@ -219,5 +224,5 @@ def test_a_moved_run_resumes_where_it_is(finished_run, tmp_path, monkeypatch):
     out.rename("out")  # --out-dir's default
     result = run("train.py", "--resume", "--max-iters", "3")
     assert result.returncode == 0, result.stderr
-    assert torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)["iter_num"] == 3
+    assert load_checkpoint(tmp_path / "out")["iter_num"] == 3
     assert not out.exists()  # not where the run was first started

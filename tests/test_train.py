@@ -17,10 +17,12 @@ import pytest
 import torch
 
 from tritongpt import distributed
+from tritongpt.checkpoint import load_checkpoint, save_checkpoint
 from tritongpt.data.prepare import prepare
 from tritongpt.files import DirectoryLock
 from tritongpt.train_options import DEFAULT_DATA_DIR, TrainOptions, check_run
-from tests.runs import REPO, TINY, assert_user_error, metrics, run, run_process, snapshot, train_losses
+from tests.runs import (FINAL_CHECKPOINT, REPO, TINY, assert_user_error, metrics, run, run_process, snapshot,
+                        train_losses)
 
 
 def test_train_writes_a_checkpoint_that_sample_reads(tiny_dataset, tmp_path):
@@ -32,19 +34,21 @@ def test_train_writes_a_checkpoint_that_sample_reads(tiny_dataset, tmp_path):
     assert "global batch: 4 sequences x 1 micro-batch x 64 tokens" in result.stdout
     assert "(1 process x 1 micro-batch each)" in result.stdout
     assert "mfu" not in result.stdout  # no known peak on a CPU: the column is left out
-    assert (out / "ckpt.pt").is_file() and (out / "training_curves.png").is_file()
+    assert (out / "checkpoints" / "latest").read_text() == "step_000004\n"
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step_000004"]  # keeps 1
+    assert (out / "training_curves.png").is_file()
     assert sorted(train_losses(out)) == [1, 2, 3, 4]
     assert [m["step"] for m in metrics(out) if "val/loss" in m] == [0, 2, 4]
     last_val = [m["val/loss"] for m in metrics(out) if "val/loss" in m][-1]
     assert f"final val loss {last_val:.3f}" in result.stdout
-    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    ckpt = load_checkpoint(out)
     assert ckpt["iter_num"] == 4 and ckpt["model_config"]["n_layer"] == 2
 
-    sampled = run("sample.py", "--checkpoint", str(out / "ckpt.pt"), "--prompt", "def add",
+    sampled = run("sample.py", "--checkpoint", str(out / "checkpoints" / "step_000004"), "--prompt", "def add",
                   "--max-new-tokens", "12", "--num-samples", "2", "--seed", "3")
     assert sampled.returncode == 0, sampled.stderr
     assert sampled.stdout.count("def add") == 2 and "--- sample 2 ---" in sampled.stdout
-    again = run("sample.py", "--checkpoint", str(out), "--prompt", "def add",  # the directory names its ckpt.pt
+    again = run("sample.py", "--checkpoint", str(out), "--prompt", "def add",  # the run's latest checkpoint
                 "--max-new-tokens", "12", "--num-samples", "2", "--seed", "3")
     assert again.returncode == 0, again.stderr
     assert again.stdout == sampled.stdout  # same seed, same text
@@ -64,7 +68,7 @@ def test_closing_sample_starts_a_new_document_unless_on_the_default_corpus(tiny_
     world = distributed.World(rank=0, size=1, device=torch.device("cpu"))
     default_out = tmp_path / "default"
     with DirectoryLock(default_out) as lock:
-        opts, _, _ = check_run(TrainOptions(data_dir=DEFAULT_DATA_DIR, out_dir=str(default_out)), set(), world, lock)
+        opts, *_ = check_run(TrainOptions(data_dir=DEFAULT_DATA_DIR, out_dir=str(default_out)), set(), world, lock)
     assert opts.sample_prompt == "def"
 
 
@@ -79,8 +83,8 @@ def test_resumed_training_matches_uninterrupted(tiny_dataset, tmp_path):
     assert "resuming from step 3 of 6" in resumed.stdout
 
     assert train_losses(parts) == train_losses(whole)  # exactly: CPU, fp32, same data, same dropout masks
-    a = torch.load(whole / "ckpt.pt", weights_only=True)["model"]
-    b = torch.load(parts / "ckpt.pt", weights_only=True)["model"]
+    a = load_checkpoint(whole)["model"]
+    b = load_checkpoint(parts)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -102,7 +106,7 @@ def test_a_new_run_never_replaces_an_earlier_one_unasked(finished_run, tiny_data
                  "--overwrite")
     assert result.returncode == 0, result.stderr
     assert sorted(train_losses(out)) == [1]
-    assert torch.load(out / "ckpt.pt", weights_only=True)["iter_num"] == 1
+    assert load_checkpoint(out)["iter_num"] == 1
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -154,7 +158,7 @@ def test_other_mistakes_are_one_line_errors(finished_run, tiny_dataset, tmp_path
     assert_user_error(run_process("train.py", "--no-such-option"), "unrecognized arguments: --no-such-option")
     assert_user_error(run("train.py", "--data-dir", str(tmp_path / "none"), "--out-dir", str(tmp_path / "o")),
                       "no dataset in")
-    assert_user_error(run("train.py", "--resume", "--out-dir", str(tmp_path / "empty")), "does not exist")
+    assert_user_error(run("train.py", "--resume", "--out-dir", str(tmp_path / "empty")), "there is no run in")
     assert_user_error(run("train.py", "--data-dir", str(tiny_dataset), "--out-dir", str(tmp_path / "o"),
                           "--init-from", str(tmp_path / "no-gpt2")), "--init-from: no GPT-2 checkpoint")
     a_file = tmp_path / "a_file"
@@ -179,12 +183,12 @@ def test_bias_takes_a_value_as_well_as_no_bias(tiny_dataset, tmp_path):
                      *flags)
         assert result.returncode == 0, result.stderr
         assert json.loads((out / "config.json").read_text())["model"]["bias"] is False
-        assert not any(name.endswith("bias") for name in torch.load(out / "ckpt.pt", weights_only=True)["model"])
+        assert not any(name.endswith("bias") for name in load_checkpoint(out)["model"])
 
 
 def test_a_diverging_run_stops_and_keeps_its_last_good_checkpoint(finished_run, tiny_dataset, tmp_path):
     out, args = finished_run
-    before = snapshot(out)["ckpt.pt"]
+    before = snapshot(out)
     # A learning rate this large sends the weights to inf within a few steps (AdamW's decay alone multiplies them
     # by 1 - lr * 0.1 a step). The first look at the loss is at step 12, long after, where the checkpoint is due.
     diverged = run("train.py", "--resume", "--out-dir", str(out), "--max-iters", "12", "--learning-rate", "1e30",
@@ -192,14 +196,15 @@ def test_a_diverging_run_stops_and_keeps_its_last_good_checkpoint(finished_run, 
     assert_user_error(diverged, "training diverged: the loss or gradient norm became inf or nan at step")
     first_bad = int(diverged.stderr.split("at step ")[1].split(";")[0])
     assert 3 <= first_bad < 12  # step 3 is the first to run on weights the huge rate has already moved
-    assert f"{out / 'ckpt.pt'}, holds step 2" in diverged.stderr
-    assert snapshot(out)["ckpt.pt"] == before
+    assert f"{out / FINAL_CHECKPOINT}, holds step 2" in diverged.stderr
+    assert {k: v for k, v in snapshot(out).items() if k.startswith("checkpoints/")} == \
+        {k: v for k, v in before.items() if k.startswith("checkpoints/")}
 
     fresh = tmp_path / "fresh"
     result = run("train.py", "--data-dir", str(tiny_dataset), "--out-dir", str(fresh), *TINY, "--max-iters", "12",
                  "--learning-rate", "1e30", "--warmup-iters", "0")
     assert_user_error(result, "no checkpoint was written")
-    assert not (fresh / "ckpt.pt").exists()
+    assert not (fresh / "checkpoints" / "latest").exists()
 
 
 def test_sample_draws_its_samples_as_one_batch(finished_run):
@@ -235,22 +240,31 @@ def test_sampling_needs_no_dataset_and_refuses_a_diverged_checkpoint(finished_ru
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("def")
 
-    ckpt = torch.load(moved / "ckpt.pt", weights_only=True)
+    ckpt = load_checkpoint(moved)
     ckpt["model"]["lm_head.weight"][0, 0] = float("nan")
-    torch.save(ckpt, moved / "ckpt.pt")
-    assert_user_error(run("sample.py", "--checkpoint", str(moved)), "inf or nan weights")
+    torch.save(ckpt, moved / "diverged.pt")
+    assert_user_error(run("sample.py", "--checkpoint", str(moved / "diverged.pt")), "inf or nan weights")
 
 
 def test_sample_mistakes_are_one_line_errors(finished_run, tiny_dataset, tmp_path):
     out, _ = finished_run
-    ckpt = out / "ckpt.pt"
+    ckpt = out / FINAL_CHECKPOINT
     before = snapshot(out)
+    single = tmp_path / "single.pt"
+    save_checkpoint(single, load_checkpoint(out))
     truncated = tmp_path / "truncated.pt"
-    truncated.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
+    truncated.write_bytes(single.read_bytes()[: single.stat().st_size // 2])
     assert_user_error(run_process("sample.py", "--checkpoint", str(truncated)), "not a readable checkpoint")
+    torn = tmp_path / "torn"
+    shutil.copytree(ckpt, torn)
+    for shard in torn.glob("*.distcp"):
+        shard.write_bytes(shard.read_bytes()[:1000])  # sampling reads the model's tensors only: cut into them
+    assert_user_error(run("sample.py", "--checkpoint", str(torn)), "not a readable checkpoint")
+    (torn / ".metadata").write_bytes(b"\x80\x04cos\nsystem\n.")  # a pickle that would call os.system
+    assert_user_error(run("sample.py", "--checkpoint", str(torn)), "which is not checkpoint metadata")
     assert_user_error(run("sample.py", "--checkpoint", str(tiny_dataset / "meta.json")), "not a readable checkpoint")
-    assert_user_error(run("sample.py", "--checkpoint", str(tmp_path / "missing.pt")), "does not exist")
-    assert_user_error(run("sample.py", "--checkpoint", str(tmp_path)), "does not exist")  # a directory without one
+    assert_user_error(run("sample.py", "--checkpoint", str(tmp_path / "missing.pt")), "no checkpoint at")
+    assert_user_error(run("sample.py", "--checkpoint", str(tmp_path)), "no checkpoint at")  # a directory without one
     other_tokenizer = tmp_path / "other"
     prepare([str(tiny_dataset.parent / "a.py")], out_dir=other_tokenizer, vocab_size=320, workers=1, progress=False)
     assert_user_error(run("sample.py", "--checkpoint", str(ckpt), "--tokenizer",
@@ -281,7 +295,7 @@ def test_sample_refuses_another_tokenizer_of_the_same_size_unless_forced(finishe
 
 def test_sample_from_a_checkpoint_without_its_tokenizer_asks_for_one(finished_run, tiny_dataset, tmp_path):
     out, _ = finished_run
-    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    ckpt = load_checkpoint(out)
     del ckpt["tokenizer"]
     bare = tmp_path / "bare.pt"
     torch.save(ckpt, bare)
@@ -296,7 +310,7 @@ def test_long_prompt_keeps_its_last_block_size_tokens(finished_run, tmp_path):
     out, _ = finished_run
     prompt = tmp_path / "prompt.txt"
     prompt.write_text("The quick brown fox — jumps over the lazy dog. " * 40)  # far beyond 64 tokens
-    result = run("sample.py", "--checkpoint", str(out / "ckpt.pt"), "--prompt-file", str(prompt),
+    result = run("sample.py", "--checkpoint", str(out / FINAL_CHECKPOINT), "--prompt-file", str(prompt),
                  "--max-new-tokens", "5")
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(prompt.read_text())

@@ -21,6 +21,9 @@ COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=5)
 # A gloo group beside NCCL's, for the flags the ranks agree on at every step: on the host, such a flag never waits
 # for the GPU. (On CPU the default group is gloo already, and this stays None.)
 _host_group = None
+# A gloo group of its own for checkpoint writes, whose collectives run in a background thread while the training
+# step's run in the main one: two threads must never share a group.
+_checkpoint_group = None
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,20 @@ def join(world: World) -> None:
                             device_id=world.device if world.device.type == "cuda" else None)
     if backend == "nccl":
         _host_group = dist.new_group(backend="gloo")
+    global _checkpoint_group
+    _checkpoint_group = dist.new_group(backend="gloo")
+
+
+def checkpoint_group():
+    """The process group checkpoints are written with (None in a world of one)."""
+    return _checkpoint_group
+
+
+def launch() -> tuple[str | None, int]:
+    """(torchrun's id of this job, how many times it restarted the workers): (None, 0) when run alone. A restarted
+    worker keeps the job's id; a new launch gets a new one, unless the user names the job (--rdzv-id) and names
+    the next one alike, and "none" is torchrun's own name for a job whose user named none."""
+    return os.environ.get("TORCHELASTIC_RUN_ID"), int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
 
 
 def wrap_model(model: torch.nn.Module, world: World) -> torch.nn.Module:
@@ -121,7 +138,7 @@ def barrier(world: World) -> None:
 
 
 def leave(world: World) -> None:
-    global _host_group
+    global _host_group, _checkpoint_group
     if world.distributed and dist.is_initialized():
-        dist.destroy_process_group()  # every group, the host group included
-        _host_group = None
+        dist.destroy_process_group()  # every group, the host and checkpoint groups included
+        _host_group = _checkpoint_group = None

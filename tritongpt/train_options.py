@@ -8,9 +8,10 @@ from pathlib import Path
 import torch
 
 from tritongpt import distributed
-from tritongpt.checkpoint import CHECKPOINT_FILE, load_checkpoint, tokenizer_bytes
+from tritongpt.checkpoint import CHECKPOINTS_DIR, SINGLE_FILE, latest_checkpoint, read_trainer_state, tokenizer_bytes
 from tritongpt.data.loader import TokenWindows
 from tritongpt.data.prepare import DEFAULT_VOCAB_SIZE
+from tritongpt.data.tokenizer import HuggingFaceTokenizer, load_tokenizer, same_tokens
 from tritongpt.device import compute_dtype, gib, impl_choices, memory_available, resolve_ops
 from tritongpt.errors import UserError
 from tritongpt.files import DirectoryLock
@@ -21,7 +22,7 @@ from tritongpt.plot import CONFIG_FILE, CURVES_FILE, METRICS_FILE
 
 DEFAULT_DATA_DIR = "data/default"
 DATASET_KEYS = ("vocab_size", "dtype", "tokenizer", "train_tokens", "val_tokens")  # what training reads of meta.json
-RUN_FILES = (CHECKPOINT_FILE, METRICS_FILE, CONFIG_FILE, CURVES_FILE)  # a run's own files in OUT_DIR
+RUN_FILES = (CHECKPOINTS_DIR, SINGLE_FILE, METRICS_FILE, CONFIG_FILE, CURVES_FILE)  # a run's own files in OUT_DIR
 # Muon's peak rate with the "original" shape adjustment (a matrix's step of spectral norm about lr x sqrt(fan-out /
 # fan-in), whatever the width): on the default run 0.005 and 0.01 ended alike (val 3.551), 0.02 at 3.595, and 0.05
 # trailed both from the start.
@@ -34,10 +35,10 @@ SHAPE_OPTIONS = ("model", "n_layer", "n_head", "n_embd", "block_size", "bias")
 class TrainOptions:
     data_dir: str = option(DEFAULT_DATA_DIR, "dataset folder written by data/prepare.py (the default corpus is "
                            "prepared on first use)", metavar="DIR", group="data and output")
-    out_dir: str = option("out", "where the checkpoint (ckpt.pt), metrics.jsonl and training_curves.png go",
+    out_dir: str = option("out", "where the checkpoints (checkpoints/), metrics.jsonl and training_curves.png go",
                           metavar="DIR")
-    resume: bool = option(False, "continue the run in OUT_DIR from its ckpt.pt; flags given now override its "
-                          "options, except the model's shape")
+    resume: bool = option(False, "continue the run in OUT_DIR from its latest checkpoint; flags given now override "
+                          "its options, except the model's shape (a torchrun restart resumes without it)")
     overwrite: bool = option(False, "start a new run in OUT_DIR although it holds one, deleting that run's "
                              "checkpoint, metrics and plot first")
     model: str = option("auto", "shape preset; auto is mini on CPU, small on GPU", choices=("auto", *PRESETS),
@@ -58,7 +59,8 @@ class TrainOptions:
     loss: str = option("auto", "LM head + cross-entropy implementation (triton: fused, without storing the "
                        "logits); auto as above", choices=impl_choices("loss"), metavar="IMPL")
     init_from: str | None = option(None, "start from a local Hugging Face GPT-2 directory instead of random weights "
-                                   "(the dataset's tokenizer must have its vocabulary size)", metavar="DIR")
+                                   "(the dataset must be encoded with its tokenizer: prepare.py --tokenizer DIR)",
+                                   metavar="DIR")
     batch_size: int = option(8, "sequences per micro-batch, per process", group="optimisation")
     grad_accum: int | None = option(None, "micro-batches per optimizer step, over all processes together (a "
                                     "multiple of the process count); none means one per process")
@@ -92,6 +94,9 @@ class TrainOptions:
     eval_iters: int = option(20, "micro-batches per loss estimate")
     log_interval: int = option(10, "steps between log lines", metavar="STEPS")
     ckpt_interval: int | None = option(None, "steps between checkpoints; none means eval_interval", metavar="STEPS")
+    keep_checkpoints: int = option(1, "how many of the latest checkpoints to keep", metavar="K")
+    async_checkpoint: bool = option(True, "write checkpoints in the background while training goes on (they cost "
+                                    "a copy of the model and optimizer state in host memory meanwhile)")
     sample_tokens: int = option(200, "tokens of text to sample at the end; 0 for none")
     sample_prompt: str | None = option(None, "text the closing sample continues (empty: a new document); none "
                                        "means def on the default corpus, a new document on any other", metavar="TEXT")
@@ -110,20 +115,27 @@ class TrainOptions:
 
 
 def check_run(opts: TrainOptions, given: set[str], world: distributed.World, out_dir_lock: DirectoryLock):
-    """(options, model config, checkpoint to resume from or None), or a UserError. Rank 0 takes out_dir_lock
-    before it reads what OUT_DIR holds, so no other run changes it meanwhile."""
+    """(options, model config, the checkpoint to resume from or None, its trainer state or None), or a UserError.
+    Rank 0 takes out_dir_lock before it reads what OUT_DIR holds, so no other run changes it meanwhile."""
     out_dir = Path(opts.out_dir)
     if out_dir.is_dir():
         hold_out_dir(out_dir, out_dir_lock, world)
-    ckpt = None
+    restarted = restarted_job(opts, out_dir)
+    if restarted:  # torchrun restarted this job's workers: the run in OUT_DIR is this job's own
+        opts = replace(opts, resume=latest_checkpoint(out_dir) is not None, overwrite=False)
+    location = ckpt = None
     if opts.resume:
         if opts.overwrite:
             raise UserError("give --resume (continue the run) or --overwrite (start over), not both")
-        if not (out_dir / CHECKPOINT_FILE).exists() and (stub := run_files(out_dir)):
-            raise UserError(f"the run in {out_dir} stopped before its first checkpoint (it left only "
-                            f"{', '.join(stub)}): there is nothing to resume; start it again without --resume")
-        ckpt = load_checkpoint(out_dir / CHECKPOINT_FILE)
-        opts = resumed_options(opts, given, ckpt)
+        location = latest_checkpoint(out_dir)
+        if location is None:
+            if stub := run_files(out_dir):
+                raise UserError(f"the run in {out_dir} stopped before its first checkpoint (it left only "
+                                f"{', '.join(stub)}): there is nothing to resume; start it again without --resume")
+            raise UserError(f"there is no run in {out_dir} to resume; start one without --resume (or pass the "
+                            "--out-dir of the run to continue)")
+        ckpt = read_trainer_state(location)
+        opts = resumed_options(opts, given, ckpt, restarted)
     check_options(opts)
     meta = dataset_meta(Path(opts.data_dir))
     # The default corpus, before its first use, gets prepare's default vocabulary.
@@ -145,14 +157,35 @@ def check_run(opts: TrainOptions, given: set[str], world: distributed.World, out
         print(f"note: the file system of {out_dir} has no locks, so nothing stops another run from writing in it "
               "meanwhile; give each run its own --out-dir")
     if not opts.resume and not opts.overwrite and (held := run_files(out_dir)):
-        if CHECKPOINT_FILE in held:
+        if latest_checkpoint(out_dir) is not None and not restarted:
             raise UserError(f"{out_dir} already holds a run ({', '.join(held)}); continue it with --resume (and a "
                             "larger --max-iters), start over with --overwrite (deletes it), or pass another "
                             "--out-dir")
         if world.is_main:  # a run that stopped before its first checkpoint left nothing to continue
             print(f"note: {out_dir} holds no checkpoint, only {', '.join(held)} of a run that stopped before "
                   "writing one; this run starts over in it")
-    return opts, config, ckpt
+    return opts, config, location, ckpt
+
+
+def restarted_job(opts: TrainOptions, out_dir: Path) -> bool:
+    """Whether torchrun restarted this job's workers (after one failed) and OUT_DIR holds the job's own run, which
+    then continues. A job is known by torchrun's id for it, which the run records in its config.json."""
+    job, restarts = distributed.launch()
+    if not restarts or not run_files(out_dir):
+        return False
+    try:
+        recorded = json.loads((out_dir / CONFIG_FILE).read_text())["launch"]["job"]
+    except (OSError, ValueError, KeyError, TypeError):
+        recorded = None
+    if job == "none":  # torchrun's id when the user gave none, alike for every job
+        raise UserError(f"torchrun restarted the workers (restart {restarts}), but a job launched without --rdzv-id "
+                        f"cannot tell its own run in {opts.out_dir} from another job's; give torchrun --rdzv-id with "
+                        "an id unique to the job (a scheduler's job id) to resume after a restart by itself, or "
+                        "launch again with --resume")
+    if recorded != job:
+        raise UserError(f"torchrun restarted the workers (restart {restarts}), but {opts.out_dir} holds another "
+                        "job's run, which this job did not write; pass another --out-dir")
+    return True
 
 
 def run_files(out_dir: Path) -> list[str]:
@@ -182,20 +215,22 @@ def check_memory(opts: TrainOptions, config: GPTConfig, dtype: torch.dtype, devi
                         "keeps the global batch), --block-size or the model's size")
 
 
-def resumed_options(opts: TrainOptions, given: set[str], ckpt: dict) -> TrainOptions:
-    """The checkpoint's options, overridden by those given now."""
+def resumed_options(opts: TrainOptions, given: set[str], ckpt: dict, restarted: bool = False) -> TrainOptions:
+    """The checkpoint's options, overridden by those given now (after a restart, the launch's own, which made the
+    checkpoint: the model's shape among them)."""
     fixed = sorted(given & {*SHAPE_OPTIONS, "init_from"})
-    if fixed:
+    if fixed and not restarted:
         raise UserError(f"{flag(fixed[0])} cannot change a resumed run: its checkpoint fixes the model's shape; "
                         "drop it (or start a new run in another --out-dir)")
     saved = {k: v for k, v in ckpt["options"].items() if k in TrainOptions.__dataclass_fields__}
-    if "optimizer" in given and opts.optimizer != saved["optimizer"]:
-        raise UserError(f"--optimizer cannot change a resumed run: its checkpoint holds {saved['optimizer']}'s "
-                        "state; drop it (or start a new run in another --out-dir)")
+    trained_with = saved.get("optimizer", "adamw")  # runs from before the option trained with AdamW
+    if "optimizer" in given and opts.optimizer != trained_with:
+        raise UserError(f"--optimizer cannot change a resumed run: its checkpoint holds {trained_with}'s state; drop "
+                        "it (or start a new run in another --out-dir)")
     # OUT_DIR is where the checkpoint was found, whatever the run that wrote it was called.
     opts = TrainOptions(**{**saved, **{k: getattr(opts, k) for k in given}, "out_dir": opts.out_dir,
-                           "overwrite": False})
-    if opts.max_iters <= ckpt["iter_num"]:
+                           "resume": True, "overwrite": False})
+    if opts.max_iters <= ckpt["iter_num"] and not restarted:  # a restart after the last step finishes at once
         raise UserError(f"the run in {opts.out_dir} is already at step {ckpt['iter_num']} (--max-iters "
                         f"{opts.max_iters}); pass a larger --max-iters to train further")
     return opts
@@ -203,9 +238,9 @@ def resumed_options(opts: TrainOptions, given: set[str], ckpt: dict) -> TrainOpt
 
 # The smallest value each numeric option takes (options that are none stay unchecked).
 OPTION_MINIMUMS = dict(batch_size=1, max_iters=1, eval_interval=1, eval_iters=1, log_interval=1, grad_accum=1,
-                       ckpt_interval=1, lr_decay_iters=1, n_layer=1, n_head=1, n_embd=1, block_size=1, warmup_iters=0,
-                       weight_decay=0, grad_clip=0, sample_tokens=0, dropout=0, min_lr=0, beta1=0, beta2=0,
-                       muon_momentum=0, muon_ns_steps=1, muon_weight_decay=0)
+                       ckpt_interval=1, keep_checkpoints=1, lr_decay_iters=1, n_layer=1, n_head=1, n_embd=1,
+                       block_size=1, warmup_iters=0, weight_decay=0, grad_clip=0, sample_tokens=0, dropout=0, min_lr=0,
+                       beta1=0, beta2=0, muon_momentum=0, muon_ns_steps=1, muon_weight_decay=0)
 
 
 MAX_NS_STEPS = 99
@@ -310,12 +345,29 @@ def check_dataset(opts: TrainOptions, config: GPTConfig, meta: dict, ckpt: dict 
     if config.vocab_size != meta["vocab_size"]:
         raise UserError(f"{source} has a {config.vocab_size}-token vocabulary but the dataset in {opts.data_dir} "
                         f"has {meta['vocab_size']}; use a dataset prepared with that model's tokenizer")
+    if opts.init_from and ckpt is None:
+        check_init_tokenizer(opts, meta)
     trained_with = tokenizer_bytes(ckpt) if ckpt is not None else None
     if trained_with is not None:
         if (Path(opts.data_dir) / meta["tokenizer"]).read_bytes() != trained_with:
             raise UserError(f"the dataset in {opts.data_dir} was tokenized with another tokenizer than the run in "
                             f"{opts.out_dir}; resume with the dataset it was trained on (--data-dir)")
     return open_data(opts, config, meta, world)  # refuses splits shorter than a window, or a bad --grad-accum
+
+
+def check_init_tokenizer(opts: TrainOptions, meta: dict) -> None:
+    """--init-from's embeddings stand for the tokens of its own tokenizer: the dataset must be encoded with that
+    tokenizer, compared by content (another one of the same size would feed every embedding another token)."""
+    remedy = (f"make a dataset with its tokenizer: `python data/prepare.py YOUR_TEXT --tokenizer {opts.init_from} "
+              "--out-dir NEW_DIR`")
+    try:
+        theirs = HuggingFaceTokenizer(opts.init_from)
+    except UserError as e:
+        raise UserError(f"--init-from {opts.init_from}: its tokenizer, which tells what each embedding stands for, "
+                        f"cannot be read ({e}); copy in the tokenizer it was trained with") from None
+    if not same_tokens(load_tokenizer(Path(opts.data_dir) / meta["tokenizer"], meta.get("eot_id")), theirs):
+        raise UserError(f"the dataset in {opts.data_dir} was encoded with another tokenizer than --init-from "
+                        f"{opts.init_from}'s, so its pretrained embeddings would stand for other tokens; {remedy}")
 
 
 def check_out_dir(out_dir: Path) -> None:
@@ -333,7 +385,7 @@ def check_out_dir(out_dir: Path) -> None:
 def open_data(opts: TrainOptions, config: GPTConfig, meta: dict,
               world: distributed.World) -> tuple[TokenWindows, TokenWindows]:
     grad_accum = opts.grad_accum or world.size
-    return tuple(TokenWindows(Path(opts.data_dir) / f"{split}.bin", meta["dtype"], meta["vocab_size"],
-                              meta[f"{split}_tokens"], config.block_size, opts.batch_size, grad_accum, world.rank,
-                              world.size, opts.seed, world.device)
+    return tuple(TokenWindows(TokenWindows.split_files(Path(opts.data_dir), meta, split), meta["dtype"],
+                              meta["vocab_size"], meta[f"{split}_tokens"], config.block_size, opts.batch_size,
+                              grad_accum, world.rank, world.size, opts.seed, world.device)
                  for split in ("train", "val"))
