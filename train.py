@@ -4,6 +4,7 @@
     torchrun --standalone --nproc_per_node=8 train.py --model gpt2 --data-dir data/mycorpus
 """
 import dataclasses
+import io
 import json
 import os
 import shutil
@@ -46,6 +47,7 @@ def main(argv: list[str] | None = None) -> None:
         if ckpt is not None and ckpt["iter_num"] >= opts.max_iters:  # mistake alike, before talking
             print(f"the run in {opts.out_dir} already reached step {ckpt['iter_num']}: nothing left to train")
             return  # (a torchrun restart after the last checkpoint)
+        world = replace(world, parallel=opts.parallel)
         distributed.join(world)
         try:
             train(opts, config, resume_from, ckpt, world)
@@ -69,7 +71,7 @@ class Run:
     opts: TrainOptions
     world: distributed.World
     config: GPTConfig
-    model: GPT                       # the bare model: its state dict, generation, MFU
+    model: GPT                       # the model itself (sharded in place under FSDP): its state, generation, MFU
     eval_model: torch.nn.Module      # the model as evaluation calls it (compiled when --compile)
     net: torch.nn.Module             # the model as the training step calls it (also DDP-wrapped under torchrun)
     optimizers: list[torch.optim.Optimizer]  # stepped in turn: AdamW alone, or Muon then AdamW
@@ -108,11 +110,13 @@ def set_up(opts: TrainOptions, config: GPTConfig, resume_from: Path | None, ckpt
     model.to(world.device)
     dtype = compute_dtype(opts.dtype, world.device)
     scaler = torch.amp.GradScaler(world.device.type, enabled=dtype == torch.float16)
+    eval_model, net = distributed.wrap_model(model, world, opts.compile, opts.replicate,
+                                             opts.fsdp_reshard_after_forward, dtype)
     optimizers = configure_optimizers(model, opts, world.device.type)
     torch.manual_seed(opts.seed + world.rank)  # dropout differs per rank; the data order does not depend on it
     step = 0
     if ckpt is not None:
-        restore(resume_from, model, optimizers)
+        restore(resume_from, model, optimizers)  # each rank its shards under FSDP
         scaler.load_state_dict(ckpt["scaler"])
         train_data.load_state_dict(ckpt["data"])
         step = ckpt["iter_num"]
@@ -124,7 +128,6 @@ def set_up(opts: TrainOptions, config: GPTConfig, resume_from: Path | None, ckpt
     checkpoints = CheckpointWriter(opts.out_dir, world, opts.keep_checkpoints, opts.async_checkpoint,
                                    last=(step, resume_from) if ckpt else None)
     job, restarts = distributed.launch()
-    eval_model = torch.compile(model) if opts.compile else model
     logger = MetricsLogger(
         opts.out_dir, config={"options": dataclasses.asdict(opts), "model": dataclasses.asdict(config),
                               "num_params": model.num_params(), "world_size": world.size,
@@ -134,9 +137,9 @@ def set_up(opts: TrainOptions, config: GPTConfig, resume_from: Path | None, ckpt
         mode=opts.wandb_mode, resume_run_id=ckpt.get("wandb_run_id") if ckpt else None,
         resume_step=step + 1 if ckpt else None,  # the checkpoint's own step was logged before it was written
         enabled=world.is_main)
-    return Run(opts, world, config, model, eval_model, distributed.wrap_model(eval_model, world), optimizers,
-               checkpoints, scaler, dtype, autocast(dtype, world.device), train_data, val_data, tokenizer, logger,
-               step, None, torch.tensor(opts.max_iters + 1, device=world.device))
+    return Run(opts, world, config, model, eval_model, net, optimizers, checkpoints, scaler, dtype,
+               autocast(dtype, world.device), train_data, val_data, tokenizer, logger, step, None,
+               torch.tensor(opts.max_iters + 1, device=world.device))
 
 
 def ensure_dataset(opts: TrainOptions, world: distributed.World) -> dict:
@@ -207,7 +210,7 @@ def train(opts: TrainOptions, config: GPTConfig, resume_from: Path | None, ckpt:
         curves = Path(opts.out_dir) / CURVES_FILE
         run.say(f"final val loss {run.eval_losses['val']:.3f} (train {run.eval_losses['train']:.3f})"
                 + (f"; the curves are in {curves}" if curves.exists() else ""))  # not drawn without matplotlib
-    if world.is_main and opts.sample_tokens > 0:
+    if opts.sample_tokens > 0 and (world.is_main or world.sharded):
         closing_sample(run)
 
 
@@ -329,13 +332,18 @@ def save(run: Run) -> None:
 
 
 def closing_sample(run: Run) -> None:
-    print(f"checkpoint: {run.checkpoints.last_path}\n--- sample ---")
-    print(run.opts.sample_prompt, end="", flush=True)
+    """Rank 0 shows a sample. Under FSDP every rank generates it, since each layer's forward gathers its weights
+    from every rank: the ranks compute the same logits from the same weights, so with the same seed they draw
+    the same tokens and stop together."""
+    if run.world.is_main:
+        print(f"checkpoint: {run.checkpoints.last_path}\n--- sample ---")
+        print(run.opts.sample_prompt, end="", flush=True)
     run.model.eval()
     prompt = prompt_ids(run.tokenizer, run.opts.sample_prompt, run.config.block_size)
-    with run.autocast:
-        stream_text(run.model, run.tokenizer, prompt, run.opts.sample_tokens, run.world.device, temperature=0.8,
-                    top_k=200, generator=torch.Generator(run.world.device).manual_seed(run.opts.seed))
+    with run.autocast, distributed.whole_weights(run.model):
+        stream_text(run.model, run.tokenizer, prompt, run.opts.sample_tokens, run.world.device,
+                    out=None if run.world.is_main else io.StringIO(), temperature=0.8, top_k=200,
+                    generator=torch.Generator(run.world.device).manual_seed(run.opts.seed))
 
 
 def rng_state(device: torch.device) -> dict:

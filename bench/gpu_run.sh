@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # The GPU session in one script: the environment, the whole test suite run natively, the kernels under
 # compute-sanitizer, the four kernel benchmarks, the text-generation benchmark, the training-throughput benchmark
-# (also at the largest micro-batch that fits) and a profile of one training step. Each step logs to
+# (also at the largest micro-batch that fits, and under FSDP2) and a profile of one training step. Each step logs to
 # bench/results/gpu_run-<step>-<device>.log and runs under its own time limit; a step that fails or runs out of time is
 # recorded and the next one runs. A summary of the steps comes last.
 #
 #   bash bench/gpu_run.sh quick     the most important answers first, in at most 8 minutes on an H100 with cold
 #                                   caches (below)
 #   bash bench/gpu_run.sh STEP...   env tests sanitizer (= memcheck racecheck) kernels (= attention layernorm mlp
-#                                   cross-entropy) generate throughput throughput-largest profile throughput-medium
-#                                   host-overhead; none: all of them (about 40 min on an H100)
+#                                   cross-entropy) generate throughput throughput-largest throughput-fsdp profile
+#                                   throughput-medium host-overhead; none: all of them (about 47 min on an H100)
 #
 # quick runs, in this order: env; tests-gpu, the GPU-marked tests (are the kernels right on this hardware, in bf16);
 # throughput-quick, GPT-2 124M training steps as nanoGPT runs them (SDPA + torch.compile) against every op on Triton,
@@ -125,15 +125,17 @@ step_throughput() { "$PY" -m bench.train_throughput --models gpt2; }
 step_throughput_largest() {
     "$PY" -m bench.train_throughput --models gpt2 --variants a,c --largest-batch 512 --steps 5 --warmup 2
 }
+step_throughput_fsdp() { "$PY" -m bench.train_throughput --models gpt2 --parallel fsdp; }
 step_throughput_medium() { "$PY" -m bench.train_throughput --models gpt2-medium; }
 step_profile() { "$PY" -m bench.profile_step --model gpt2 --variant c,b ${ARCHIVE_DIR:+--trace "$ARCHIVE_DIR"}; }
 export -f step_env sanitizer_path sanitize step_tests step_memcheck step_racecheck step_attention step_layernorm \
-    step_mlp step_cross_entropy step_generate step_throughput step_throughput_largest step_throughput_medium \
-    step_profile step_tests_gpu step_throughput_quick step_attention_quick step_layernorm_quick step_mlp_quick \
+    step_mlp step_cross_entropy step_generate step_throughput step_throughput_largest step_throughput_fsdp \
+    step_throughput_medium step_profile step_tests_gpu step_throughput_quick step_attention_quick step_layernorm_quick step_mlp_quick \
     step_cross_entropy_quick step_repeatability step_host_overhead
 
 declare -A LIMIT=([env]=20 [tests]=330 [memcheck]=110 [racecheck]=90 [attention]=180 [layernorm]=180 [mlp]=180
-                  [cross-entropy]=180 [generate]=180 [throughput]=390 [throughput-largest]=420 [profile]=180
+                  [cross-entropy]=180 [generate]=180 [throughput]=390 [throughput-largest]=420 [throughput-fsdp]=390
+                  [profile]=180
                   [throughput-medium]=560 [host-overhead]=90)
 # quick's budgets, in seconds (450 in all, with ~20 s for the script's own start in an 8-minute session), each about
 # 1.3x what it took on an H100 (HBM3, 80 GB) with cold caches: tests-gpu ~180 compiles in 8 processes and 60 tests,
@@ -145,8 +147,8 @@ LIMIT+=([tests-gpu]=90 [throughput-quick]=170 [attention-quick]=25 [layernorm-qu
 QUICK="env tests-gpu throughput-quick attention-quick layernorm-quick mlp-quick cross-entropy-quick repeatability"
 
 STEPS=()
-for arg in "${@:-env tests sanitizer kernels generate throughput throughput-largest profile throughput-medium \
-              host-overhead}"; do
+for arg in "${@:-env tests sanitizer kernels generate throughput throughput-largest throughput-fsdp profile \
+              throughput-medium host-overhead}"; do
     for step in $arg; do
         case $step in
             quick) STEPS+=($QUICK) ;;
@@ -154,8 +156,8 @@ for arg in "${@:-env tests sanitizer kernels generate throughput throughput-larg
             kernels) STEPS+=(attention layernorm mlp cross-entropy) ;;
             *) if [[ -v LIMIT[$step] ]]; then STEPS+=("$step"); else
                    echo "unknown step '$step'; steps: quick env tests sanitizer kernels generate throughput" \
-                        "throughput-largest profile throughput-medium host-overhead (or: memcheck racecheck" \
-                        "attention layernorm mlp cross-entropy, and quick's: $QUICK)"; exit 2; fi ;;
+                        "throughput-largest throughput-fsdp profile throughput-medium host-overhead (or: memcheck" \
+                        "racecheck attention layernorm mlp cross-entropy, and quick's: $QUICK)"; exit 2; fi ;;
         esac
     done
 done

@@ -5,6 +5,7 @@
     python -m bench.train_throughput --variants a,c --largest-batch 512 --steps 5 --warmup 2
                                                             # each at the largest micro-batch that fits
     python -m bench.train_throughput --quick                # b against c and d, 3 warm-up and 5 timed steps
+    python -m bench.train_throughput --quick --parallel fsdp  # the same, each model under FSDP2 (a world of one)
     TRITON_INTERPRET=1 python -m bench.train_throughput --device cpu --models tiny --batch-size 2 --steps 3 --warmup 1
 
 Variants (a and b run attention on PyTorch's SDPA and the other ops on their eager PyTorch references):
@@ -38,6 +39,11 @@ peak ~5 s, torch.compile of (b) and (d) ~1-2 min each on a fresh machine (no Ind
 of (c) ~1 min. About 5 min for gpt2 on an H100. gpt2-medium (350M) is ~3x the FLOPs and compiles twice the layers:
 ~6 min more, so it is not in the default; run it on its own (memory is no issue: it fits an 80 GB GPU at batch 16).
 
+--parallel fsdp wraps each variant's model as train.py's --parallel fsdp does (FSDP2's fully_shard on each Block and
+the model, bf16 weights gathered for compute, float32 gradient reduction), in a world of one: on one GPU it measures
+what FSDP2's machinery costs in tokens/s and peak memory against the same variant without it (the shards' savings
+need several GPUs; the README computes them). Its results go to train_throughput-<models>-fsdp-<device>.json.
+
 --device cpu is a smoke run of the logic (fp32, as the project computes on CPU; meaningless numbers, nothing
 written to bench/results). Variants (c) and (d) then need TRITON_INTERPRET=1 set before Python starts (the kernels
 read it when they are defined); without it they are skipped with that reason.
@@ -56,6 +62,7 @@ import torch
 
 from bench.common import (bench_args, environment, matmul_peak_tflops, print_table, require_cuda, results_name,
                           write_results)
+from tritongpt import distributed
 from tritongpt.kernels._common import interpreting
 from tritongpt.model.config import OP_FIELDS, preset
 from tritongpt.metrics import mfu, peak_bf16_flops
@@ -107,6 +114,8 @@ def parse_args(argv=None):
                    help="comma-separated, from: " + "; ".join(f"{k} = {v.label}" for k, v in VARIANTS.items())
                    + f" (default {','.join(VARIANTS)}; {QUICK_VARIANTS} with --quick)")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cpu: a smoke run of the logic")
+    p.add_argument("--parallel", choices=distributed.PARALLELISMS, default="ddp",
+                   help="fsdp: each model under FSDP2, in a world of one (ddp: the model as it is, on one GPU)")
     p.add_argument("--largest-batch", type=int, metavar="MAX",
                    help="double each variant's batch from --batch-size up to MAX until a step fails; report the "
                         "largest that ran")
@@ -151,13 +160,17 @@ def make_batches(block_size: int, batch_size: int, n_steps: int, device: torch.d
     return tokens.view(n_steps, batch_size, block_size + 1).to(device)
 
 
-def build(config, state: dict, variant: Variant, device: torch.device):
-    """(model, what to call, optimizer) for one variant, starting from the reference weights in state."""
+def build(config, state: dict, variant: Variant, device: torch.device, parallel: str = "ddp",
+          dtype: torch.dtype = torch.bfloat16):
+    """(model, what to call, optimizer) for one variant, starting from the reference weights in state, wrapped as
+    train.py wraps it alone (compiled; under FSDP, sharded in a world of one, computing in dtype)."""
+    world = distributed.World(0, 1, device, parallel)
     with torch.device(device):  # initialise on the device (fast), then overwrite with the shared weights
         model = GPT(replace(config, **variant.ops))
     model.load_state_dict(state)
+    _, runner = distributed.wrap_model(model, world, variant.compile, dtype=dtype)
     optimizer = adamw(model.parameters(), WEIGHT_DECAY, LEARNING_RATE, BETAS, device.type)
-    return model, (torch.compile(model) if variant.compile else model), optimizer
+    return model, runner, optimizer
 
 
 def train_step(model, runner, optimizer, batch: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -212,9 +225,9 @@ def free_device_memory(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def measure(config, state, variant: Variant, batches: torch.Tensor, warmup: int, dtype, device) -> dict:
+def measure(config, state, variant: Variant, batches: torch.Tensor, warmup: int, dtype, device, parallel) -> dict:
     """Train one variant for len(batches) steps; its step times, losses and peak memory."""
-    model, runner, optimizer = build(config, state, variant, device)
+    model, runner, optimizer = build(config, state, variant, device, parallel, dtype)
     step_ms, losses = [], []
     started = time.perf_counter()
     for i, batch in enumerate(batches):
@@ -238,7 +251,7 @@ def run_variant(name: str, reference: GPT, state: dict, batches, args, dtype, de
     free_device_memory(device)
     torch._dynamo.utils.counters.clear()
     try:
-        row.update(measure(config, state, variant, batches, args.warmup, dtype, device))
+        row.update(measure(config, state, variant, batches, args.warmup, dtype, device, args.parallel))
     except Exception as e:  # an OOM, a compile or Triton error: record it, free the memory, run the next variant
         row["error"] = error_line(e)
         row["traceback"] = traceback.format_exc()[-6000:]
@@ -323,10 +336,20 @@ def main(argv=None):
     args = parse_args(argv)
     print(f"{', '.join(args.models)}: variants {', '.join(f'({v}) {VARIANTS[v].label}' for v in args.variants)}; "
           f"batch {args.batch_size}" + (f" doubling up to {args.largest_batch}" if args.largest_batch else "")
-          + f", {args.warmup} warm-up and {args.steps} timed steps", flush=True)
+          + f", {args.warmup} warm-up and {args.steps} timed steps"
+          + (", each model under FSDP2 (a world of one)" if args.parallel == "fsdp" else ""), flush=True)
     if args.dry_run:
         return
     device = resolve_device(args.device)
+    world = distributed.World(0, 1, device, args.parallel)
+    distributed.join(world)  # FSDP's process group of one
+    try:
+        run_all(args, device)
+    finally:
+        distributed.leave(world)
+
+
+def run_all(args, device: torch.device) -> None:
     smoke = device.type == "cpu"
     dtype = torch.float32 if smoke else torch.bfloat16  # GPU training runs in bf16; the project computes in fp32 on CPU
     env = environment()
@@ -338,8 +361,8 @@ def main(argv=None):
     results = {}
     payload = {"environment": env, "smoke_run": smoke, "matmul_peak_tflops": peak_tflops,
                "datasheet_peak_tflops": None if datasheet is None else datasheet / 1e12,
-               "dtype": str(dtype), "batch_size": args.batch_size, "largest_batch": args.largest_batch,
-               "steps": args.steps, "warmup": args.warmup,
+               "dtype": str(dtype), "parallel": args.parallel, "batch_size": args.batch_size,
+               "largest_batch": args.largest_batch, "steps": args.steps, "warmup": args.warmup,
                "data": f"Zipf(1) token ids over a {VOCAB_SIZE}-token vocabulary, torch.Generator seed {SEED}",
                "optimizer": {"name": "AdamW", "fused": not smoke, "lr": LEARNING_RATE, "betas": BETAS,
                              "weight_decay": WEIGHT_DECAY, "grad_clip": GRAD_CLIP},
@@ -347,7 +370,8 @@ def main(argv=None):
                                   "against": "variant a, else the first variant that ran"},
                "targets": {"tokens/s of c or d over b": VS_B_TARGET, "mfu_datasheet": MFU_TARGET}, "targets_met": {},
                "variants": {k: v._asdict() for k, v in VARIANTS.items()}, "results": results}
-    name = results_name("train_throughput-" + "_".join(args.models), args.quick)
+    name = results_name("train_throughput-" + "_".join(args.models) + ("-fsdp" if args.parallel == "fsdp" else ""),
+                        args.quick)
     for model_name in args.models:
         config = preset(model_name, vocab_size=VOCAB_SIZE)
         torch.manual_seed(SEED)

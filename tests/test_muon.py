@@ -113,6 +113,7 @@ def test_resumed_muon_run_matches_uninterrupted(tiny_dataset, tmp_path):
     (["--muon-weight-decay", "-1"], "--muon-weight-decay must be at least 0, got -1.0"),
     (["--optimizer", "sgd"], "--optimizer: invalid choice: 'sgd'"),
     (["--muon-adjust-lr", "spectral"], "--muon-adjust-lr: invalid choice: 'spectral'"),
+    (["--parallel", "fsdp"], "--optimizer muon does not work with --parallel fsdp"),
 ])
 def test_bad_muon_options_are_one_line_errors(tiny_dataset, tmp_path, flags, message):
     out = tmp_path / "out"

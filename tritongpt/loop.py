@@ -31,7 +31,7 @@ def train_step(model: torch.nn.Module, net: torch.nn.Module, optimizers: list[to
     with record_function("clip_grad_norm"):
         for optimizer in optimizers:
             scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or math.inf)
+        grad_norm = distributed.whole(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or math.inf))
     with record_function("optimizer"):
         for optimizer in optimizers:
             scaler.step(optimizer)  # (skipped, with fp16, when any gradient is inf or nan)
@@ -45,13 +45,24 @@ def train_step(model: torch.nn.Module, net: torch.nn.Module, optimizers: list[to
 def estimate_loss(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], autocast,
                   world: distributed.World) -> float:
     """The mean loss over (x, y) batches, this rank's share of them, averaged over every rank's batches (ranks
-    may hold unequal shares, so sums and counts are added up rather than means averaged)."""
+    may hold unequal shares, so sums and counts are added up rather than means averaged).
+
+    A sharded model's forward is a collective, so there a rank with fewer batches than another runs its last one
+    again, uncounted, until each has run as many (one with none runs a single token)."""
+    owed = 0
+    if world.sharded:
+        batches = list(batches)
+        owed = distributed.max_on_host(len(batches), world) - len(batches)
     model.eval()
     total = torch.zeros(2, device=world.device)
-    for x, y in batches:
+    batch = (torch.zeros(1, 1, dtype=torch.long, device=world.device),)
+    for batch in batches:
         with autocast:
-            total[0] += model(x, y)[1].float()
+            total[0] += model(*batch)[1].float()
         total[1] += 1
+    for _ in range(owed):
+        with autocast:
+            model(*batch)
     model.train()
     loss_sum, count = distributed.sum_across_ranks(total, world).tolist()
     return loss_sum / count

@@ -104,6 +104,16 @@ class TrainOptions:
     dtype: str = option("auto", "auto is bfloat16 on CUDA where supported (else float16 with a GradScaler), "
                         "float32 on CPU", choices=("auto", "float32", "bfloat16", "float16"), metavar="DTYPE")
     compile: bool = option(False, "torch.compile the model")
+    parallel: str = option("ddp", "how torchrun's processes share the model: ddp keeps all of it on each (weights, "
+                           "gradients and AdamW state: 16 bytes a parameter); fsdp shards it across them (FSDP2, "
+                           "16 / processes; run alone, a world of one)", choices=distributed.PARALLELISMS,
+                           metavar="MODE")
+    replicate: int = option(1, "with --parallel fsdp: groups that each hold a whole sharded copy (HSDP), e.g. one "
+                            "per node; the processes are split into this many groups of consecutive ranks",
+                            metavar="GROUPS")
+    fsdp_reshard_after_forward: bool = option(True, "with --parallel fsdp: free each layer's gathered weights after "
+                                              "its forward and gather them again for its backward (false: keep "
+                                              "them, more memory, fewer gathers)")
     seed: int = option(1337, "seed for initialisation, data order and dropout", metavar="SEED")
     wandb: bool = option(False, "log to Weights & Biases (metrics.jsonl is always written)",
                          group="Weights & Biases")
@@ -137,6 +147,7 @@ def check_run(opts: TrainOptions, given: set[str], world: distributed.World, out
         ckpt = read_trainer_state(location)
         opts = resumed_options(opts, given, ckpt, restarted)
     check_options(opts)
+    check_parallel(opts, given, world)
     meta = dataset_meta(Path(opts.data_dir))
     # The default corpus, before its first use, gets prepare's default vocabulary.
     vocab_size = meta["vocab_size"] if meta else DEFAULT_VOCAB_SIZE
@@ -149,9 +160,12 @@ def check_run(opts: TrainOptions, given: set[str], world: distributed.World, out
     if opts.sample_prompt is None:  # the default corpus is mostly Python; another may have no `def` in it at all
         opts = replace(opts, sample_prompt="def" if Path(opts.data_dir) == Path(DEFAULT_DATA_DIR) else "")
     dtype = compute_dtype(opts.dtype, world.device)  # refuses a dtype the device cannot compute in
+    if opts.parallel == "fsdp" and dtype == torch.float16:
+        raise UserError("--parallel fsdp computes in bfloat16 or float32, not float16 (whose GradScaler it does not "
+                        "support); pass --dtype bfloat16 or --dtype float32")
     if meta is not None:
         check_dataset(opts, config, meta, ckpt, world)
-    check_memory(opts, config, dtype, world.device)
+    check_memory(opts, config, dtype, world)
     hold_out_dir(out_dir, out_dir_lock, world)
     if world.is_main and not out_dir_lock.supported:
         print(f"note: the file system of {out_dir} has no locks, so nothing stops another run from writing in it "
@@ -202,10 +216,13 @@ def hold_out_dir(out_dir: Path, lock: DirectoryLock, world: distributed.World) -
                         "(or stop it), or pass another --out-dir")
 
 
-def check_memory(opts: TrainOptions, config: GPTConfig, dtype: torch.dtype, device: torch.device) -> None:
+def check_memory(opts: TrainOptions, config: GPTConfig, dtype: torch.dtype, world: distributed.World) -> None:
     """Refuses shapes whose training surely cannot fit in the device's memory (a lower bound against the most the
     device offers, so that anything that might fit is tried)."""
+    device = world.device
     need = training_memory(config, opts.batch_size, dtype.itemsize)
+    if opts.parallel == "fsdp":  # each rank holds its shard of the weights, gradients and AdamW state
+        need["weights, gradients and AdamW state"] //= world.size // opts.replicate
     have = memory_available(device)
     if sum(need.values()) > have:
         largest = max(need, key=need.get)
@@ -236,11 +253,23 @@ def resumed_options(opts: TrainOptions, given: set[str], ckpt: dict, restarted: 
     return opts
 
 
+def check_parallel(opts: TrainOptions, given: set[str], world: distributed.World) -> None:
+    """The FSDP options fit --parallel and the number of processes."""
+    if opts.parallel != "fsdp" and (fsdp_only := sorted(given & {"replicate", "fsdp_reshard_after_forward"})):
+        raise UserError(f"{flag(fsdp_only[0])} applies to --parallel fsdp only; add --parallel fsdp or drop it")
+    if opts.parallel == "fsdp" and opts.optimizer == "muon":
+        raise UserError("--optimizer muon does not work with --parallel fsdp (torch.optim.Muon orthogonalises whole "
+                        "matrices, not shards); pass --parallel ddp or --optimizer adamw")
+    if world.size % opts.replicate:
+        raise UserError(f"--replicate {opts.replicate} does not divide the {world.size} processes into equal groups; "
+                        f"pass a divisor of {world.size}")
+
+
 # The smallest value each numeric option takes (options that are none stay unchecked).
 OPTION_MINIMUMS = dict(batch_size=1, max_iters=1, eval_interval=1, eval_iters=1, log_interval=1, grad_accum=1,
                        ckpt_interval=1, keep_checkpoints=1, lr_decay_iters=1, n_layer=1, n_head=1, n_embd=1,
-                       block_size=1, warmup_iters=0, weight_decay=0, grad_clip=0, sample_tokens=0, dropout=0, min_lr=0,
-                       beta1=0, beta2=0, muon_momentum=0, muon_ns_steps=1, muon_weight_decay=0)
+                       block_size=1, warmup_iters=0, weight_decay=0, grad_clip=0, replicate=1, sample_tokens=0,
+                       dropout=0, min_lr=0, beta1=0, beta2=0, muon_momentum=0, muon_ns_steps=1, muon_weight_decay=0)
 
 
 MAX_NS_STEPS = 99
