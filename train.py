@@ -30,6 +30,7 @@ from tritongpt.files import DirectoryLock
 from tritongpt.loop import estimate_loss, train_step
 from tritongpt.metrics import MetricsLogger, mfu
 from tritongpt.model import GPT, GPTConfig, load_gpt2
+from tritongpt.optim import configure_optimizers, hidden_matrices, scale_learning_rates
 from tritongpt.options import parse_options, run_main
 from tritongpt.plot import CURVES_FILE
 from tritongpt.schedule import learning_rate
@@ -73,7 +74,7 @@ class Run:
     model: GPT                       # the model itself (sharded in place under FSDP): its state, generation, MFU
     eval_model: torch.nn.Module      # the model as evaluation calls it (compiled when --compile)
     net: torch.nn.Module             # the model as the training step calls it (also DDP-wrapped under torchrun)
-    optimizer: torch.optim.Optimizer
+    optimizers: list[torch.optim.Optimizer]  # stepped in turn: AdamW alone, or Muon then AdamW
     checkpoints: CheckpointWriter
     scaler: torch.amp.GradScaler
     dtype: torch.dtype               # what autocast computes in
@@ -111,12 +112,11 @@ def set_up(opts: TrainOptions, config: GPTConfig, resume_from: Path | None, ckpt
     scaler = torch.amp.GradScaler(world.device.type, enabled=dtype == torch.float16)
     eval_model, net = distributed.wrap_model(model, world, opts.compile, opts.replicate,
                                              opts.fsdp_reshard_after_forward, dtype)
-    optimizer = model.configure_optimizers(opts.weight_decay, opts.learning_rate, (opts.beta1, opts.beta2),
-                                           world.device.type)
+    optimizers = configure_optimizers(model, opts, world.device.type)
     torch.manual_seed(opts.seed + world.rank)  # dropout differs per rank; the data order does not depend on it
     step = 0
     if ckpt is not None:
-        restore(resume_from, model, [optimizer])  # each rank its shards under FSDP
+        restore(resume_from, model, optimizers)  # each rank its shards under FSDP
         scaler.load_state_dict(ckpt["scaler"])
         train_data.load_state_dict(ckpt["data"])
         step = ckpt["iter_num"]
@@ -137,7 +137,7 @@ def set_up(opts: TrainOptions, config: GPTConfig, resume_from: Path | None, ckpt
         mode=opts.wandb_mode, resume_run_id=ckpt.get("wandb_run_id") if ckpt else None,
         resume_step=step + 1 if ckpt else None,  # the checkpoint's own step was logged before it was written
         enabled=world.is_main)
-    return Run(opts, world, config, model, eval_model, net, optimizer, checkpoints, scaler, dtype,
+    return Run(opts, world, config, model, eval_model, net, optimizers, checkpoints, scaler, dtype,
                autocast(dtype, world.device), train_data, val_data, tokenizer, logger, step, None,
                torch.tensor(opts.max_iters + 1, device=world.device))
 
@@ -172,6 +172,11 @@ def describe(run: Run) -> None:
             f"{plural(grad_accum, 'micro-batch', 'micro-batches')} x {c.block_size} tokens = "
             f"{tokens_per_step(opts, c, world):,} tokens per step ({plural(world.size, 'process', 'processes')} x "
             f"{plural(grad_accum // world.size, 'micro-batch', 'micro-batches')} each)")
+    if opts.optimizer == "muon":
+        run.say(f"optimizer: Muon on the blocks' {len(hidden_matrices(run.model))} matrices (peak lr "
+                f"{opts.muon_lr:g}), AdamW on the rest (peak lr {opts.learning_rate:.2e})")
+    else:
+        run.say(f"optimizer: AdamW (peak lr {opts.learning_rate:.2e})")
     if run.step:
         run.say(f"resuming from step {run.step} of {opts.max_iters} ({run.checkpoints.last_path})")
 
@@ -222,12 +227,12 @@ def loop(run: Run, stop_requests: StopRequests) -> None:
     micro_steps = (opts.grad_accum or run.world.size) // run.world.size
     clock = (time.perf_counter(), run.step)  # (time, step) at the last log line
     while run.step < opts.max_iters:
-        lr = learning_rate(run.step, opts.learning_rate, opts.min_lr or opts.learning_rate / 10,
-                           warmup_iters(opts), opts.lr_decay_iters or opts.max_iters)
-        for group in run.optimizer.param_groups:
-            group["lr"] = lr
+        # Every group's rate is its own peak rate (Muon's and AdamW's differ) times the schedule's factor.
+        lr_factor = learning_rate(run.step, 1.0, (opts.min_lr or opts.learning_rate / 10) / opts.learning_rate,
+                                  warmup_iters(opts), opts.lr_decay_iters or opts.max_iters)
+        scale_learning_rates(run.optimizers, lr_factor, opts)
         micro_batches = (run.train_data.fetch(starts) for starts in run.train_data.next_step())
-        loss, grad_norm = train_step(run.model, run.net, run.optimizer, run.scaler, micro_batches, micro_steps,
+        loss, grad_norm = train_step(run.model, run.net, run.optimizers, run.scaler, micro_batches, micro_steps,
                                      run.autocast, opts.grad_clip)
         run.step += 1
         fault_drill(run)
@@ -236,7 +241,7 @@ def loop(run: Run, stop_requests: StopRequests) -> None:
         bar.update()
         last = run.step == opts.max_iters
         if run.step % opts.log_interval == 0 or last:
-            clock = log_progress(run, loss, grad_norm, lr, clock)
+            clock = log_progress(run, loss, grad_norm, lr_factor, clock)
         evaluating = run.step % opts.eval_interval == 0 or last
         if evaluating:
             evaluate(run)
@@ -298,7 +303,7 @@ def fault_drill(run: Run) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def log_progress(run: Run, loss: torch.Tensor, grad_norm: torch.Tensor, lr: float,
+def log_progress(run: Run, loss: torch.Tensor, grad_norm: torch.Tensor, lr_factor: float,
                  clock: tuple[float, int]) -> tuple[float, int]:
     stop_if_diverged(run)
     now = time.perf_counter()
@@ -306,8 +311,11 @@ def log_progress(run: Run, loss: torch.Tensor, grad_norm: torch.Tensor, lr: floa
     train_loss = distributed.sum_across_ranks(loss, run.world).item() / run.world.size
     tokens_per_sec = tokens_per_step(run.opts, run.config, run.world) / step_time
     utilisation = mfu(run.model.flops_per_token(), tokens_per_sec / run.world.size, run.world.device)
+    lr = lr_factor * run.opts.learning_rate  # AdamW's, as with AdamW alone
     metrics = {"train/loss": train_loss, "lr": lr, "grad_norm": grad_norm.item(), "tokens_per_sec": tokens_per_sec,
                "mfu": utilisation, "step_time_ms": step_time * 1e3}
+    if run.opts.optimizer == "muon":
+        metrics["muon_lr"] = lr_factor * run.opts.muon_lr
     if run.world.device.type == "cuda":
         metrics["gpu_peak_mem_gib"] = torch.cuda.max_memory_allocated(run.world.device) / 2**30
     run.logger.log(run.step, metrics)
@@ -337,7 +345,7 @@ def save(run: Run) -> None:
                         "(try a lower --learning-rate)")
     rng = distributed.gather_objects(rng_state(run.world.device), run.world)
     with interrupts_deferred():  # Ctrl-C meanwhile would leave a checkpoint on disk that the run does not know of
-        run.checkpoints.save(run.step, run.model, [run.optimizer], {
+        run.checkpoints.save(run.step, run.model, run.optimizers, {
             "scaler": run.scaler.state_dict(), "model_config": dataclasses.asdict(run.config),
             "options": dataclasses.asdict(run.opts), "tokenizer": pack_tokenizer(run.tokenizer),
             "iter_num": run.step, "data": run.train_data.state_dict(), "rng": rng, "world_size": run.world.size,

@@ -69,6 +69,7 @@ from tritongpt.metrics import mfu, peak_bf16_flops
 from tritongpt.model.gpt import GPT
 from tritongpt.device import autocast
 from tritongpt.loop import train_step as trainer_step
+from tritongpt.optim import adamw
 
 VOCAB_SIZE = 50257
 SEED = 1337
@@ -168,7 +169,7 @@ def build(config, state: dict, variant: Variant, device: torch.device, parallel:
         model = GPT(replace(config, **variant.ops))
     model.load_state_dict(state)
     _, runner = distributed.wrap_model(model, world, variant.compile, dtype=dtype)
-    optimizer = model.configure_optimizers(WEIGHT_DECAY, LEARNING_RATE, BETAS, device.type)
+    optimizer = adamw(model.parameters(), WEIGHT_DECAY, LEARNING_RATE, BETAS, device.type)
     return model, runner, optimizer
 
 
@@ -176,7 +177,7 @@ def train_step(model, runner, optimizer, batch: torch.Tensor, dtype: torch.dtype
     """train.py's own optimizer step (tritongpt.loop.train_step) on one micro-batch, bf16 needing no gradient
     scaling; returns the loss (on the device). The step labels its phases for a profile (bench/profile_step.py)."""
     no_scaling = torch.amp.GradScaler(batch.device.type, enabled=False)
-    loss, _ = trainer_step(model, runner, optimizer, no_scaling, [(batch[:, :-1], batch[:, 1:])], 1,
+    loss, _ = trainer_step(model, runner, [optimizer], no_scaling, [(batch[:, :-1], batch[:, 1:])], 1,
                            autocast(dtype, batch.device), GRAD_CLIP)
     return loss
 

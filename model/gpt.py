@@ -210,17 +210,6 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.transformer.wpe.weight.numel() if non_embedding else n
 
-    def configure_optimizers(self, weight_decay: float, learning_rate: float, betas: tuple[float, float],
-                             device_type: str) -> torch.optim.AdamW:
-        """AdamW with weight decay on the matrices (every 2-D weight, embeddings included) and none on biases and
-        LayerNorm gains; the fused CUDA implementation on GPU."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        groups = [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-        ]
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == "cuda")
-
     def flops_per_token(self) -> int:
         """Training FLOPs per token (forward and backward): 6N for the matmuls with the weights plus 12·L·H·Q·T for
         attention's two T×T matmuls (the PaLM paper's appendix B)."""

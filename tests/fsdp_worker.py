@@ -14,6 +14,7 @@ from tritongpt.checkpoint import nonfinite_weights
 from tritongpt.loop import train_step
 from tritongpt.model import GPT, GPTConfig
 from tritongpt.model.config import OP_FIELDS
+from tritongpt.optim import adamw
 
 # 401 tokens and 24 positions: first dimensions that 2 ranks cannot split evenly.
 CONFIG = GPTConfig(vocab_size=401, block_size=24, n_layer=2, n_head=2, n_embd=32)
@@ -29,7 +30,7 @@ def one_step(world: distributed.World, ops: str, compile: bool = False, replicat
     torch.manual_seed(0)
     model = GPT(GPTConfig(**{**CONFIG.__dict__, **{op: ops for op in OP_FIELDS}}))
     _, net = distributed.wrap_model(model, world, compile, replicate, reshard_after_forward)
-    optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+    optimizer = adamw(model.parameters(), 0.1, 1e-3, (0.9, 0.95), "cpu")
     held = {}
     optimizer.register_step_pre_hook(  # the gradients exist between the backward and the step
         lambda *_: held.update(gradients=local_bytes(p.grad for p in model.parameters())))
@@ -39,7 +40,7 @@ def one_step(world: distributed.World, ops: str, compile: bool = False, replicat
     data = torch.Generator().manual_seed(1 + world.rank)  # each rank its own micro-batches
     tokens = torch.randint(0, CONFIG.vocab_size, (MICRO_STEPS, BATCH, CONFIG.block_size + 1), generator=data)
     no_scaling, no_autocast = torch.amp.GradScaler("cpu", enabled=False), torch.autocast("cpu", enabled=False)
-    loss, grad_norm = train_step(model, net, optimizer, no_scaling, [(t[:, :-1], t[:, 1:]) for t in tokens],
+    loss, grad_norm = train_step(model, net, [optimizer], no_scaling, [(t[:, :-1], t[:, 1:]) for t in tokens],
                                  MICRO_STEPS, no_autocast, grad_clip=1.0)
     torch.distributed.reduce_scatter_single = reduce_scatter
     held.update(weights=local_bytes(model.parameters()),

@@ -9,11 +9,11 @@ from torch.profiler import record_function
 from tritongpt import distributed
 
 
-def train_step(model: torch.nn.Module, net: torch.nn.Module, optimizer: torch.optim.Optimizer,
+def train_step(model: torch.nn.Module, net: torch.nn.Module, optimizers: list[torch.optim.Optimizer],
                scaler: torch.amp.GradScaler, micro_batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
                micro_steps: int, autocast, grad_clip: float) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step over micro_steps (x, y) micro-batches: the gradients of their mean loss, all-reduced
-    across ranks on the last one only, clipped to norm grad_clip (0: no clipping), then the optimizer's update.
+    across ranks on the last one only, clipped to norm grad_clip (0: no clipping), then each optimizer's update.
 
     model is the bare model (its parameters are clipped), net what the forward calls (compiled and/or DDP-wrapped).
     Returns (mean loss, gradient norm before clipping), both left on the device so the step does not wait for it.
@@ -29,12 +29,15 @@ def train_step(model: torch.nn.Module, net: torch.nn.Module, optimizer: torch.op
                 scaler.scale(loss).backward()
         loss_sum = loss.detach().float() if loss_sum is None else loss_sum + loss.detach().float()
     with record_function("clip_grad_norm"):
-        scaler.unscale_(optimizer)
+        for optimizer in optimizers:
+            scaler.unscale_(optimizer)
         grad_norm = distributed.whole(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or math.inf))
     with record_function("optimizer"):
-        scaler.step(optimizer)
+        for optimizer in optimizers:
+            scaler.step(optimizer)  # (skipped, with fp16, when any gradient is inf or nan)
         scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        for optimizer in optimizers:
+            optimizer.zero_grad(set_to_none=True)
     return loss_sum, grad_norm
 
 

@@ -75,15 +75,20 @@ def _metrics_record(line: str) -> dict | None:
     return row if isinstance(row, dict) and isinstance(row.get("step"), int) else None
 
 
+# How the figure names each --optimizer.
+OPTIMIZER_NAMES = {"adamw": "AdamW", "muon": "Muon + AdamW"}
+
+
 def describe(config: dict) -> str:
-    """The model and data of a run in a few words, from its config.json."""
+    """The model, optimizer and data of a run in a few words, from its config.json."""
     model, options = config.get("model", {}), config.get("options", {})
     if not model:
         return "(no config.json)"
     params = f", {config['num_params'] / 1e6:.2f}M parameters" if "num_params" in config else ""
     ops = "/".join(sorted({model.get(op, "?") for op in ("attention", "layernorm", "mlp")}))
+    optimizer = options.get("optimizer", "adamw")  # runs from before the option trained with AdamW
     return (f"{model['n_layer']}-layer GPT, width {model['n_embd']}, context {model['block_size']}{params}, "
-            f"{ops} ops, on {options.get('data_dir', '?')}")
+            f"{ops} ops, {OPTIMIZER_NAMES.get(optimizer, optimizer)}, on {options.get('data_dir', '?')}")
 
 
 def draw(runs: list[Run], png_path: str | Path) -> None:
@@ -104,12 +109,15 @@ def figure(runs: list[Run]):
         for i, run in enumerate(runs):
             color = f"C{i % 10}"
             prefix = f"{run.name}: " if len(runs) > 1 else ""
-            ax.plot(*run.series(key), color=color, linewidth=1.2, alpha=0.85, label=prefix + "train")
+            ax.plot(*run.series(key), color=color, linewidth=1.2, alpha=0.85,
+                    label=prefix + ("AdamW" if key == "lr" else "train"))
             if key == "train/loss" and (val := run.series("val/loss"))[0]:
                 # The last value goes in the legend: written beside the curves, the runs' labels would overprint
                 # each other's markers wherever their losses end close together.
                 ax.plot(*val, color=color, linestyle="--", marker="o", markersize=5,
                         label=f"{prefix}val, last {val[1][-1]:.2f}")
+            if key == "lr" and (muon := run.series("muon_lr"))[0]:  # Muon's own rate, on the same schedule
+                ax.plot(*muon, color=color, linestyle=":", linewidth=1.5, label=prefix + "Muon")
         ax.set_title(title, fontsize=11)
         ax.grid(True, which="major", alpha=0.35)
         if log_scale:
@@ -123,7 +131,7 @@ def figure(runs: list[Run]):
             ax.yaxis.set_minor_formatter(NullFormatter())
         else:
             ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 5))
-        if key == "train/loss":
+        if key == "train/loss" or len(ax.lines) > len(runs):  # the rate panel, when it holds Muon's rate too
             ax.legend(fontsize=9)
     for ax in (axes[2], axes[3]):
         ax.set_xlabel("step")

@@ -16,12 +16,17 @@ from tritongpt.device import compute_dtype, gib, impl_choices, memory_available,
 from tritongpt.errors import UserError
 from tritongpt.files import DirectoryLock
 from tritongpt.model import PRESETS, GPTConfig, gpt2_config, preset, training_memory
+from tritongpt.optim import MUON_LR_ADJUSTMENTS, OPTIMIZERS
 from tritongpt.options import flag, option
 from tritongpt.plot import CONFIG_FILE, CURVES_FILE, METRICS_FILE
 
 DEFAULT_DATA_DIR = "data/default"
 DATASET_KEYS = ("vocab_size", "dtype", "tokenizer", "train_tokens", "val_tokens")  # what training reads of meta.json
 RUN_FILES = (CHECKPOINTS_DIR, SINGLE_FILE, METRICS_FILE, CONFIG_FILE, CURVES_FILE)  # a run's own files in OUT_DIR
+# Muon's peak rate with the "original" shape adjustment (a matrix's step of spectral norm about lr x sqrt(fan-out /
+# fan-in), whatever the width): on the default run 0.005 and 0.01 ended alike (val 3.551), 0.02 at 3.595, and 0.05
+# trailed both from the start.
+DEFAULT_MUON_LR = 0.01
 # The model's shape: a checkpoint (--resume) or a GPT-2 directory (--init-from) fixes it.
 SHAPE_OPTIONS = ("model", "n_layer", "n_head", "n_embd", "block_size", "bias")
 
@@ -67,9 +72,22 @@ class TrainOptions:
                                       metavar="STEPS")
     lr_decay_iters: int | None = option(None, "step at which the cosine reaches min_lr; none means max_iters",
                                         metavar="STEP")
+    optimizer: str = option("adamw", "adamw for every parameter, or muon for the 2-D weights inside the blocks "
+                            "with adamw for the rest (embeddings, LayerNorms, biases)", choices=OPTIMIZERS,
+                            metavar="NAME")
     weight_decay: float = option(0.1, "AdamW weight decay on matrices")
     beta1: float = option(0.9, "AdamW beta1")
     beta2: float = option(0.95, "AdamW beta2")
+    muon_lr: float | None = option(None, f"Muon's peak learning rate, scaled by the schedule as --learning-rate is; "
+                                   f"none means {DEFAULT_MUON_LR:g}, a twentieth of that with "
+                                   "--init-from", metavar="LR")
+    muon_momentum: float = option(0.95, "Muon's momentum (Nesterov)")
+    muon_ns_steps: int = option(5, "Newton-Schulz iterations that orthogonalise Muon's step", metavar="STEPS")
+    muon_adjust_lr: str = option("original", "how Muon scales a matrix's rate by its shape A x B: original by "
+                                 "sqrt(max(1, A/B)), match_rms_adamw by 0.2 sqrt(max(A, B)) (AdamW's rates then "
+                                 "carry over)", choices=MUON_LR_ADJUSTMENTS, metavar="RULE")
+    muon_weight_decay: float = option(0.0, "Muon's weight decay (decoupled: each step shrinks the matrices by "
+                                      "lr x this)")
     grad_clip: float = option(1.0, "clip the gradient norm to this; 0 turns clipping off", metavar="NORM")
     eval_interval: int = option(200, "steps between train/val loss estimates", metavar="STEPS",
                                 group="evaluation, logging and checkpoints")
@@ -136,6 +154,8 @@ def check_run(opts: TrainOptions, given: set[str], world: distributed.World, out
     config = model_config(opts, given, vocab_size, world.device, ckpt)
     if opts.learning_rate is None:
         opts = replace(opts, learning_rate=default_learning_rate(config, fine_tuning=bool(opts.init_from)))
+    if opts.muon_lr is None:
+        opts = replace(opts, muon_lr=DEFAULT_MUON_LR / 20 if opts.init_from else DEFAULT_MUON_LR)
     check_learning_rates(opts)
     if opts.sample_prompt is None:  # the default corpus is mostly Python; another may have no `def` in it at all
         opts = replace(opts, sample_prompt="def" if Path(opts.data_dir) == Path(DEFAULT_DATA_DIR) else "")
@@ -220,6 +240,10 @@ def resumed_options(opts: TrainOptions, given: set[str], ckpt: dict, restarted: 
         raise UserError(f"{flag(fixed[0])} cannot change a resumed run: its checkpoint fixes the model's shape; "
                         "drop it (or start a new run in another --out-dir)")
     saved = {k: v for k, v in ckpt["options"].items() if k in TrainOptions.__dataclass_fields__}
+    trained_with = saved.get("optimizer", "adamw")  # runs from before the option trained with AdamW
+    if "optimizer" in given and opts.optimizer != trained_with:
+        raise UserError(f"--optimizer cannot change a resumed run: its checkpoint holds {trained_with}'s state; drop "
+                        "it (or start a new run in another --out-dir)")
     # OUT_DIR is where the checkpoint was found, whatever the run that wrote it was called.
     opts = TrainOptions(**{**saved, **{k: getattr(opts, k) for k in given}, "out_dir": opts.out_dir,
                            "resume": True, "overwrite": False})
@@ -233,6 +257,9 @@ def check_parallel(opts: TrainOptions, given: set[str], world: distributed.World
     """The FSDP options fit --parallel and the number of processes."""
     if opts.parallel != "fsdp" and (fsdp_only := sorted(given & {"replicate", "fsdp_reshard_after_forward"})):
         raise UserError(f"{flag(fsdp_only[0])} applies to --parallel fsdp only; add --parallel fsdp or drop it")
+    if opts.parallel == "fsdp" and opts.optimizer == "muon":
+        raise UserError("--optimizer muon does not work with --parallel fsdp (torch.optim.Muon orthogonalises whole "
+                        "matrices, not shards); pass --parallel ddp or --optimizer adamw")
     if world.size % opts.replicate:
         raise UserError(f"--replicate {opts.replicate} does not divide the {world.size} processes into equal groups; "
                         f"pass a divisor of {world.size}")
@@ -242,7 +269,10 @@ def check_parallel(opts: TrainOptions, given: set[str], world: distributed.World
 OPTION_MINIMUMS = dict(batch_size=1, max_iters=1, eval_interval=1, eval_iters=1, log_interval=1, grad_accum=1,
                        ckpt_interval=1, keep_checkpoints=1, lr_decay_iters=1, n_layer=1, n_head=1, n_embd=1,
                        block_size=1, warmup_iters=0, weight_decay=0, grad_clip=0, replicate=1, sample_tokens=0,
-                       dropout=0, min_lr=0, beta1=0, beta2=0)
+                       dropout=0, min_lr=0, beta1=0, beta2=0, muon_momentum=0, muon_ns_steps=1, muon_weight_decay=0)
+
+
+MAX_NS_STEPS = 99
 
 
 def check_options(opts: TrainOptions) -> None:
@@ -252,7 +282,9 @@ def check_options(opts: TrainOptions) -> None:
         value = getattr(opts, name)
         if value is not None and value < lowest:
             raise UserError(f"{flag(name)} must be at least {lowest}, got {value}")
-    for name in ("beta1", "beta2", "dropout"):
+    if opts.muon_ns_steps > MAX_NS_STEPS:  # torch.optim.Muon refuses more; a handful already orthogonalise
+        raise UserError(f"--muon-ns-steps must be at most {MAX_NS_STEPS}, got {opts.muon_ns_steps}")
+    for name in ("beta1", "beta2", "dropout", "muon_momentum"):
         if not getattr(opts, name) < 1:
             raise UserError(f"{flag(name)} must be below 1, got {getattr(opts, name)}")
     if warmup_iters(opts) > opts.max_iters:
@@ -273,6 +305,8 @@ def default_learning_rate(config: GPTConfig, fine_tuning: bool) -> float:
 def check_learning_rates(opts: TrainOptions) -> None:
     if opts.learning_rate <= 0:
         raise UserError(f"--learning-rate must be above 0, got {opts.learning_rate}")
+    if opts.muon_lr <= 0:
+        raise UserError(f"--muon-lr must be above 0, got {opts.muon_lr}")
     if opts.min_lr is not None and opts.min_lr > opts.learning_rate:
         raise UserError(f"--min-lr ({opts.min_lr}) must not exceed --learning-rate ({opts.learning_rate})")
 
