@@ -128,7 +128,7 @@ def two_rank_steps(rank: int, port: int, queue) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=2)
     torch.set_num_threads(1)
     model = tiny_model()
-    net = distributed.wrap_model(model, distributed.World(rank, 2, torch.device("cpu")))
+    _, net = distributed.wrap_model(model, distributed.World(rank, 2, torch.device("cpu")))
     optimizers = configure_optimizers(model, MUON, "cpu")
     tokens = torch.randint(0, CONFIG.vocab_size, (3, 2, 4, CONFIG.block_size + 1),
                            generator=torch.Generator().manual_seed(rank))
@@ -147,11 +147,11 @@ def test_ddp_ranks_take_the_same_muon_steps():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     context = mp.get_context("spawn")
-    queue = context.SimpleQueue()
+    queue = context.Queue()
     processes = [context.Process(target=two_rank_steps, args=(rank, port, queue)) for rank in range(2)]
     for p in processes:
         p.start()
-    weights = dict(queue.get() for _ in processes)
+    weights = dict(queue.get(timeout=120) for _ in processes)  # a rank that fails puts nothing
     for p in processes:
         p.join(timeout=120)
         assert p.exitcode == 0
