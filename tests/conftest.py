@@ -1,6 +1,7 @@
 """Test set-up. Without a CUDA GPU the Triton kernels run in Triton's CPU interpreter, which must be switched
 on before any @triton.jit function is defined, hence here, before the tests import tritongpt.kernels."""
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -32,14 +33,19 @@ TINY_CORPUS = {
 }
 
 
+def write_tiny_corpus(root: Path) -> Path:
+    """TINY_CORPUS's documents as files under root."""
+    for name, text in TINY_CORPUS.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text, encoding="utf-8")
+    return root
+
+
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory):
     """A dataset prepared from three small documents (a 400-token vocabulary): fast to train on."""
     from tritongpt.data.prepare import prepare
-    root = tmp_path_factory.mktemp("corpus")
-    for name, text in TINY_CORPUS.items():
-        (root / name).parent.mkdir(parents=True, exist_ok=True)
-        (root / name).write_text(text, encoding="utf-8")
+    root = write_tiny_corpus(tmp_path_factory.mktemp("corpus"))
     out = root / "dataset"
     prepare([str(root / name) for name in TINY_CORPUS], out_dir=out, vocab_size=400, val_fraction=0.34, workers=1,
             progress=False)

@@ -12,7 +12,7 @@ from tritongpt.data.loader import TokenWindows
 from tritongpt.data.prepare import train_tokenizer
 from tritongpt.data.tokenizer import HuggingFaceTokenizer, Tokenizer, load_tokenizer
 from tritongpt.model import GPT, GPTConfig
-from tests.conftest import TINY_CORPUS
+from tests.conftest import TINY_CORPUS, write_tiny_corpus
 from tests.runs import TINY, assert_user_error, run, snapshot, split_ids, train_losses
 
 transformers = pytest.importorskip("transformers")
@@ -36,11 +36,7 @@ def random_texts(n: int, seed: int = 0) -> list[str]:
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("hf-corpus")
-    for name, text in TINY_CORPUS.items():
-        (root / name).parent.mkdir(parents=True, exist_ok=True)
-        (root / name).write_text(text, encoding="utf-8")
-    return root
+    return write_tiny_corpus(tmp_path_factory.mktemp("hf-corpus"))
 
 
 @pytest.fixture(scope="module")

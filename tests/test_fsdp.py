@@ -11,12 +11,11 @@ import torch
 
 from bench import fsdp_memory, train_throughput
 from tritongpt import distributed
-from tritongpt.checkpoint import load_checkpoint
 from tritongpt.errors import UserError
 from tritongpt.files import DirectoryLock
 from tritongpt.train_options import TrainOptions, check_run
 from tests.runs import REPO, TINY, assert_user_error, run, train_losses
-from tests.test_ddp import SCHEDULE, adam_step_bound, finished, metrics_by_step, torchrun
+from tests.test_ddp import SCHEDULE, assert_trains_as_one_process, finished, torchrun
 
 # Three evaluation batches: rank 0 gets two, rank 1 one, and runs a second one uncounted (a sharded model's forward
 # is a collective, which both ranks must make alike).
@@ -38,25 +37,7 @@ def test_two_ranks_under_fsdp_train_the_same_model_as_one_process(tiny_dataset, 
                                "fsdp", "--sample-tokens", "8", "--sample-prompt", "class"))
     assert "2 processes x 2 micro-batches each" in output
     assert output.count("--- sample ---") == 1
-    fsdp, one = metrics_by_step(out), metrics_by_step(single_run)
-    assert sorted(fsdp) == sorted(one) == list(range(0, 7))
-    # As for DDP (tests/test_ddp.py, which holds DDP to the same one-process run): step 1 starts from the same
-    # weights on the same windows, and only the order in which the micro-batches' gradients are summed differs, a
-    # few fp32 roundings; the gradient norm, computed over the two ranks' shards of the gradients, too.
-    assert fsdp[1]["grad_norm"] == pytest.approx(one[1]["grad_norm"], rel=1e-5)
-    for step in range(1, 7):
-        assert fsdp[step]["train/loss"] == pytest.approx(one[step]["train/loss"], rel=1e-5), step
-    assert [m["val/loss"] for m in fsdp.values() if "val/loss" in m] == pytest.approx(
-        [m["val/loss"] for m in one.values() if "val/loss" in m], rel=1e-5)
-    lr = [m["lr"] for step, m in sorted(one.items()) if step >= 1]
-    bound = sum(2 * lr_t * adam_step_bound(t, 0.9, 0.95) for t, lr_t in enumerate(lr, start=1))
-    # The checkpoint, each rank's shards, reads on one process as the whole model, under the names one process
-    # gives it.
-    a = load_checkpoint(out)["model"]
-    b = load_checkpoint(single_run)["model"]
-    assert a.keys() == b.keys()
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=0, atol=bound, msg=name)
+    assert_trains_as_one_process(out, single_run)  # as DDP does (tests/test_ddp.py)
     # sample.py reads it on one process, and draws what the ranks drew together (its defaults are the closing
     # sample's).
     sampled = run("sample.py", "--checkpoint", str(out), "--prompt", "class", "--max-new-tokens", "8")
