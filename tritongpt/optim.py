@@ -6,6 +6,10 @@ that dominate the gradient. As in the modded-nanogpt speedrun, only the 2-D weig
 (attention's qkv and output projections, the MLP's two matrices); the embeddings (the token embedding is also the
 tied LM head), the LayerNorm gains and the biases keep AdamW.
 
+Under FSDP each rank holds a shard of every matrix, as a DTensor: the Newton-Schulz products on it are the whole
+matrix's (DTensor gathers what each needs), so Muon takes the step one process would, at the cost of that
+communication.
+
 A run's optimizers are a list (AdamW alone, or Muon then AdamW) that the training step steps in turn and the
 checkpoint saves one by one. Muon's peak learning rate is --muon-lr, AdamW's --learning-rate; the schedule scales
 both by the same factor, read from the options at every step (so a resumed run takes a rate given anew).

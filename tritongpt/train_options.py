@@ -257,9 +257,6 @@ def check_parallel(opts: TrainOptions, given: set[str], world: distributed.World
     """The FSDP options fit --parallel and the number of processes."""
     if opts.parallel != "fsdp" and (fsdp_only := sorted(given & {"replicate", "fsdp_reshard_after_forward"})):
         raise UserError(f"{flag(fsdp_only[0])} applies to --parallel fsdp only; add --parallel fsdp or drop it")
-    if opts.parallel == "fsdp" and opts.optimizer == "muon":
-        raise UserError("--optimizer muon does not work with --parallel fsdp (torch.optim.Muon orthogonalises whole "
-                        "matrices, not shards); pass --parallel ddp or --optimizer adamw")
     if world.size % opts.replicate:
         raise UserError(f"--replicate {opts.replicate} does not divide the {world.size} processes into equal groups; "
                         f"pass a divisor of {world.size}")
