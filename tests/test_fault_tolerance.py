@@ -154,10 +154,11 @@ def resume_at_step_4(source: Path, out: Path) -> None:
 
 def assert_same_losses(a: Path, b: Path) -> None:
     # One process sums the two micro-batches' gradients where two ranks all-reduce them: a rounding apart, which
-    # AdamW keeps at rounding level in the loss (see test_ddp).
+    # Muon's Newton-Schulz, in bf16, can turn into the last bit of some of its update's elements; over four steps
+    # that keeps the losses within 3e-4 relative (tests/test_muon.py works it out).
     la, lb = train_losses(a), train_losses(b)
     assert sorted(la) == sorted(lb) == list(range(1, 9))
-    assert [la[s] for s in range(5, 9)] == pytest.approx([lb[s] for s in range(5, 9)], rel=1e-5)
+    assert [la[s] for s in range(5, 9)] == pytest.approx([lb[s] for s in range(5, 9)], rel=3e-4)
 
 
 @pytest.mark.slow

@@ -71,8 +71,10 @@ def test_train_py_fine_tunes_from_a_gpt2_directory(tiny_dataset, tmp_path):
     ckpt = load_checkpoint(out)
     saved = ckpt["model_config"]
     assert (saved["n_layer"], saved["n_embd"], saved["block_size"]) == (2, 32, 64)
-    # Fine-tuning's default peak rate: a twentieth of a new model's at this width, 6e-3 x 128 / 32.
-    assert ckpt["options"]["learning_rate"] == pytest.approx(6e-3 * 128 / 32 / 20)
+    # Fine-tuning's default peak rate: a twentieth of a new model's at this width, 6e-3 x 128 / 32, twice that for
+    # AdamW beside Muon (the default); Muon's own, a twentieth of 0.01.
+    assert ckpt["options"]["learning_rate"] == pytest.approx(6e-3 * 128 / 32 * 2 / 20)
+    assert ckpt["options"]["muon_lr"] == pytest.approx(0.01 / 20)
 
     transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=500, n_positions=64, n_embd=32, n_layer=2,
                                                          n_head=2)).save_pretrained(tmp_path / "other")

@@ -8,13 +8,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from tritongpt import distributed, plot
-from tritongpt.checkpoint import load_checkpoint
+from tritongpt.checkpoint import SINGLE_FILE, load_checkpoint, save_checkpoint
 from tritongpt.loop import train_step
 from tritongpt.metrics import MetricsLogger
 from tritongpt.model import GPT, GPTConfig
 from tritongpt.optim import configure_optimizers
-from tritongpt.train_options import TrainOptions
-from tests.runs import TINY, assert_user_error, finished, run, torchrun, train_losses
+from tritongpt.train_options import TrainOptions, default_learning_rate, warmup_iters
+from tests.runs import TINY, assert_user_error, finished, metrics, run, torchrun, train_losses
 from tests.test_ddp import metrics_by_step
 from tests.test_fsdp import SIX_STEPS
 
@@ -48,7 +48,7 @@ def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
     assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
     assert [g["lr"] for g in muon.param_groups + adamw.param_groups] == [0.05, 1e-2, 1e-2]
 
-    [alone] = configure_optimizers(model, TrainOptions(learning_rate=1e-2), "cpu")
+    [alone] = configure_optimizers(model, TrainOptions(optimizer="adamw", learning_rate=1e-2), "cpu")
     assert isinstance(alone, torch.optim.AdamW)
     assert sum(len(g["params"]) for g in alone.param_groups) == len(names)
 
@@ -105,6 +105,33 @@ def test_resumed_muon_run_matches_uninterrupted(tiny_dataset, tmp_path):
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     refused = run("train.py", "--resume", "--out-dir", str(parts), "--max-iters", "8", "--optimizer", "adamw")
     assert_user_error(refused, "--optimizer cannot change a resumed run")
+
+
+def test_muon_is_the_default_without_warm_up_and_with_twice_adamws_rate_on_the_rest():
+    config = GPTConfig(n_layer=1, n_head=4, n_embd=128)
+    assert TrainOptions().optimizer == "muon"
+    assert warmup_iters(TrainOptions(max_iters=1200)) == 0
+    assert warmup_iters(TrainOptions(optimizer="adamw", max_iters=1200)) == 120
+    assert default_learning_rate(config, "adamw", fine_tuning=False) == pytest.approx(6e-3)
+    assert default_learning_rate(config, "muon", fine_tuning=False) == pytest.approx(1.2e-2)
+    assert default_learning_rate(config, "muon", fine_tuning=True) == pytest.approx(1.2e-2 / 20)
+
+
+def test_a_run_from_before_the_optimizer_option_resumes_with_adamw(tiny_dataset, tmp_path):
+    """Earlier versions trained with AdamW alone and wrote OUT_DIR/ckpt.pt, whose options name no optimizer: the
+    run goes on with AdamW (its checkpoint holds AdamW's state), not with today's default."""
+    new = tmp_path / "new"
+    assert run("train.py", "--data-dir", str(tiny_dataset), "--out-dir", str(new), *TINY, "--max-iters", "2",
+               "--optimizer", "adamw").returncode == 0
+    state = load_checkpoint(new)
+    state["options"] = {k: v for k, v in state["options"].items() if k != "optimizer" and not k.startswith("muon")}
+    old = tmp_path / "old"
+    old.mkdir()
+    save_checkpoint(old / SINGLE_FILE, state)
+    resumed = run("train.py", "--resume", "--out-dir", str(old), "--max-iters", "3")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "optimizer: AdamW" in resumed.stdout
+    assert not any(k.startswith("muon") for m in metrics(old) for k in m)
 
 
 @pytest.mark.slow

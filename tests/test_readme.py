@@ -73,3 +73,22 @@ def test_readme_groups_train_options_as_help_does():
     assert len(groups) == 6
     positions = [README.find(f"| **{group}** |") for group in groups]
     assert -1 not in positions and positions == sorted(positions), groups
+
+
+@pytest.mark.parametrize("main, heading", [(train.main, "### `train.py`"), (sample.main, "### `sample.py`"),
+                                           (prepare.main, "### `data/prepare.py"),
+                                           (export.main, "### `python -m tritongpt.export")],
+                         ids=["train", "sample", "prepare", "export"])
+def test_readme_tables_give_the_defaults_help_gives(main, heading):
+    """Each option's row in the script's table in the README shows the default --help shows (a default of none may
+    be spelled out in words: what none means)."""
+    table = README[README.index(heading):]
+    table = table[:table.index("\n#", 1)]
+    rows = 0
+    for match in re.finditer(r"^  (--[a-z][a-z0-9-]*).*\n(?:   .*\n)*", help_text(main), re.M):
+        default = re.search(r"\(default: (.*)\)$", " ".join(match.group(0).split())).group(1)
+        for row in re.findall(rf"^\| `{re.escape(match.group(1))}` \| ([^|]*) \|", table, re.M):
+            rows += 1
+            if default != "none":
+                assert row.strip().replace("`", "").lower() == default.lower(), match.group(1)
+    assert rows

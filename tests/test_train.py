@@ -117,8 +117,9 @@ def test_a_new_run_never_replaces_an_earlier_one_unasked(finished_run, tiny_data
     (["--learning-rate", "inf"], "invalid float value: 'inf'"),
     (["--weight-decay", "-0.1"], "--weight-decay must be at least 0"),
     (["--min-lr", "0.01", "--learning-rate", "0.001"], "--min-lr (0.01) must not exceed --learning-rate (0.001)"),
-    # Unset, the peak rate follows the width: 6e-3 x 128 / 64 for the tiny preset.
-    (["--min-lr", "0.02"], "--min-lr (0.02) must not exceed --learning-rate (0.012)"),
+    # Unset, AdamW's peak rate follows the width: 6e-3 x 128 / 64 for the tiny preset, twice that beside Muon.
+    (["--min-lr", "0.03"], "--min-lr (0.03) must not exceed --learning-rate (0.024)"),
+    (["--min-lr", "0.02", "--optimizer", "adamw"], "--min-lr (0.02) must not exceed --learning-rate (0.012)"),
     (["--warmup-iters", "5", "--max-iters", "4"], "--warmup-iters (5) must not exceed --max-iters (4)"),
     (["--lr-decay-iters", "1", "--warmup-iters", "2"], "--lr-decay-iters (1) must be at least"),
     (["--dropout", "1"], "--dropout must be below 1"),

@@ -24,8 +24,7 @@ DEFAULT_DATA_DIR = "data/default"
 DATASET_KEYS = ("vocab_size", "dtype", "tokenizer", "train_tokens", "val_tokens")  # what training reads of meta.json
 RUN_FILES = (CHECKPOINTS_DIR, SINGLE_FILE, METRICS_FILE, CONFIG_FILE, CURVES_FILE)  # a run's own files in OUT_DIR
 # Muon's peak rate with the "original" shape adjustment (a matrix's step of spectral norm about lr x sqrt(fan-out /
-# fan-in), whatever the width): on the default run 0.005 and 0.01 ended alike (val 3.551), 0.02 at 3.595, and 0.05
-# trailed both from the start.
+# fan-in), whatever the width): on the default run 0.01 ended lower than 0.015, 0.02 and 0.05, and alike with 0.005.
 DEFAULT_MUON_LR = 0.01
 # The model's shape: a checkpoint (--resume) or a GPT-2 directory (--init-from) fixes it.
 SHAPE_OPTIONS = ("model", "n_layer", "n_head", "n_embd", "block_size", "bias")
@@ -65,15 +64,18 @@ class TrainOptions:
     grad_accum: int | None = option(None, "micro-batches per optimizer step, over all processes together (a "
                                     "multiple of the process count); none means one per process")
     max_iters: int = option(1200, "optimizer steps in the whole run", metavar="STEPS")
-    learning_rate: float | None = option(None, "peak learning rate; none means 6e-3 x 128 / n_embd (1e-3 at GPT-2's "
-                                         "width), a twentieth of that with --init-from", metavar="LR")
+    learning_rate: float | None = option(None, "AdamW's peak learning rate; none means 6e-3 x 128 / n_embd (1e-3 at "
+                                         "GPT-2's width) with adamw, twice that with muon (where AdamW trains the "
+                                         "embeddings, gains and biases only), a twentieth of either with "
+                                         "--init-from", metavar="LR")
     min_lr: float | None = option(None, "floor of the cosine decay; none means learning_rate / 10", metavar="LR")
-    warmup_iters: int | None = option(None, "steps of linear warm-up; none means a tenth of max_iters",
+    warmup_iters: int | None = option(None, "steps of linear warm-up; none means a tenth of max_iters with adamw, "
+                                      "none with muon (whose orthogonalised steps have their size from the first)",
                                       metavar="STEPS")
     lr_decay_iters: int | None = option(None, "step at which the cosine reaches min_lr; none means max_iters",
                                         metavar="STEP")
-    optimizer: str = option("adamw", "adamw for every parameter, or muon for the 2-D weights inside the blocks "
-                            "with adamw for the rest (embeddings, LayerNorms, biases)", choices=OPTIMIZERS,
+    optimizer: str = option("muon", "muon for the 2-D weights inside the blocks with adamw for the rest "
+                            "(embeddings, LayerNorms, biases), or adamw for every parameter", choices=OPTIMIZERS,
                             metavar="NAME")
     weight_decay: float = option(0.1, "AdamW weight decay on matrices")
     beta1: float = option(0.9, "AdamW beta1")
@@ -81,7 +83,7 @@ class TrainOptions:
     muon_lr: float | None = option(None, f"Muon's peak learning rate, scaled by the schedule as --learning-rate is; "
                                    f"none means {DEFAULT_MUON_LR:g}, a twentieth of that with "
                                    "--init-from", metavar="LR")
-    muon_momentum: float = option(0.95, "Muon's momentum (Nesterov)")
+    muon_momentum: float = option(0.9, "Muon's momentum (Nesterov)")
     muon_ns_steps: int = option(5, "Newton-Schulz iterations that orthogonalise Muon's step", metavar="STEPS")
     muon_adjust_lr: str = option("original", "how Muon scales a matrix's rate by its shape A x B: original by "
                                  "sqrt(max(1, A/B)), match_rms_adamw by 0.2 sqrt(max(A, B)) (AdamW's rates then "
@@ -153,7 +155,7 @@ def check_run(opts: TrainOptions, given: set[str], world: distributed.World, out
     vocab_size = meta["vocab_size"] if meta else DEFAULT_VOCAB_SIZE
     config = model_config(opts, given, vocab_size, world.device, ckpt)
     if opts.learning_rate is None:
-        opts = replace(opts, learning_rate=default_learning_rate(config, fine_tuning=bool(opts.init_from)))
+        opts = replace(opts, learning_rate=default_learning_rate(config, opts.optimizer, fine_tuning=bool(opts.init_from)))
     if opts.muon_lr is None:
         opts = replace(opts, muon_lr=DEFAULT_MUON_LR / 20 if opts.init_from else DEFAULT_MUON_LR)
     check_learning_rates(opts)
@@ -245,8 +247,8 @@ def resumed_options(opts: TrainOptions, given: set[str], ckpt: dict, restarted: 
         raise UserError(f"--optimizer cannot change a resumed run: its checkpoint holds {trained_with}'s state; drop "
                         "it (or start a new run in another --out-dir)")
     # OUT_DIR is where the checkpoint was found, whatever the run that wrote it was called.
-    opts = TrainOptions(**{**saved, **{k: getattr(opts, k) for k in given}, "out_dir": opts.out_dir,
-                           "resume": True, "overwrite": False})
+    opts = TrainOptions(**{**saved, "optimizer": trained_with, **{k: getattr(opts, k) for k in given},
+                           "out_dir": opts.out_dir, "resume": True, "overwrite": False})
     if opts.max_iters <= ckpt["iter_num"] and not restarted:  # a restart after the last step finishes at once
         raise UserError(f"the run in {opts.out_dir} is already at step {ckpt['iter_num']} (--max-iters "
                         f"{opts.max_iters}); pass a larger --max-iters to train further")
@@ -291,11 +293,12 @@ def check_options(opts: TrainOptions) -> None:
                         f"{warmup_iters(opts)} steps")
 
 
-def default_learning_rate(config: GPTConfig, fine_tuning: bool) -> float:
-    """Wider models take smaller steps: the peak rate falls as 1 / n_embd, from 6e-3 for the mini preset's 128 (on the
-    default run it beat 3e-3 and 1e-2) to 1e-3 at GPT-2's 768. Fine-tuning pretrained weights wants them
-    kept close, hence a twentieth of that."""
-    rate = 6e-3 * 128 / config.n_embd
+def default_learning_rate(config: GPTConfig, optimizer: str, fine_tuning: bool) -> float:
+    """AdamW's peak rate. Wider models take smaller steps: it falls as 1 / n_embd, from 6e-3 for the mini preset's 128
+    (on the default run it beat 3e-3 and 1e-2 with AdamW alone) to 1e-3 at GPT-2's 768. Beside Muon, AdamW trains
+    only the embeddings (the tied head among them), gains and biases, which take twice that (on the default run
+    that ended 0.025 lower than 6e-3). Fine-tuning pretrained weights wants them kept close, hence a twentieth."""
+    rate = 6e-3 * 128 / config.n_embd * (2 if optimizer == "muon" else 1)
     return rate / 20 if fine_tuning else rate
 
 
@@ -309,7 +312,9 @@ def check_learning_rates(opts: TrainOptions) -> None:
 
 
 def warmup_iters(opts: TrainOptions) -> int:
-    return opts.max_iters // 10 if opts.warmup_iters is None else opts.warmup_iters
+    if opts.warmup_iters is not None:
+        return opts.warmup_iters
+    return 0 if opts.optimizer == "muon" else opts.max_iters // 10
 
 
 def dataset_meta(data_dir: Path) -> dict | None:
