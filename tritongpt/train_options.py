@@ -155,7 +155,8 @@ def check_run(opts: TrainOptions, given: set[str], world: distributed.World, out
     vocab_size = meta["vocab_size"] if meta else DEFAULT_VOCAB_SIZE
     config = model_config(opts, given, vocab_size, world.device, ckpt)
     if opts.learning_rate is None:
-        opts = replace(opts, learning_rate=default_learning_rate(config, opts.optimizer, fine_tuning=bool(opts.init_from)))
+        opts = replace(opts, learning_rate=default_learning_rate(config, opts.optimizer,
+                                                                 fine_tuning=bool(opts.init_from)))
     if opts.muon_lr is None:
         opts = replace(opts, muon_lr=DEFAULT_MUON_LR / 20 if opts.init_from else DEFAULT_MUON_LR)
     check_learning_rates(opts)
