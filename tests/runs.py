@@ -12,6 +12,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import torch
 
 import sample
 import train
@@ -143,6 +144,21 @@ def snapshot(out: Path) -> dict[str, bytes]:
     the lock file, which names the last process to hold the directory)."""
     return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*"))
             if p.is_file() and p.name != LOCK_FILE}
+
+
+def assert_resumed_run_matches_uninterrupted(args: list[str], tmp_path: Path) -> tuple[Path, str]:
+    """Trains 6 steps with args in one run, and 3 then 3 more resumed in another: the two end with the same losses
+    and weights, exactly (CPU, fp32: the checkpoint restores everything the step depends on). Returns the resumed
+    run's OUT_DIR and its output."""
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    assert run("train.py", *args, "--out-dir", str(whole), "--max-iters", "6").returncode == 0
+    assert run("train.py", *args, "--out-dir", str(parts), "--max-iters", "3").returncode == 0
+    resumed = run("train.py", "--resume", "--out-dir", str(parts), "--max-iters", "6")
+    assert resumed.returncode == 0, resumed.stderr
+    assert train_losses(parts) == train_losses(whole)
+    a, b = (load_checkpoint(out)["model"] for out in (whole, parts))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    return parts, resumed.stdout
 
 
 def finished_run(dataset: Path, out: Path) -> list[str]:

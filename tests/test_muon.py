@@ -14,7 +14,8 @@ from tritongpt.metrics import MetricsLogger
 from tritongpt.model import GPT, GPTConfig
 from tritongpt.optim import configure_optimizers
 from tritongpt.train_options import TrainOptions, default_learning_rate, warmup_iters
-from tests.runs import TINY, assert_user_error, finished, metrics, run, torchrun, train_losses
+from tests.runs import (TINY, assert_resumed_run_matches_uninterrupted, assert_user_error, finished, metrics,
+                        run, torchrun)
 from tests.test_ddp import metrics_by_step
 from tests.test_fsdp import SIX_STEPS
 
@@ -92,17 +93,10 @@ def test_the_schedule_scales_each_group_from_its_own_peak(tiny_dataset, tmp_path
 
 
 def test_resumed_muon_run_matches_uninterrupted(tiny_dataset, tmp_path):
-    common = ["--data-dir", str(tiny_dataset), *TINY, "--optimizer", "muon", "--grad-accum", "2",
-              "--eval-interval", "3", "--lr-decay-iters", "6", "--warmup-iters", "2"]
-    whole, parts = tmp_path / "whole", tmp_path / "parts"
-    assert run("train.py", *common, "--out-dir", str(whole), "--max-iters", "6").returncode == 0
-    assert run("train.py", *common, "--out-dir", str(parts), "--max-iters", "3").returncode == 0
-    resumed = run("train.py", "--resume", "--out-dir", str(parts), "--max-iters", "6")
-    assert resumed.returncode == 0, resumed.stderr
-
-    assert train_losses(parts) == train_losses(whole)  # exactly: CPU, fp32, both optimizers' state restored
-    a, b = (load_checkpoint(out) for out in (whole, parts))
-    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    # Both optimizers' state is restored.
+    parts, _ = assert_resumed_run_matches_uninterrupted(
+        ["--data-dir", str(tiny_dataset), *TINY, "--optimizer", "muon", "--grad-accum", "2", "--eval-interval", "3",
+         "--lr-decay-iters", "6", "--warmup-iters", "2"], tmp_path)
     refused = run("train.py", "--resume", "--out-dir", str(parts), "--max-iters", "8", "--optimizer", "adamw")
     assert_user_error(refused, "--optimizer cannot change a resumed run")
 
